@@ -1,0 +1,378 @@
+"""Every attention-mask convention in one place, and every conversion between them.
+
+Four conventions meet in a variable-length transformer, and they disagree on what ``True`` means::
+
+    object                                  dtype, shape                True / value means
+    key_padding_mask (MHA arg, batch key)   bool (B, S)                 True  = padding, ignore this key
+    attention_mask   (batch key, HF)        int64 (B, S)                1     = real token
+    attn_mask        (MHA arg)              bool (L, S) | (B*H, L, S)   True  = may NOT attend
+    attn_mask        (MHA arg, float)       float, same shapes          added to the scores; -inf = may not
+    keep mask        (SDPA, FlexAttention)  bool, broadcast (B,H,L,S)   True  = MAY attend
+
+Names here carry the polarity: ``is_pad`` and ``is_masked`` are True where something is hidden, ``keep`` is
+True where attention is allowed, ``additive`` is a float mask of 0 / -inf. Nothing outside this module
+flips a mask's polarity.
+
+``torch.nn.MultiheadAttention`` merges ``key_padding_mask`` into ``attn_mask`` (a union: OR for bool,
+addition for float) after expanding it to (B*H, L, S). :func:`merge_masks` computes the same union but keeps
+it broadcast: (B, 1, 1, S) for padding alone, (B, 1, L, S) with a 2-D or causal mask, and (B, H, L, S) only
+when the caller's ``attn_mask`` is per head. For B=2, S=L=4, the second row left-padded by one::
+
+    key_padding_mask      causal keep         merged keep, batch 1 (query row 0 has no key)
+    [[F F F F],           1 . . .             . . . .   <- fully masked row
+     [T F F F]]           1 1 . .             . 1 . .
+                          1 1 1 .             . 1 1 .
+                          1 1 1 1             . 1 1 1
+
+Fully masked query rows are made safe with :func:`guard_empty_rows`: the kernel sees them unmasked (so no
+backend can produce NaN for them) and the caller zeroes their output afterwards.
+
+No function on the merge path reads tensor values on the host: no ``.item()``, no data-dependent Python
+branch, so the merge never forces a host-device synchronisation. The NaN check of float masks runs only on
+CPU tensors (where it is free) or under ``torch.autograd.set_detect_anomaly(True)``.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable, Sequence
+from typing import Literal
+
+import torch
+from torch import Tensor
+
+__all__ = [
+    "PaddingSide",
+    "additive_from_keep",
+    "add_causal_to_attn_mask",
+    "attention_mask_from_is_pad",
+    "causal_keep",
+    "causal_row_has_key",
+    "check_mask",
+    "document_causal_keep",
+    "guard_empty_rows",
+    "is_masked_from_keep",
+    "is_pad_from_attention_mask",
+    "is_pad_from_lengths",
+    "keep_from_additive",
+    "keep_from_is_masked",
+    "keep_mask_mod",
+    "lengths_from_is_pad",
+    "merge_masks",
+]
+
+PaddingSide = Literal["right", "left"]
+NEG_INF = float("-inf")
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Validation
+# ----------------------------------------------------------------------------------------------------------
+
+
+def check_mask(mask: Tensor | None, *, name: str) -> None:
+    """Reject masks torch would reject with a bare assertion, or silently misread.
+
+    A mask must be ``torch.bool`` (True = masked, for the MHA arguments) or floating point (added to the
+    scores). Integer and uint8 masks are ambiguous (is 1 "real token", as in Hugging Face, or "masked"?), so
+    they are refused with the conversion to use. A float mask holding NaN would turn whole rows of the
+    softmax into NaN; it is refused on CPU and, on accelerators, under anomaly detection (checking there
+    would need a host-device synchronisation on every call).
+    """
+    if mask is None:
+        return
+    if not isinstance(mask, Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor or None, got {type(mask).__name__}")
+    if mask.dtype == torch.bool:
+        return
+    if not mask.is_floating_point():
+        raise TypeError(
+            f"{name} must be a bool tensor (True = masked) or a float tensor of additive scores "
+            f"(0 = attend, -inf = masked); got dtype {mask.dtype}. For a 0/1 mask where 1 marks padding "
+            f"use {name}.bool(); for a Hugging Face attention_mask (1 = real token) use "
+            f"mhaplug.masks.is_pad_from_attention_mask(attention_mask)."
+        )
+    if mask.device.type == "cpu" or torch.is_anomaly_enabled():
+        if torch.isnan(mask).any():
+            raise ValueError(
+                f"{name} contains NaN at {torch.isnan(mask).nonzero()[:4].tolist()} (first positions); "
+                f"use -inf for positions that may not be attended and finite values elsewhere"
+            )
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Polarity conversions
+# ----------------------------------------------------------------------------------------------------------
+
+
+def keep_from_is_masked(is_masked: Tensor) -> Tensor:
+    """MHA bool mask (True = may NOT attend) -> keep mask (True = MAY attend), as SDPA and Flex want."""
+    return ~is_masked
+
+
+def is_masked_from_keep(keep: Tensor) -> Tensor:
+    """Keep mask (True = MAY attend) -> MHA bool mask (True = may NOT attend)."""
+    return ~keep
+
+
+def additive_from_keep(keep: Tensor, dtype: torch.dtype = torch.float32) -> Tensor:
+    """Keep mask -> additive float mask: 0 where attention is allowed, -inf where it is not.
+
+    ``-inf``, not ``torch.finfo(dtype).min``: two ``finfo.min`` summed overflow to -inf in half precision,
+    and a row of ``finfo.min`` softmaxes to uniform weights (the mean of V) instead of nothing.
+    """
+    if keep.dtype != torch.bool:
+        raise TypeError(f"keep must be a bool tensor (True = may attend), got dtype {keep.dtype}")
+    return torch.zeros(keep.shape, dtype=dtype, device=keep.device).masked_fill_(~keep, NEG_INF)
+
+
+def keep_from_additive(additive: Tensor) -> Tensor:
+    """Additive float mask -> keep mask: a position may be attended unless its value is -inf."""
+    return ~torch.isneginf(additive)
+
+
+def is_pad_from_attention_mask(attention_mask: Tensor) -> Tensor:
+    """Hugging Face ``attention_mask`` (1 = real token, 0 = pad) -> ``key_padding_mask`` (True = pad)."""
+    if attention_mask.dtype == torch.bool or attention_mask.is_floating_point():
+        raise TypeError(
+            f"attention_mask must be an integer 0/1 tensor (1 = real token), got dtype {attention_mask.dtype}; "
+            f"a bool key_padding_mask (True = pad) needs no conversion"
+        )
+    return attention_mask == 0
+
+
+def attention_mask_from_is_pad(is_pad: Tensor) -> Tensor:
+    """``key_padding_mask`` (True = pad) -> Hugging Face ``attention_mask`` int64 (1 = real token)."""
+    return (~is_pad).long()
+
+
+def is_pad_from_lengths(lengths: Tensor, max_length: int, *, padding_side: PaddingSide = "right") -> Tensor:
+    """``key_padding_mask`` (B, max_length), True = pad, from per-row lengths (B,).
+
+    ``padding_side="right"`` puts the real tokens first, ``"left"`` last::
+
+        lengths = [3, 1], max_length = 4
+        right: [[F F F T],      left: [[T F F F],
+                [F T T T]]             [T T T F]]
+    """
+    if padding_side not in ("right", "left"):
+        raise ValueError(f"padding_side must be 'right' or 'left', got {padding_side!r}")
+    if lengths.dim() != 1 or lengths.dtype.is_floating_point or lengths.dtype == torch.bool:
+        raise TypeError(f"lengths must be a 1-D integer tensor (B,), got {lengths.dtype} {tuple(lengths.shape)}")
+    positions = torch.arange(max_length, device=lengths.device)  # (L,)
+    if padding_side == "right":
+        return positions[None, :] >= lengths[:, None]  # (B, L)
+    return positions[None, :] < (max_length - lengths)[:, None]  # (B, L)
+
+
+def lengths_from_is_pad(is_pad: Tensor) -> Tensor:
+    """Number of real tokens per row (B,) of a ``key_padding_mask`` (B, S)."""
+    return (~is_pad).sum(-1)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Causal and document masks
+# ----------------------------------------------------------------------------------------------------------
+
+
+@functools.lru_cache(maxsize=64)
+def causal_keep(tgt_len: int, src_len: int, *, device: torch.device | str | None = None) -> Tensor:
+    """Causal keep mask (L, S), True = may attend, built on ``device`` and cached per (L, S, device).
+
+    Top-left aligned, as ``scaled_dot_product_attention(is_causal=True)``: query i sees keys 0..i. With
+    L != S this differs from flash-attn's bottom-right alignment::
+
+        L=3, S=4          L=4, S=2
+        1 . . .           1 .
+        1 1 . .           1 1
+        1 1 1 .           1 1
+                          1 1
+
+    The tensor is shared by every caller: do not modify it in place.
+    """
+    device = torch.device(device) if device is not None else torch.device("cpu")
+    return torch.ones(tgt_len, src_len, dtype=torch.bool, device=device).tril_()
+
+
+def document_causal_keep(document_ids: Tensor) -> Tensor:
+    """Keep mask (B, 1, L, L) for packed rows: causal, within one document, never onto padding.
+
+    ``document_ids`` (B, L) numbers the documents of each row; -1 marks padding::
+
+        document_ids = [0 0 1 1 -1]
+        1 . . . .
+        1 1 . . .
+        . . 1 . .
+        . . 1 1 .
+        . . . . .     <- the pad query sees nothing (its output is zeroed)
+    """
+    length = document_ids.shape[-1]
+    same_doc = document_ids[:, :, None] == document_ids[:, None, :]  # (B, L, L)
+    real_key = (document_ids >= 0)[:, None, :]  # (B, 1, L)
+    causal = causal_keep(length, length, device=document_ids.device)
+    return (same_doc & real_key & causal)[:, None]  # (B, 1, L, L)
+
+
+def add_causal_to_attn_mask(attn_mask: Tensor | None, tgt_len: int, src_len: int, *, device: torch.device) -> Tensor:
+    """Fold a causal mask into an MHA ``attn_mask`` (True / -inf = may NOT attend), keeping its dtype."""
+    is_masked = ~causal_keep(tgt_len, src_len, device=device)  # (L, S)
+    if attn_mask is None:
+        return is_masked
+    if attn_mask.dtype == torch.bool:
+        return attn_mask | is_masked
+    return attn_mask.masked_fill(is_masked, NEG_INF)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The merge
+# ----------------------------------------------------------------------------------------------------------
+
+
+def merge_masks(
+    key_padding_mask: Tensor | None,
+    attn_mask: Tensor | None,
+    *,
+    batch_size: int,
+    num_heads: int,
+    tgt_len: int,
+    src_len: int,
+    is_causal: bool = False,
+    dtype: torch.dtype = torch.float32,
+    device: torch.device | None = None,
+    extra_visible_keys: int = 0,
+) -> Tensor | None:
+    """Union of the MHA masks, as one mask broadcastable to (B, H, L, S + extra_visible_keys).
+
+    Args:
+        key_padding_mask: (B, S) bool, True = pad; or float, added to every query's scores.
+        attn_mask: (L, S) or (B*H, L, S), bool True = may not attend; or float, added to the scores.
+        is_causal: also hide key j from query i when j > i (top-left aligned, see :func:`causal_keep`).
+        dtype: floating dtype of the result when a float mask is involved (the query's dtype).
+        device: where the causal mask is built (the query's device); defaults to the masks' device.
+        extra_visible_keys: columns appended after the S keys that every query may attend
+            (``add_bias_kv`` / ``add_zero_attn``), as torch pads them.
+
+    Returns:
+        ``None`` when there is nothing to mask. Otherwise a **keep** mask (bool, True = may attend) when every
+        input is bool, or an **additive** float mask (0 / values / -inf) when any input is float: a float mask
+        can carry values a bool cannot. Shape (B, 1, 1, S) for padding alone, (1, 1, L, S) for a 2-D or causal
+        mask alone, (B, 1, L, S) for both, (B, H, L, S) only with a per-head 3-D ``attn_mask``.
+    """
+    keeps: list[Tensor] = []
+    additives: list[Tensor] = []
+
+    def collect(mask: Tensor) -> None:
+        if mask.dtype == torch.bool:
+            keeps.append(keep_from_is_masked(mask))
+        else:
+            additives.append(mask.to(dtype))
+
+    if key_padding_mask is not None:
+        collect(key_padding_mask.view(batch_size, 1, 1, src_len))  # (B, 1, 1, S)
+    if attn_mask is not None:
+        if attn_mask.dim() == 2:
+            collect(attn_mask.view(1, 1, tgt_len, src_len))  # (1, 1, L, S)
+        else:
+            collect(attn_mask.view(batch_size, num_heads, tgt_len, src_len))  # (B, H, L, S)
+    if is_causal:
+        device = device if device is not None else _device_of(key_padding_mask, attn_mask)
+        keeps.append(causal_keep(tgt_len, src_len, device=device))  # (L, S)
+
+    if not keeps and not additives:
+        return None
+    keep = functools.reduce(torch.logical_and, keeps) if keeps else None
+    if keep is not None and keep.dim() < 4:
+        keep = keep.view(1, 1, tgt_len, src_len)  # (1, 1, L, S): causal alone
+    if additives:
+        merged = functools.reduce(torch.add, additives)
+        if keep is not None:
+            merged = merged.masked_fill(~keep, NEG_INF)
+    else:
+        merged = keep
+    if extra_visible_keys:
+        merged = _append_visible_columns(merged, extra_visible_keys)
+    return merged
+
+
+def _device_of(*masks: Tensor | None) -> torch.device | None:
+    for mask in masks:
+        if mask is not None:
+            return mask.device
+    return None
+
+
+def _append_visible_columns(mask: Tensor, count: int) -> Tensor:
+    """Append ``count`` key columns every query may attend (keep True / additive 0)."""
+    fill = True if mask.dtype == torch.bool else 0.0
+    extra = torch.full((*mask.shape[:-1], count), fill, dtype=mask.dtype, device=mask.device)
+    return torch.cat([mask, extra], dim=-1)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Fully masked rows
+# ----------------------------------------------------------------------------------------------------------
+
+
+def guard_empty_rows(mask: Tensor) -> tuple[Tensor, Tensor]:
+    """Unmask query rows that may attend nothing, and say which rows have a key.
+
+    Softmax over a row of -inf is 0/0: NaN in the output and in every gradient it touches, or uniform
+    attention, depending on the backend. The kernel is given such rows unmasked (any finite answer), and the
+    caller zeroes them with ``out.masked_fill(~row_has_key, 0)``, which also gives them zero gradient.
+
+    Args:
+        mask: keep mask (bool, True = may attend) or additive float mask, broadcastable to (B, H, L, S).
+
+    Returns:
+        ``(safe_mask, row_has_key)``: the mask with empty rows opened, same dtype and shape; and a bool
+        (..., L, 1) tensor, True where the row may attend at least one key.
+    """
+    if mask.dtype == torch.bool:
+        row_has_key = mask.any(dim=-1, keepdim=True)  # (B, H|1, L|1, 1)
+        return mask | ~row_has_key, row_has_key
+    row_has_key = (~torch.isneginf(mask)).any(dim=-1, keepdim=True)  # (B, H|1, L|1, 1)
+    return mask.masked_fill(~row_has_key, 0.0), row_has_key
+
+
+def causal_row_has_key(mask: Tensor | None, tgt_len: int, src_len: int, *, device: torch.device) -> Tensor | None:
+    """Which query rows keep a key under ``mask`` AND a causal mask, without building the (L, S) union.
+
+    For a padding-only mask (..., 1, S) this is a cumulative "any" over the keys, O(B*S): query i has a key
+    iff one of keys 0..min(i, S-1) is kept. Returns None when every row has a key (no mask: key 0 is always
+    visible under a top-left causal mask).
+    """
+    if mask is None:
+        return None
+    keep = mask if mask.dtype == torch.bool else keep_from_additive(mask)
+    if keep.shape[-2] == 1:
+        seen_key = keep.cumsum(dim=-1) > 0  # (B, H|1, 1, S)
+        last_visible = torch.arange(tgt_len, device=device).clamp_(max=src_len - 1)  # (L,)
+        return seen_key[..., 0, last_visible].unsqueeze(-1)  # (B, H|1, L, 1)
+    return (keep & causal_keep(tgt_len, src_len, device=device)).any(dim=-1, keepdim=True)  # (B, H|1, L, 1)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# FlexAttention predicates (attention-gym style: tiny pure functions of (b, h, q_idx, kv_idx))
+# ----------------------------------------------------------------------------------------------------------
+
+MaskMod = Callable[[Tensor, Tensor, Tensor, Tensor], Tensor]
+
+
+def keep_mask_mod(keep: Tensor | None, *, is_causal: bool) -> MaskMod:
+    """FlexAttention ``mask_mod`` (True = may attend) from a keep mask broadcastable to (B, H, L, S).
+
+    Size-1 dimensions of ``keep`` are indexed at 0, so a (B, 1, 1, S) padding mask costs B*S bytes.
+    """
+
+    def mask_mod(b: Tensor, h: Tensor, q_idx: Tensor, kv_idx: Tensor) -> Tensor:
+        allowed = kv_idx <= q_idx if is_causal else torch.ones_like(q_idx, dtype=torch.bool)
+        if keep is None:
+            return allowed
+        index = _broadcast_index(keep.shape, (b, h, q_idx, kv_idx))
+        return allowed & keep[index]
+
+    return mask_mod
+
+
+def _broadcast_index(shape: Sequence[int], index: tuple[Tensor, Tensor, Tensor, Tensor]) -> tuple[Tensor | int, ...]:
+    return tuple(0 if size == 1 else idx for size, idx in zip(shape, index))
