@@ -448,8 +448,13 @@ class MultiheadAttention(nn.MultiheadAttention):
         """torch's own path, unchanged but for ``is_causal``, which becomes a real mask (torch #131254)."""
         if is_causal:
             seq_dim = 1 if (query.dim() == 3 and self.batch_first) else 0
+            like = key_padding_mask if key_padding_mask is not None else attn_mask
             attn_mask = masks.add_causal_to_attn_mask(
-                attn_mask, query.shape[seq_dim], key.shape[seq_dim], device=query.device
+                attn_mask,
+                query.shape[seq_dim],
+                key.shape[seq_dim],
+                device=query.device,
+                dtype=torch.bool if like is None else like.dtype,
             )
         self.last_dispatch = "torch_mha"
         return super().forward(

@@ -213,11 +213,17 @@ def document_causal_keep(document_ids: Tensor) -> Tensor:
     return (same_doc & real_key & causal)[:, None]  # (B, 1, L, L)
 
 
-def add_causal_to_attn_mask(attn_mask: Tensor | None, tgt_len: int, src_len: int, *, device: torch.device) -> Tensor:
-    """Fold a causal mask into an MHA ``attn_mask`` (True / -inf = may NOT attend), keeping its dtype."""
+def add_causal_to_attn_mask(
+    attn_mask: Tensor | None, tgt_len: int, src_len: int, *, device: torch.device, dtype: torch.dtype = torch.bool
+) -> Tensor:
+    """Fold a causal mask into an MHA ``attn_mask`` (True / -inf = may NOT attend), keeping its dtype.
+
+    Without an ``attn_mask`` the result has ``dtype``: bool, or additive float (pass the float
+    ``key_padding_mask``'s dtype, since torch deprecates mixing a bool and a float mask).
+    """
     is_masked = ~causal_keep(tgt_len, src_len, device=device)  # (L, S)
     if attn_mask is None:
-        return is_masked
+        return is_masked if dtype == torch.bool else additive_from_keep(~is_masked, dtype)
     if attn_mask.dtype == torch.bool:
         return attn_mask | is_masked
     return attn_mask.masked_fill(is_masked, NEG_INF)

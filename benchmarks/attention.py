@@ -1,0 +1,283 @@
+"""Benchmark: forward + backward time and mask memory of every mhaplug strategy against nn.MultiheadAttention.
+
+Causal self-attention, B=8, E=128, H=4 (D=32), right padding (~40% of tokens), one set of weights shared by
+every configuration. Rows: ``nn.MultiheadAttention`` as users call it today (default ``need_weights=True``,
+``key_padding_mask`` + float causal ``attn_mask``), the same with ``need_weights=False``, bare
+``F.scaled_dot_product_attention(is_causal=True)`` with no padding mask (same projections), and each
+strategy in ``mhaplug.STRATEGIES`` called as ``mha(x, x, x, key_padding_mask=kpm, need_weights=False,
+is_causal=True)``. "mask bytes" is the storage of the largest mask that reaches an SDPA kernel op (its
+``attn_mask`` / ``attn_bias`` argument) or ``aten.baddbmm`` (its bias), seen by a TorchDispatchMode during one
+forward; views and broadcasts count once.
+
+Run from the repository root::
+
+    python benchmarks/attention.py                        # L = 128, 512, 1024; writes benchmarks/results/
+    python benchmarks/attention.py --quick                # smoke check: L=128, 2 repeats (writes *-quick.md)
+    python benchmarks/attention.py --lengths 512 --repeats 20 --device cuda --out /tmp/attn.md
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import datetime
+import os
+import re
+import shlex
+import statistics
+import sys
+import time
+import warnings
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from unittest.mock import patch
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.nn.attention import flex_attention as flex_module
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
+
+import mhaplug
+
+BATCH, EMBED, HEADS, SEED, WARMUP = 8, 128, 4, 0, 2
+DEFAULT_ROW, BARE_ROW = "nn.MultiheadAttention default (need_weights=True)", "bare SDPA is_causal (no padding mask)"
+NO_FLEX_BWD = "n/a (no Flex backward on CPU)"
+Forward = Callable[[Tensor], Tensor]  # x (B, L, E) -> out (B, L, E)
+
+
+class _Largest:
+    """Keeps the largest mask seen: its storage bytes (views and broadcasts count once) and a description."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.nbytes, self.what = 0, "none"
+
+    def record(self, masks: list[Tensor], what: str | None = None) -> None:
+        nbytes = sum({m.untyped_storage().data_ptr(): m.untyped_storage().nbytes() for m in masks}.values())
+        if nbytes > self.nbytes:
+            self.nbytes, self.what = nbytes, what or f"{str(masks[0].dtype).removeprefix('torch.')} {tuple(masks[0].shape)}"
+
+    def __str__(self) -> str:
+        return f"{self.nbytes:,} ({self.what})" if self.nbytes else "0"
+
+
+class KernelMasks(_Largest, TorchDispatchMode):
+    """Masks reaching an SDPA kernel op (its ``attn_mask`` / ``attn_bias``) or ``aten.baddbmm`` (its bias)."""
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
+        kwargs = kwargs or {}
+        mask = None
+        if "scaled_dot_product" in str(func):  # e.g. aten._scaled_dot_product_flash_attention_for_cpu
+            for i, arg in enumerate(func._schema.arguments):
+                if arg.name in ("attn_mask", "attn_bias"):  # CUDA efficient / cuDNN kernels call it attn_bias
+                    mask = kwargs.get(arg.name) if arg.kwarg_only or i >= len(args) else args[i]
+        elif func.overloadpacket is torch.ops.aten.baddbmm:
+            mask = args[0]
+        if isinstance(mask, Tensor):
+            self.record([mask])
+        return func(*args, **kwargs)
+
+
+class EntryMasks(_Largest):
+    """Masks handed to ``F.scaled_dot_product_attention`` (before torch converts them) or built as a BlockMask."""
+
+    @contextlib.contextmanager
+    def watching(self) -> Iterator[None]:
+        sdpa, create_block_mask = F.scaled_dot_product_attention, flex_module.create_block_mask
+
+        def sdpa_spy(*args, **kwargs):  # type: ignore[no-untyped-def]
+            mask = kwargs.get("attn_mask", args[3] if len(args) > 3 else None)
+            if isinstance(mask, Tensor):
+                self.record([mask])
+            return sdpa(*args, **kwargs)
+
+        def create_block_mask_spy(*args, **kwargs):  # type: ignore[no-untyped-def]
+            block_mask = create_block_mask(*args, **kwargs)
+            leaves = [t for t in tree_leaves(block_mask.as_tuple()) if isinstance(t, Tensor)]
+            self.record(leaves, f"BlockMask, {len(leaves)} tensors")
+            return block_mask
+
+        with patch.object(F, "scaled_dot_product_attention", sdpa_spy), patch.object(flex_module, "create_block_mask", create_block_mask_spy):
+            yield
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def make_inputs(length: int, device: torch.device) -> tuple[Tensor, Tensor, Tensor]:
+    """x (B, L, E) requiring grad; right-padded key_padding_mask (B, L), True = pad; float causal mask (L, L)."""
+    gen = torch.Generator().manual_seed(SEED + length)
+    x = torch.randn(BATCH, length, EMBED, generator=gen).to(device).requires_grad_()
+    lengths = (length * (0.2 + 0.8 * torch.rand(BATCH, generator=gen))).long().clamp_(1, length)  # mean ~0.6 L
+    kpm = (torch.arange(length)[None, :] >= lengths[:, None]).to(device)
+    causal = nn.Transformer.generate_square_subsequent_mask(length, device=device)  # 0 / -inf, as users write it
+    return x, kpm, causal
+
+
+def bare_sdpa(mha: nn.MultiheadAttention, x: Tensor) -> Tensor:
+    """Same projections as ``mha``, then SDPA(is_causal=True) on (B, H, L, D) with no padding mask."""
+    batch, length, _ = x.shape
+    q, k, v = (t.view(batch, length, HEADS, -1).transpose(1, 2) for t in F.linear(x, mha.in_proj_weight, mha.in_proj_bias).chunk(3, -1))
+    out = F.scaled_dot_product_attention(q, k, v, is_causal=True).transpose(1, 2).reshape(batch, length, EMBED)
+    return mha.out_proj(out)
+
+
+def configurations(ref: nn.MultiheadAttention, mods: dict[str, mhaplug.MultiheadAttention], kpm: Tensor, causal: Tensor) -> dict[str, Forward]:
+    rows: dict[str, Forward] = {
+        DEFAULT_ROW: lambda x: ref(x, x, x, key_padding_mask=kpm, attn_mask=causal)[0],
+        "nn.MultiheadAttention need_weights=False": lambda x: ref(x, x, x, key_padding_mask=kpm, attn_mask=causal, need_weights=False)[0],
+        BARE_ROW: lambda x: bare_sdpa(ref, x),
+    }
+    for name, mha in mods.items():
+        rows[f"mhaplug {name}"] = lambda x, mha=mha: mha(x, x, x, key_padding_mask=kpm, need_weights=False, is_causal=True)[0]
+    return rows
+
+
+def time_ms(fn: Forward, x: Tensor, kpm: Tensor, params: list[nn.Parameter], repeats: int, backward: bool) -> float:
+    """Median wall time (ms) of fn(x) (+ backward of a loss over non-pad rows) after WARMUP calls."""
+    times = []
+    for i in range(WARMUP + repeats):
+        x.grad = None
+        for p in params:
+            p.grad = None
+        sync(x.device)
+        start = time.perf_counter()
+        if backward:
+            fn(x).masked_fill(kpm[..., None], 0.0).sum().backward()
+        else:
+            with torch.no_grad():
+                fn(x)
+        sync(x.device)
+        if i >= WARMUP:
+            times.append((time.perf_counter() - start) * 1e3)
+    return statistics.median(times)
+
+
+def bench_length(length: int, ref: nn.MultiheadAttention, mods: dict[str, mhaplug.MultiheadAttention], args: argparse.Namespace) -> tuple[list[list[str]], list[str], float]:
+    device = torch.device(args.device)
+    x, kpm, causal = make_inputs(length, device)
+    params = [p for m in (ref, *mods.values()) for p in m.parameters()]
+    real = ~kpm[..., None]  # (B, L, 1) rows that count
+    results: dict[str, dict[str, object]] = {}
+    notes: list[str] = []
+    for name, fn in configurations(ref, mods, kpm, causal).items():
+        res: dict[str, object] = {}
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
+        try:
+            res["ms"] = time_ms(fn, x, kpm, params, args.repeats, backward=True)
+        except NotImplementedError:  # flex on CPU: forward only
+            res["ms"] = NO_FLEX_BWD
+            fwd = time_ms(fn, x, kpm, params, args.repeats, backward=False)
+            notes.append(f"`{name}` forward only under torch.no_grad() (eager Flex on CPU): {fwd:.1f} ms median")
+        if device.type == "cuda":
+            res["peak"] = torch.cuda.max_memory_allocated(device) / 2**20
+        # One more forward (no backward) to see the masks. Flex runs through torch.compile even in eager mode,
+        # which refuses a Python dispatch mode: its BlockMask is what reaches its kernel.
+        entry, kernel = EntryMasks(), KernelMasks()
+        is_flex = name == "mhaplug flex"
+        with torch.no_grad() if isinstance(res["ms"], str) else torch.enable_grad(), entry.watching():
+            with contextlib.nullcontext() if is_flex else kernel:
+                res["out"] = fn(x).detach()
+        res["kernel"], res["entry"] = str(entry if is_flex else kernel), str(entry)
+        results[name] = res
+    base_ms, bare_ms = results[DEFAULT_ROW]["ms"], results[BARE_ROW]["ms"]
+    base_out = results[DEFAULT_ROW]["out"]
+    table = []
+    for name, res in results.items():
+        ms = res["ms"]
+        timed = isinstance(ms, float)
+        out = res.get("out")
+        diff = f"{(out - base_out).abs().masked_fill(~real, 0).max().item():.1e}" if isinstance(out, Tensor) else "n/a"
+        row = [
+            name,
+            f"{ms:.1f}" if timed else str(ms),
+            f"{base_ms / ms:.2f}x" if timed else "n/a",
+            f"{ms / bare_ms:.2f}x" if timed else "n/a",
+            str(res["kernel"]),
+            str(res["entry"]),
+            diff,
+        ]
+        if device.type == "cuda":
+            row.append(f"{res['peak']:.0f}")
+        table.append(row)
+    pad_fraction = kpm.float().mean().item()
+    return table, notes, pad_fraction
+
+
+def device_slug(device: torch.device) -> str:
+    if device.type == "cuda":
+        return re.sub(r"[^a-z0-9]+", "-", torch.cuda.get_device_name(device).lower()).strip("-")
+    return f"cpu-{os.cpu_count()}cores"
+
+
+def markdown_table(header: list[str], rows: list[list[str]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    return "\n".join(lines + ["| " + " | ".join(r) + " |" for r in rows])
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--lengths", type=int, nargs="+", default=[128, 512, 1024], help="sequence lengths L")
+    parser.add_argument("--repeats", type=int, default=10, help=f"timed repeats per row (after {WARMUP} warm-up)")
+    parser.add_argument("--device", default="cpu", help="cpu or cuda[:N]")
+    parser.add_argument("--out", type=Path, default=None, help="Markdown file (default benchmarks/results/attention-<device>.md)")
+    parser.add_argument("--quick", action="store_true", help="smoke check: L=128, 2 repeats")
+    args = parser.parse_args(argv)
+    if args.quick:
+        args.lengths, args.repeats = [128], 2
+    return args
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    device = torch.device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        sys.exit("--device cuda asked for, but torch.cuda.is_available() is False")
+    warnings.filterwarnings("ignore", message=".*mismatched key_padding_mask and attn_mask.*")  # bool kpm + float mask
+    warnings.filterwarnings("ignore", message="flex_attention called without torch.compile")  # eager flex, on purpose
+    torch.manual_seed(SEED)
+    ref = nn.MultiheadAttention(EMBED, HEADS, batch_first=True, device=device)
+    mods = {}
+    for strategy in mhaplug.STRATEGIES:
+        mods[strategy] = mhaplug.MultiheadAttention(EMBED, HEADS, batch_first=True, device=device, strategy=strategy)
+        mods[strategy].load_state_dict(ref.state_dict(), strict=True)
+    slug = device_slug(device)
+    out_path = args.out or Path(__file__).resolve().parent / "results" / f"attention-{slug}{'-quick' if args.quick else ''}.md"
+    header = ["configuration", "fwd+bwd ms (median)", "speed-up vs nn.MHA default", "time / bare SDPA is_causal",
+              "mask bytes reaching kernel", "mask bytes passed to F.sdpa / BlockMask", "max abs diff vs nn.MHA (real rows)"]
+    if device.type == "cuda":
+        header.append("peak MiB")
+    sections = [
+        "# Attention benchmark: mask strategies, forward + backward",
+        "",
+        f"- command: `python {' '.join(shlex.quote(a) for a in sys.argv)}`",
+        f"- torch {torch.__version__}, mhaplug {mhaplug.__version__}, device `{slug}`, threads {torch.get_num_threads()}",
+        f"- date {datetime.datetime.now(datetime.timezone.utc).isoformat(timespec='seconds')}",
+        f"- B={BATCH}, E={EMBED}, H={HEADS}, D={EMBED // HEADS}, causal self-attention, right padding, float32; "
+        f"median of {args.repeats} after {WARMUP} warm-up; loss = sum over non-pad rows",
+        "- speed-up = nn.MHA default ms / row ms (higher is faster); time / bare = row ms / bare SDPA ms",
+    ]
+    print("\n".join(sections), flush=True)
+    for length in args.lengths:
+        table, notes, pad = bench_length(length, ref, mods, args)
+        block = [
+            "",
+            f"## L = S = {length} (pad fraction {pad:.3f})",
+            "",
+            markdown_table(header, table),
+            *(["", *(f"- {n}" for n in notes)] if notes else []),
+        ]
+        print("\n".join(block), flush=True)
+        sections += block
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    out_path.write_text("\n".join(sections) + "\n")
+    print(f"\nwritten: {out_path}")
+
+
+if __name__ == "__main__":
+    main()
