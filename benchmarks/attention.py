@@ -1,19 +1,18 @@
-"""Benchmark: forward + backward time and mask memory of every mhaplug strategy against nn.MultiheadAttention.
+"""Benchmark: forward + backward time and mask memory of each mhaplug strategy against nn.MultiheadAttention.
 
-Causal self-attention, B=8, E=128, H=4 (D=32), right padding (~40% of tokens), one set of weights shared by
-every configuration. Rows: ``nn.MultiheadAttention`` as users call it today (default ``need_weights=True``,
-``key_padding_mask`` + float causal ``attn_mask``), the same with ``need_weights=False``, bare
-``F.scaled_dot_product_attention(is_causal=True)`` with no padding mask (same projections), and each
-strategy in ``mhaplug.STRATEGIES`` called as ``mha(x, x, x, key_padding_mask=kpm, need_weights=False,
-is_causal=True)``. "mask bytes" is the storage of the largest mask that reaches an SDPA kernel op (its
-``attn_mask`` / ``attn_bias`` argument) or ``aten.baddbmm`` (its bias), seen by a TorchDispatchMode during one
-forward; views and broadcasts count once.
+Causal self-attention, B=8, E=128, H=4 (D=32), right padding (~40% of tokens), one set of weights for every row:
+``nn.MultiheadAttention`` as users call it today (``need_weights=True`` by default, ``key_padding_mask`` plus a
+float causal ``attn_mask``), the same with ``need_weights=False``, bare ``F.scaled_dot_product_attention(
+is_causal=True)`` with no padding mask (same projections), and each strategy in ``mhaplug.STRATEGIES`` called as
+``mha(x, x, x, key_padding_mask=kpm, need_weights=False, is_causal=True)``. Mask memory is the storage (views
+count once) of the largest mask reaching an aten SDPA kernel op or ``aten.baddbmm`` in one forward, seen by a
+TorchDispatchMode, next to the mask handed to ``F.scaled_dot_product_attention`` (or the flex BlockMask).
 
 Run from the repository root::
 
-    python benchmarks/attention.py                        # L = 128, 512, 1024; writes benchmarks/results/
-    python benchmarks/attention.py --quick                # smoke check: L=128, 2 repeats (writes *-quick.md)
-    python benchmarks/attention.py --lengths 512 --repeats 20 --device cuda --out /tmp/attn.md
+    python benchmarks/attention.py                  # L = 128, 512, 1024 -> benchmarks/results/attention-<device>.md
+    python benchmarks/attention.py --quick          # smoke check: L=128, 2 repeats -> attention-<device>-quick.md
+    python benchmarks/attention.py --lengths 512 --repeats 20 --device cuda --out /tmp/attention.md
 """
 
 from __future__ import annotations
@@ -48,7 +47,7 @@ Forward = Callable[[Tensor], Tensor]  # x (B, L, E) -> out (B, L, E)
 
 
 class _Largest:
-    """Keeps the largest mask seen: its storage bytes (views and broadcasts count once) and a description."""
+    """Keeps the largest mask seen: storage bytes (views and broadcasts count once) and dtype/shape."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -57,7 +56,8 @@ class _Largest:
     def record(self, masks: list[Tensor], what: str | None = None) -> None:
         nbytes = sum({m.untyped_storage().data_ptr(): m.untyped_storage().nbytes() for m in masks}.values())
         if nbytes > self.nbytes:
-            self.nbytes, self.what = nbytes, what or f"{str(masks[0].dtype).removeprefix('torch.')} {tuple(masks[0].shape)}"
+            self.nbytes = nbytes
+            self.what = what or f"{str(masks[0].dtype).removeprefix('torch.')} {tuple(masks[0].shape)}"
 
     def __str__(self) -> str:
         return f"{self.nbytes:,} ({self.what})" if self.nbytes else "0"
@@ -68,20 +68,18 @@ class KernelMasks(_Largest, TorchDispatchMode):
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
         kwargs = kwargs or {}
-        mask = None
+        mask = args[0] if func.overloadpacket is torch.ops.aten.baddbmm else None
         if "scaled_dot_product" in str(func):  # e.g. aten._scaled_dot_product_flash_attention_for_cpu
             for i, arg in enumerate(func._schema.arguments):
                 if arg.name in ("attn_mask", "attn_bias"):  # CUDA efficient / cuDNN kernels call it attn_bias
                     mask = kwargs.get(arg.name) if arg.kwarg_only or i >= len(args) else args[i]
-        elif func.overloadpacket is torch.ops.aten.baddbmm:
-            mask = args[0]
         if isinstance(mask, Tensor):
             self.record([mask])
         return func(*args, **kwargs)
 
 
 class EntryMasks(_Largest):
-    """Masks handed to ``F.scaled_dot_product_attention`` (before torch converts them) or built as a BlockMask."""
+    """Masks handed to ``F.scaled_dot_product_attention`` (before torch converts them), or a flex BlockMask."""
 
     @contextlib.contextmanager
     def watching(self) -> Iterator[None]:
@@ -99,8 +97,9 @@ class EntryMasks(_Largest):
             self.record(leaves, f"BlockMask, {len(leaves)} tensors")
             return block_mask
 
-        with patch.object(F, "scaled_dot_product_attention", sdpa_spy), patch.object(flex_module, "create_block_mask", create_block_mask_spy):
-            yield
+        with patch.object(F, "scaled_dot_product_attention", sdpa_spy):
+            with patch.object(flex_module, "create_block_mask", create_block_mask_spy):
+                yield
 
 
 def sync(device: torch.device) -> None:
@@ -119,26 +118,33 @@ def make_inputs(length: int, device: torch.device) -> tuple[Tensor, Tensor, Tens
 
 
 def bare_sdpa(mha: nn.MultiheadAttention, x: Tensor) -> Tensor:
-    """Same projections as ``mha``, then SDPA(is_causal=True) on (B, H, L, D) with no padding mask."""
+    """``mha``'s projections around SDPA(is_causal=True) on (B, H, L, D), with no padding mask."""
     batch, length, _ = x.shape
-    q, k, v = (t.view(batch, length, HEADS, -1).transpose(1, 2) for t in F.linear(x, mha.in_proj_weight, mha.in_proj_bias).chunk(3, -1))
-    out = F.scaled_dot_product_attention(q, k, v, is_causal=True).transpose(1, 2).reshape(batch, length, EMBED)
-    return mha.out_proj(out)
+    qkv = F.linear(x, mha.in_proj_weight, mha.in_proj_bias).chunk(3, dim=-1)  # 3 x (B, L, E)
+    q, k, v = (t.view(batch, length, HEADS, -1).transpose(1, 2) for t in qkv)  # (B, H, L, D)
+    out = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+    return mha.out_proj(out.transpose(1, 2).reshape(batch, length, EMBED))
 
 
-def configurations(ref: nn.MultiheadAttention, mods: dict[str, mhaplug.MultiheadAttention], kpm: Tensor, causal: Tensor) -> dict[str, Forward]:
+def configurations(
+    ref: nn.MultiheadAttention, mods: dict[str, mhaplug.MultiheadAttention], kpm: Tensor, causal: Tensor
+) -> dict[str, Forward]:
     rows: dict[str, Forward] = {
         DEFAULT_ROW: lambda x: ref(x, x, x, key_padding_mask=kpm, attn_mask=causal)[0],
-        "nn.MultiheadAttention need_weights=False": lambda x: ref(x, x, x, key_padding_mask=kpm, attn_mask=causal, need_weights=False)[0],
+        "nn.MultiheadAttention need_weights=False": lambda x: ref(
+            x, x, x, key_padding_mask=kpm, attn_mask=causal, need_weights=False
+        )[0],
         BARE_ROW: lambda x: bare_sdpa(ref, x),
     }
     for name, mha in mods.items():
-        rows[f"mhaplug {name}"] = lambda x, mha=mha: mha(x, x, x, key_padding_mask=kpm, need_weights=False, is_causal=True)[0]
+        rows[f"mhaplug {name}"] = lambda x, m=mha: m(
+            x, x, x, key_padding_mask=kpm, need_weights=False, is_causal=True
+        )[0]
     return rows
 
 
 def time_ms(fn: Forward, x: Tensor, kpm: Tensor, params: list[nn.Parameter], repeats: int, backward: bool) -> float:
-    """Median wall time (ms) of fn(x) (+ backward of a loss over non-pad rows) after WARMUP calls."""
+    """Median wall time (ms) of fn(x), plus backward of a loss over non-pad rows, after WARMUP calls."""
     times = []
     for i in range(WARMUP + repeats):
         x.grad = None
@@ -147,7 +153,7 @@ def time_ms(fn: Forward, x: Tensor, kpm: Tensor, params: list[nn.Parameter], rep
         sync(x.device)
         start = time.perf_counter()
         if backward:
-            fn(x).masked_fill(kpm[..., None], 0.0).sum().backward()
+            fn(x).masked_fill(kpm[..., None], 0.0).sum().backward()  # pad rows (NaN or not) carry no loss
         else:
             with torch.no_grad():
                 fn(x)
@@ -157,56 +163,47 @@ def time_ms(fn: Forward, x: Tensor, kpm: Tensor, params: list[nn.Parameter], rep
     return statistics.median(times)
 
 
-def bench_length(length: int, ref: nn.MultiheadAttention, mods: dict[str, mhaplug.MultiheadAttention], args: argparse.Namespace) -> tuple[list[list[str]], list[str], float]:
+def bench_length(
+    length: int, ref: nn.MultiheadAttention, mods: dict[str, mhaplug.MultiheadAttention], args: argparse.Namespace
+) -> tuple[list[list[str]], list[str], float]:
+    """Time and probe every configuration at one L; return table rows, notes and the pad fraction."""
     device = torch.device(args.device)
     x, kpm, causal = make_inputs(length, device)
     params = [p for m in (ref, *mods.values()) for p in m.parameters()]
-    real = ~kpm[..., None]  # (B, L, 1) rows that count
-    results: dict[str, dict[str, object]] = {}
+    results: dict[str, tuple[float | None, str, str, Tensor, str]] = {}  # ms, kernel, entry, out, peak MiB
     notes: list[str] = []
     for name, fn in configurations(ref, mods, kpm, causal).items():
-        res: dict[str, object] = {}
+        is_flex, ms, peak = name == "mhaplug flex", None, ""
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
         try:
-            res["ms"] = time_ms(fn, x, kpm, params, args.repeats, backward=True)
-        except NotImplementedError:  # flex on CPU: forward only
-            res["ms"] = NO_FLEX_BWD
-            fwd = time_ms(fn, x, kpm, params, args.repeats, backward=False)
-            notes.append(f"`{name}` forward only under torch.no_grad() (eager Flex on CPU): {fwd:.1f} ms median")
+            ms = time_ms(fn, x, kpm, params, args.repeats, backward=True)
+        except NotImplementedError:
+            if not is_flex:
+                raise
+            fwd = time_ms(fn, x, kpm, params, args.repeats, backward=False)  # mhaplug refuses flex backward on CPU
+            notes.append(f"`{name}` forward only, under torch.no_grad() (eager Flex on CPU): {fwd:.1f} ms median")
         if device.type == "cuda":
-            res["peak"] = torch.cuda.max_memory_allocated(device) / 2**20
-        # One more forward (no backward) to see the masks. Flex runs through torch.compile even in eager mode,
-        # which refuses a Python dispatch mode: its BlockMask is what reaches its kernel.
+            peak = f"{torch.cuda.max_memory_allocated(device) / 2**20:.0f}"
+        # One more forward to see the masks. Flex goes through torch.compile even in eager mode, which refuses a
+        # Python dispatch mode: for flex the BlockMask is what reaches the kernel.
         entry, kernel = EntryMasks(), KernelMasks()
-        is_flex = name == "mhaplug flex"
-        with torch.no_grad() if isinstance(res["ms"], str) else torch.enable_grad(), entry.watching():
+        with torch.enable_grad() if ms is not None else torch.no_grad(), entry.watching():
             with contextlib.nullcontext() if is_flex else kernel:
-                res["out"] = fn(x).detach()
-        res["kernel"], res["entry"] = str(entry if is_flex else kernel), str(entry)
-        results[name] = res
-    base_ms, bare_ms = results[DEFAULT_ROW]["ms"], results[BARE_ROW]["ms"]
-    base_out = results[DEFAULT_ROW]["out"]
+                out = fn(x).detach()
+        results[name] = (ms, str(entry if is_flex else kernel), str(entry), out, peak)
+
+    base_ms, bare_ms, base_out = results[DEFAULT_ROW][0], results[BARE_ROW][0], results[DEFAULT_ROW][3]
+    assert base_ms is not None and bare_ms is not None
     table = []
-    for name, res in results.items():
-        ms = res["ms"]
-        timed = isinstance(ms, float)
-        out = res.get("out")
-        diff = f"{(out - base_out).abs().masked_fill(~real, 0).max().item():.1e}" if isinstance(out, Tensor) else "n/a"
-        row = [
-            name,
-            f"{ms:.1f}" if timed else str(ms),
-            f"{base_ms / ms:.2f}x" if timed else "n/a",
-            f"{ms / bare_ms:.2f}x" if timed else "n/a",
-            str(res["kernel"]),
-            str(res["entry"]),
-            diff,
-        ]
-        if device.type == "cuda":
-            row.append(f"{res['peak']:.0f}")
-        table.append(row)
-    pad_fraction = kpm.float().mean().item()
-    return table, notes, pad_fraction
+    for name, (ms, kernel_bytes, entry_bytes, out, peak) in results.items():
+        diff = (out - base_out).abs().masked_fill(kpm[..., None], 0.0).max().item()
+        timing = [NO_FLEX_BWD, "n/a", "n/a"]
+        if ms is not None:
+            timing = [f"{ms:.1f}", f"{base_ms / ms:.2f}x", f"{ms / bare_ms:.2f}x"]
+        row = [name, *timing, kernel_bytes, entry_bytes, f"{diff:.1e}"]
+        table.append(row + ([peak] if device.type == "cuda" else []))
+    return table, notes, kpm.float().mean().item()
 
 
 def device_slug(device: torch.device) -> str:
@@ -222,10 +219,10 @@ def markdown_table(header: list[str], rows: list[list[str]]) -> str:
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--lengths", type=int, nargs="+", default=[128, 512, 1024], help="sequence lengths L")
-    parser.add_argument("--repeats", type=int, default=10, help=f"timed repeats per row (after {WARMUP} warm-up)")
+    parser.add_argument("--lengths", type=int, nargs="+", default=[128, 512, 1024], help="sequence lengths L (= S)")
+    parser.add_argument("--repeats", type=int, default=10, help=f"timed repeats per row, after {WARMUP} warm-up")
     parser.add_argument("--device", default="cpu", help="cpu or cuda[:N]")
-    parser.add_argument("--out", type=Path, default=None, help="Markdown file (default benchmarks/results/attention-<device>.md)")
+    parser.add_argument("--out", type=Path, help="Markdown file (default benchmarks/results/attention-<device>.md)")
     parser.add_argument("--quick", action="store_true", help="smoke check: L=128, 2 repeats")
     args = parser.parse_args(argv)
     if args.quick:
@@ -238,8 +235,8 @@ def main(argv: list[str] | None = None) -> None:
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         sys.exit("--device cuda asked for, but torch.cuda.is_available() is False")
-    warnings.filterwarnings("ignore", message=".*mismatched key_padding_mask and attn_mask.*")  # bool kpm + float mask
-    warnings.filterwarnings("ignore", message="flex_attention called without torch.compile")  # eager flex, on purpose
+    warnings.filterwarnings("ignore", message=".*mismatched key_padding_mask and attn_mask")  # bool kpm + float mask
+    warnings.filterwarnings("ignore", message="flex_attention called without torch.compile")  # eager flex on CPU
     torch.manual_seed(SEED)
     ref = nn.MultiheadAttention(EMBED, HEADS, batch_first=True, device=device)
     mods = {}
@@ -247,31 +244,31 @@ def main(argv: list[str] | None = None) -> None:
         mods[strategy] = mhaplug.MultiheadAttention(EMBED, HEADS, batch_first=True, device=device, strategy=strategy)
         mods[strategy].load_state_dict(ref.state_dict(), strict=True)
     slug = device_slug(device)
-    out_path = args.out or Path(__file__).resolve().parent / "results" / f"attention-{slug}{'-quick' if args.quick else ''}.md"
-    header = ["configuration", "fwd+bwd ms (median)", "speed-up vs nn.MHA default", "time / bare SDPA is_causal",
-              "mask bytes reaching kernel", "mask bytes passed to F.sdpa / BlockMask", "max abs diff vs nn.MHA (real rows)"]
-    if device.type == "cuda":
-        header.append("peak MiB")
+    name = f"attention-{slug}{'-quick' if args.quick else ''}.md"
+    out_path = args.out or Path(__file__).resolve().parent / "results" / name
+    header = ["configuration", "fwd+bwd ms (median)", "speed-up vs nn.MHA default", "time / bare SDPA is_causal"]
+    header += ["mask bytes reaching kernel", "mask bytes passed to F.sdpa / BlockMask"]
+    header += ["max abs diff vs nn.MHA (real rows)"] + (["peak MiB"] if device.type == "cuda" else [])
     sections = [
         "# Attention benchmark: mask strategies, forward + backward",
         "",
         f"- command: `python {' '.join(shlex.quote(a) for a in sys.argv)}`",
-        f"- torch {torch.__version__}, mhaplug {mhaplug.__version__}, device `{slug}`, threads {torch.get_num_threads()}",
+        f"- torch {torch.__version__}, mhaplug {mhaplug.__version__}, device `{slug}`, "
+        f"threads {torch.get_num_threads()}",
         f"- date {datetime.datetime.now(datetime.timezone.utc).isoformat(timespec='seconds')}",
         f"- B={BATCH}, E={EMBED}, H={HEADS}, D={EMBED // HEADS}, causal self-attention, right padding, float32; "
-        f"median of {args.repeats} after {WARMUP} warm-up; loss = sum over non-pad rows",
+        f"median of {args.repeats} after {WARMUP} warm-up; loss = sum of outputs over non-pad rows",
         "- speed-up = nn.MHA default ms / row ms (higher is faster); time / bare = row ms / bare SDPA ms",
+        "- mask bytes reaching kernel: storage of the largest `attn_mask`/`attn_bias` of an aten SDPA kernel op, or "
+        "bias of `aten.baddbmm`, in one forward (torch turns a bool SDPA mask into float before its CPU kernel); "
+        "`reference` applies its mask with `masked_fill`, not counted. Passed to F.sdpa: the mask before that "
+        "conversion; for flex, the BlockMask's tensors (eager Flex on CPU still materialises the scores)",
     ]
     print("\n".join(sections), flush=True)
     for length in args.lengths:
         table, notes, pad = bench_length(length, ref, mods, args)
-        block = [
-            "",
-            f"## L = S = {length} (pad fraction {pad:.3f})",
-            "",
-            markdown_table(header, table),
-            *(["", *(f"- {n}" for n in notes)] if notes else []),
-        ]
+        block = ["", f"## L = S = {length} (pad fraction {pad:.3f})", "", markdown_table(header, table)]
+        block += ["", *(f"- {n}" for n in notes)] if notes else []
         print("\n".join(block), flush=True)
         sections += block
     out_path.parent.mkdir(parents=True, exist_ok=True)

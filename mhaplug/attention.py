@@ -183,6 +183,11 @@ def _causal_only(call: _Call) -> tuple[Tensor, str]:
 
 def _check_causal_only(call: _Call) -> None:
     _require_causal(call, "causal_only")
+    if call.key_padding_mask is not None and masks.has_pad_before_real_token(call.key_padding_mask):
+        raise ValueError(
+            "strategy='causal_only' ignores key_padding_mask, which is only correct with right padding, but this "
+            "key_padding_mask has a pad before a real token (left padding or a hole); use strategy='causal_kpm'"
+        )
     if call.attn_mask is not None or call.extra_keys:
         raise ValueError(
             "strategy='causal_only' applies SDPA's causal mask and nothing else, but this call also has an "
@@ -228,8 +233,8 @@ def _flex(call: _Call) -> tuple[Tensor, str]:
 def _flex_attention(device_type: str) -> Callable[..., Tensor]:
     from torch.nn.attention.flex_attention import flex_attention
 
-    # The fused kernel only exists compiled. On CPU flex is forward-only, so eager (materialised scores) is
-    # the honest choice there: correct, and no 20 s compile to surprise a user.
+    # The fused kernel only exists compiled (about 20 s on first use). On CPU flex is forward-only and for
+    # checking, so the uncompiled path (which materialises the scores) serves there.
     return flex_attention if device_type == "cpu" else torch.compile(flex_attention, dynamic=False)
 
 

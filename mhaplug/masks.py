@@ -51,6 +51,7 @@ __all__ = [
     "check_mask",
     "document_causal_keep",
     "guard_empty_rows",
+    "has_pad_before_real_token",
     "is_masked_from_keep",
     "is_pad_from_attention_mask",
     "is_pad_from_lengths",
@@ -163,6 +164,18 @@ def is_pad_from_lengths(lengths: Tensor, max_length: int, *, padding_side: Paddi
     if padding_side == "right":
         return positions[None, :] >= lengths[:, None]  # (B, L)
     return positions[None, :] < (max_length - lengths)[:, None]  # (B, L)
+
+
+def has_pad_before_real_token(is_pad: Tensor) -> bool:
+    """Whether any row of a bool ``key_padding_mask`` (B, S) has a pad before a real token (left padding or a
+    hole), where a causal mask alone would let real queries attend pads.
+
+    Checked on CPU tensors and under anomaly detection only (reading the answer on the host would force a
+    synchronisation on an accelerator); returns False otherwise.
+    """
+    if is_pad.dtype != torch.bool or not (is_pad.device.type == "cpu" or torch.is_anomaly_enabled()):
+        return False
+    return bool((is_pad[..., :-1] & ~is_pad[..., 1:]).any())
 
 
 def lengths_from_is_pad(is_pad: Tensor) -> Tensor:

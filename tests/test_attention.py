@@ -305,16 +305,19 @@ def test_causal_only_matches_reference_on_real_rows_with_right_padding() -> None
     compare_with_reference("causal_only", torch.randn(3, 7, E), rows=~kpm, key_padding_mask=kpm, is_causal=True)
 
 
-def test_causal_only_differs_from_reference_with_left_padding() -> None:
-    """Why causal_only is rejected with left padding: real queries would attend the pads before them."""
+def test_causal_only_refuses_left_padding_because_it_would_be_wrong() -> None:
+    """causal_only computes attention without the padding mask; with left padding real queries would then
+    attend the pads before them, so a left-padded key_padding_mask is refused (checked on CPU)."""
     kpm = masks.is_pad_from_lengths(torch.tensor([7, 4]), 7, padding_side="left")
     x = torch.randn(2, 7, E)
     only = MultiheadAttention(E, H, batch_first=True, strategy="causal_only")
     ref = MultiheadAttention(E, H, batch_first=True, strategy="reference")
     ref.load_state_dict(only.state_dict())
     with torch.no_grad():
-        out_only, _ = only(x, x, x, key_padding_mask=kpm, need_weights=False, is_causal=True)
+        out_only, _ = only(x, x, x, need_weights=False, is_causal=True)  # what it computes
         out_ref, _ = ref(x, x, x, key_padding_mask=kpm, need_weights=False, is_causal=True)
+        with pytest.raises(ValueError, match=r"has a pad before a real token \(left padding or a hole\); use strategy='causal_kpm'"):
+            only(x, x, x, key_padding_mask=kpm, need_weights=False, is_causal=True)
     assert torch.allclose(out_only[0], out_ref[0], atol=1e-6)  # no padding: same
     assert (out_only[1, 3:] - out_ref[1, 3:]).abs().amax() > 1e-2  # left-padded real rows: different
 
@@ -514,3 +517,20 @@ def test_public_names() -> None:
     assert mhaplug.MultiheadAttention is attention_module.MultiheadAttention
     assert mhaplug.STRATEGIES == ("reference", "torch_mha", "merged_bool", "merged_additive", "causal_kpm", "causal_only", "flex")
     assert isinstance(MultiheadAttention(E, H), nn.MultiheadAttention)
+
+
+@pytest.mark.parametrize("strategy", ["reference", "merged_bool", "merged_additive", "causal_kpm", "causal_only"])
+def test_forward_and_backward_never_read_tensor_values(strategy: str) -> None:
+    """On the meta device any host read of a value (.item(), ``if tensor:``) raises, and like an accelerator it
+    is not CPU (so the CPU-only input checks stay off): passing proves the whole path, masks included, forward
+    and backward, never synchronises. (The meta SDPA is the math backend, so causal_kpm takes its fallback
+    here; its fast-path helpers are checked the same way in test_masks.py.)"""
+    mha = MultiheadAttention(E, H, batch_first=True, strategy=strategy, device="meta")
+    x = torch.randn(2, 5, E, device="meta", requires_grad=True)
+    kpm = torch.zeros(2, 5, dtype=torch.bool, device="meta")
+    out, _ = mha(x, x, x, key_padding_mask=kpm, need_weights=False, is_causal=True)
+    out.sum().backward()
+    assert out.shape == (2, 5, E) and x.grad is not None and x.grad.shape == (2, 5, E)
+    assert mha.last_dispatch == ("merged_bool" if strategy == "causal_kpm" else strategy)
+    with pytest.raises(RuntimeError, match="cannot be called on meta tensors"):
+        bool(kpm.any())  # the premise: reading a value here fails

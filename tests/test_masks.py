@@ -28,6 +28,12 @@ def test_is_pad_from_lengths_rejects_bad_arguments() -> None:
         masks.is_pad_from_lengths(torch.tensor([1.0]), 2)
 
 
+def test_has_pad_before_real_token() -> None:
+    assert not masks.has_pad_before_real_token(torch.tensor([[F, F, T], [F, T, T], [T, T, T]]))  # right padding
+    assert masks.has_pad_before_real_token(torch.tensor([[F, F, F], [T, F, F]]))  # left padding
+    assert masks.has_pad_before_real_token(torch.tensor([[F, T, F]]))  # a hole
+
+
 def test_hugging_face_attention_mask_round_trip() -> None:
     attention_mask = torch.tensor([[1, 1, 0], [0, 1, 1]])
     is_pad = masks.is_pad_from_attention_mask(attention_mask)

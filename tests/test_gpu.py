@@ -1,0 +1,72 @@
+"""What only a GPU can show: strategies on CUDA kernels, FlexAttention training, no host-device sync.
+
+Every test here skips cleanly without CUDA.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from mhaplug import MultiheadAttention, masks
+
+pytestmark = [
+    pytest.mark.gpu,
+    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device"),
+]
+
+E, H = 128, 4  # head dim 32: every CUDA SDPA backend takes it
+CUDA_STRATEGIES = ("merged_bool", "merged_additive", "causal_kpm")
+
+
+def batch(padding_side: str, dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, torch.Tensor]:
+    lengths = torch.tensor([64, 40, 1, 0, 17], device="cuda")
+    kpm = masks.is_pad_from_lengths(lengths, 64, padding_side=padding_side)  # type: ignore[arg-type]
+    return torch.randn(5, 64, E, device="cuda", dtype=dtype), kpm
+
+
+def run(strategy: str, x: torch.Tensor, kpm: torch.Tensor, state: dict | None = None) -> tuple[list[torch.Tensor], MultiheadAttention]:
+    mha = MultiheadAttention(E, H, batch_first=True, strategy=strategy, device="cuda", dtype=x.dtype)
+    if state is not None:
+        mha.load_state_dict(state)
+    x = x.detach().clone().requires_grad_()
+    out, _ = mha(x, x, x, key_padding_mask=kpm, need_weights=False, is_causal=True)
+    out.float().square().sum().backward()
+    return [out, x.grad, *(p.grad for p in mha.parameters())], mha
+
+
+@pytest.mark.parametrize("strategy", CUDA_STRATEGIES + ("flex",))
+@pytest.mark.parametrize("padding_side", ["left", "right"])
+def test_strategies_match_reference_on_cuda(strategy: str, padding_side: str) -> None:
+    x, kpm = batch(padding_side)
+    expected, ref = run("reference", x, kpm)
+    got, _ = run(strategy, x, kpm, ref.state_dict())
+    for g, e in zip(got, expected, strict=True):
+        assert g.isfinite().all()
+        torch.testing.assert_close(g, e, atol=2e-4, rtol=2e-4)
+
+
+@pytest.mark.parametrize("strategy", CUDA_STRATEGIES)
+def test_strategies_match_reference_in_bfloat16(strategy: str) -> None:
+    x, kpm = batch("left", torch.bfloat16)
+    expected, ref = run("reference", x, kpm)
+    got, _ = run(strategy, x, kpm, ref.state_dict())
+    for g, e in zip(got[:2], expected[:2], strict=True):
+        assert g.isfinite().all()
+        torch.testing.assert_close(g.float(), e.float(), atol=5e-2, rtol=5e-2)
+
+
+@pytest.mark.parametrize("strategy", ("reference",) + CUDA_STRATEGIES + ("causal_only",))
+def test_mask_path_never_synchronises(strategy: str) -> None:
+    x, kpm = batch("right")
+    x.requires_grad_()
+    mha = MultiheadAttention(E, H, batch_first=True, strategy=strategy, device="cuda")
+    for sync_mode in ("default", "error"):  # the first pass warms caches and lazy initialisation
+        torch.cuda.synchronize()
+        torch.cuda.set_sync_debug_mode(sync_mode)
+        try:
+            out, _ = mha(x, x, x, key_padding_mask=kpm, need_weights=False, is_causal=True)
+            out.sum().backward()
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    assert mha.last_dispatch in (strategy, "merged_bool")
