@@ -111,7 +111,7 @@ def make_inputs(length: int, device: torch.device) -> tuple[Tensor, Tensor, Tens
     """x (B, L, E) requiring grad; right-padded key_padding_mask (B, L), True = pad; float causal mask (L, L)."""
     gen = torch.Generator().manual_seed(SEED + length)
     x = torch.randn(BATCH, length, EMBED, generator=gen).to(device).requires_grad_()
-    lengths = (length * (0.2 + 0.8 * torch.rand(BATCH, generator=gen))).long().clamp_(1, length)  # mean ~0.6 L
+    lengths = (length * torch.linspace(0.2, 1.0, BATCH)).round().long()  # mean 0.6 L: 40% padding, longest = L
     kpm = (torch.arange(length)[None, :] >= lengths[:, None]).to(device)
     causal = nn.Transformer.generate_square_subsequent_mask(length, device=device)  # 0 / -inf, as users write it
     return x, kpm, causal
@@ -143,24 +143,41 @@ def configurations(
     return rows
 
 
-def time_ms(fn: Forward, x: Tensor, kpm: Tensor, params: list[nn.Parameter], repeats: int, backward: bool) -> float:
-    """Median wall time (ms) of fn(x), plus backward of a loss over non-pad rows, after WARMUP calls."""
-    times = []
-    for i in range(WARMUP + repeats):
-        x.grad = None
-        for p in params:
-            p.grad = None
-        sync(x.device)
-        start = time.perf_counter()
-        if backward:
-            fn(x).masked_fill(kpm[..., None], 0.0).sum().backward()  # pad rows (NaN or not) carry no loss
-        else:
-            with torch.no_grad():
-                fn(x)
-        sync(x.device)
-        if i >= WARMUP:
-            times.append((time.perf_counter() - start) * 1e3)
-    return statistics.median(times)
+def step_ms(fn: Forward, x: Tensor, kpm: Tensor, params: list[nn.Parameter], backward: bool) -> float:
+    """Wall time (ms) of fn(x), plus backward of a loss over non-pad rows (NaN rows or not, they carry none)."""
+    x.grad = None
+    for p in params:
+        p.grad = None
+    sync(x.device)
+    start = time.perf_counter()
+    if backward:
+        fn(x).masked_fill(kpm[..., None], 0.0).sum().backward()
+    else:
+        with torch.no_grad():
+            fn(x)
+    sync(x.device)
+    return (time.perf_counter() - start) * 1e3
+
+
+def time_round_robin(
+    rows: dict[str, Forward], x: Tensor, kpm: Tensor, params: list[nn.Parameter], repeats: int
+) -> dict[str, tuple[float, bool]]:
+    """Median ms per row and whether it includes backward. Rows take turns within each repeat, so a drift of
+    the machine (another process, clock changes) spreads over all rows instead of biasing the last ones."""
+    backward = {}
+    for name, fn in rows.items():
+        try:
+            step_ms(fn, x, kpm, params, backward=True)
+            backward[name] = True
+        except NotImplementedError:  # flex: mhaplug refuses a backward on CPU; time its forward alone
+            backward[name] = False
+        for _ in range(WARMUP - 1):
+            step_ms(fn, x, kpm, params, backward[name])
+    times: dict[str, list[float]] = {name: [] for name in rows}
+    for _ in range(repeats):
+        for name, fn in rows.items():
+            times[name].append(step_ms(fn, x, kpm, params, backward[name]))
+    return {name: (statistics.median(t), backward[name]) for name, t in times.items()}
 
 
 def bench_length(
@@ -172,19 +189,17 @@ def bench_length(
     params = [p for m in (ref, *mods.values()) for p in m.parameters()]
     results: dict[str, tuple[float | None, str, str, Tensor, str]] = {}  # ms, kernel, entry, out, peak MiB
     notes: list[str] = []
-    for name, fn in configurations(ref, mods, kpm, causal).items():
-        is_flex, ms, peak = name == "mhaplug flex", None, ""
+    rows = configurations(ref, mods, kpm, causal)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    timings = time_round_robin(rows, x, kpm, params, args.repeats)
+    for name, fn in rows.items():
+        is_flex, (median_ms, with_backward), peak = name == "mhaplug flex", timings[name], ""
+        ms = median_ms if with_backward else None
+        if not with_backward:
+            notes.append(f"`{name}` forward only, under torch.no_grad() (eager Flex on CPU): {median_ms:.1f} ms median")
         if device.type == "cuda":
-            torch.cuda.reset_peak_memory_stats(device)
-        try:
-            ms = time_ms(fn, x, kpm, params, args.repeats, backward=True)
-        except NotImplementedError:
-            if not is_flex:
-                raise
-            fwd = time_ms(fn, x, kpm, params, args.repeats, backward=False)  # mhaplug refuses flex backward on CPU
-            notes.append(f"`{name}` forward only, under torch.no_grad() (eager Flex on CPU): {fwd:.1f} ms median")
-        if device.type == "cuda":
-            peak = f"{torch.cuda.max_memory_allocated(device) / 2**20:.0f}"
+            peak = f"{torch.cuda.max_memory_allocated(device) / 2**20:.0f} (all rows so far)"
         # One more forward to see the masks. Flex goes through torch.compile even in eager mode, which refuses a
         # Python dispatch mode: for flex the BlockMask is what reaches the kernel.
         entry, kernel = EntryMasks(), KernelMasks()
@@ -204,6 +219,18 @@ def bench_length(
         row = [name, *timing, kernel_bytes, entry_bytes, f"{diff:.1e}"]
         table.append(row + ([peak] if device.type == "cuda" else []))
     return table, notes, kpm.float().mean().item()
+
+
+def profile_table(fn: Forward, x: Tensor, kpm: Tensor, rows: int = 8) -> str:
+    """Where the time of one forward + backward goes, by aten op (self time), from torch.profiler."""
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if x.device.type == "cuda" else [])
+    with profile(activities=activities) as prof:
+        fn(x).masked_fill(kpm[..., None], 0.0).sum().backward()
+        sync(x.device)
+    sort_by = "self_cuda_time_total" if x.device.type == "cuda" else "self_cpu_time_total"
+    return prof.key_averages().table(sort_by=sort_by, row_limit=rows, max_name_column_width=60)
 
 
 def device_slug(device: torch.device) -> str:
@@ -257,7 +284,8 @@ def main(argv: list[str] | None = None) -> None:
         f"threads {torch.get_num_threads()}",
         f"- date {datetime.datetime.now(datetime.timezone.utc).isoformat(timespec='seconds')}",
         f"- B={BATCH}, E={EMBED}, H={HEADS}, D={EMBED // HEADS}, causal self-attention, right padding, float32; "
-        f"median of {args.repeats} after {WARMUP} warm-up; loss = sum of outputs over non-pad rows",
+        f"median of {args.repeats} after {WARMUP} warm-up, rows timed in turn within each repeat; "
+        f"lengths round(L * linspace(0.2, 1, B)); loss = sum of outputs over non-pad rows",
         "- speed-up = nn.MHA default ms / row ms (higher is faster); time / bare = row ms / bare SDPA ms",
         "- mask bytes reaching kernel: storage of the largest `attn_mask`/`attn_bias` of an aten SDPA kernel op, or "
         "bias of `aten.baddbmm`, in one forward (torch turns a bool SDPA mask into float before its CPU kernel); "
@@ -271,6 +299,14 @@ def main(argv: list[str] | None = None) -> None:
         block += ["", *(f"- {n}" for n in notes)] if notes else []
         print("\n".join(block), flush=True)
         sections += block
+    # Where the time goes for the fastest padded-mask strategy at the largest L: the attention kernel itself.
+    length = max(args.lengths)
+    x, kpm, causal = make_inputs(length, device)
+    fn = configurations(ref, mods, kpm, causal)["mhaplug causal_kpm"]
+    block = ["", f"## Profile: mhaplug causal_kpm, L = {length}, one forward + backward", "", "```",
+             profile_table(fn, x, kpm).rstrip(), "```"]
+    print("\n".join(block), flush=True)
+    sections += block
     out_path.parent.mkdir(parents=True, exist_ok=True)
     out_path.write_text("\n".join(sections) + "\n")
     print(f"\nwritten: {out_path}")
