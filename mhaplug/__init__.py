@@ -1,6 +1,19 @@
 """mhaplug: variable-length sequences, their padding and their attention masks, done right and fast."""
 
-from mhaplug.attention import STRATEGIES, MultiheadAttention
+from typing import Any
 
-__all__ = ["STRATEGIES", "MultiheadAttention"]
+from mhaplug.attention import STRATEGIES, MultiheadAttention
+from mhaplug.collate import PackCollator, PadCollator
+
+__all__ = ["STRATEGIES", "MultiheadAttention", "PackCollator", "PadCollator", "TextDataModule"]
 __version__ = "0.1.0"
+
+_LAZY = {"TextDataModule": "mhaplug.data"}  # pulls in Lightning and datasets: imported on first use
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'mhaplug' has no attribute {name!r}")

@@ -1,0 +1,304 @@
+"""Drop-in collators: token sequences -> padded (or packed) batches with every mask a model needs.
+
+Both collators are dataclasses called on a list of rows, as ``DataLoader(dataset, collate_fn=collator)`` or as a
+Hugging Face ``data_collator``. A row is a dict with ``input_ids`` (list, numpy array or tensor of ints), as a
+``datasets.Dataset`` yields with or without ``set_format("torch")``, or a bare sequence of ints. Other keys of a
+row are ignored; name them in ``passthrough_keys`` to have them stacked with ``default_collate``.
+
+Batch keys (B rows, L = padded length)::
+
+    input_ids          int64 (B, L)   pad_token_id on padding
+    labels             int64 (B, L)   the token, or -100 where no loss: padding (from lengths, never from
+                                      ``== pad_token_id``, so a pad id equal to EOS still learns to stop) and,
+                                      packed, the first token of every document
+    key_padding_mask   bool  (B, L)   True = padding (torch MHA convention)
+    attention_mask     int64 (B, L)   1 = real token (Hugging Face convention)
+    position_ids       int64 (B, L)   0 on the first real token (also with left padding), 0 on padding
+    lengths            int64 (B,)     real tokens per row
+
+    packed only:
+    document_ids       int64 (B, L)   0, 1, ... per document within a row; -1 on padding
+    cu_seqlens         int32 (D + 1,) document boundaries in the real tokens taken row by row
+                                      (``input_ids[~key_padding_mask]``), as varlen attention kernels want
+    max_seqlen         int            longest document (a Python int: reading it needs no device sync)
+
+Labels are not shifted: position t holds token t, and the loss compares logits at t - 1 with it.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import numpy as np
+import torch
+from torch import Tensor
+from torch.utils.data import default_collate
+
+from mhaplug import masks
+
+__all__ = ["PackCollator", "PadCollator", "first_fit_pack", "round_up"]
+
+logger = logging.getLogger(__name__)
+
+Row = Mapping[str, Any] | Sequence[int] | np.ndarray | Tensor
+
+
+def round_up(length: int, multiple: int | None) -> int:
+    """``length`` rounded up to a multiple of ``multiple`` (no extra block when it already is one)."""
+    if not multiple:
+        return length
+    return -(-length // multiple) * multiple
+
+
+def _check_positive(name: str, value: int | None, *, optional: bool = True) -> None:
+    if value is None and optional:
+        return
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{name} must be a positive int{' or None' if optional else ''}, got {value!r}")
+
+
+def _token_ids(row: Row, index: int, vocab_size: int | None) -> Tensor:
+    """One row's ``input_ids`` as a 1-D int64 tensor, with errors that name the row."""
+    if isinstance(row, Mapping) and "input_ids" not in row:
+        raise KeyError(f"row {index} has no 'input_ids' key; its keys are {sorted(row)}")
+    ids = row["input_ids"] if isinstance(row, Mapping) else row
+    if isinstance(ids, Tensor):
+        tensor = ids
+    else:
+        array = np.asarray(ids)
+        if array.dtype == object:
+            raise TypeError(f"row {index}: input_ids must be a flat sequence of ints, got {type(ids).__name__} {str(ids)[:60]}")
+        tensor = torch.from_numpy(array) if array.size else torch.zeros(0, dtype=torch.int64)
+    if tensor.dtype == torch.bool or tensor.is_floating_point() or tensor.is_complex():
+        raise TypeError(f"row {index}: input_ids must be integers, got dtype {tensor.dtype}: {tensor.flatten()[:8].tolist()}")
+    if tensor.dim() != 1:
+        raise ValueError(f"row {index}: input_ids must be 1-D, got shape {tuple(tensor.shape)}")
+    if tensor.numel() == 0:
+        raise ValueError(f"row {index}: input_ids is empty; drop empty documents before collating")
+    tensor = tensor.to(torch.int64)
+    if vocab_size is not None and (tensor.min() < 0 or tensor.max() >= vocab_size):
+        bad = tensor[(tensor < 0) | (tensor >= vocab_size)][:4].tolist()
+        raise ValueError(f"row {index}: token ids {bad} are outside the vocabulary [0, {vocab_size})")
+    return tensor
+
+
+@dataclass
+class _Collator:
+    pad_token_id: int = 0
+    pad_to_multiple_of: int | None = None
+    label_pad_id: int = -100
+    vocab_size: int | None = None
+    passthrough_keys: tuple[str, ...] = field(default_factory=tuple)
+
+    def __post_init__(self) -> None:
+        _check_positive("pad_to_multiple_of", self.pad_to_multiple_of)
+        _check_positive("vocab_size", self.vocab_size)
+        if self.vocab_size is not None and not 0 <= self.pad_token_id < self.vocab_size:
+            raise ValueError(f"pad_token_id must be in [0, vocab_size={self.vocab_size}), got {self.pad_token_id}")
+
+    def _sequences(self, rows: Sequence[Row]) -> list[Tensor]:
+        if len(rows) == 0:
+            raise ValueError("cannot collate an empty batch (rows == []); check the sampler and drop_last settings")
+        return [_token_ids(row, i, self.vocab_size) for i, row in enumerate(rows)]
+
+    def _passthrough(self, rows: Sequence[Row]) -> dict[str, Any]:
+        extra = {}
+        for key in self.passthrough_keys:
+            missing = [i for i, row in enumerate(rows) if not isinstance(row, Mapping) or key not in row]
+            if missing:
+                raise KeyError(f"passthrough key {key!r} is missing from rows {missing[:5]}")
+            extra[key] = default_collate([row[key] for row in rows])  # type: ignore[index]
+        return extra
+
+
+@dataclass
+class PadCollator(_Collator):
+    """Pads rows to the longest (or ``max_length``), rounded up to ``pad_to_multiple_of``.
+
+    Args:
+        pad_token_id: id written on padding (labels there are ``label_pad_id`` whatever this is).
+        padding_side: ``"right"`` (real tokens first) or ``"left"`` (real tokens last, for generation).
+        pad_to_multiple_of: round L up to a multiple (8 or 64 keep kernels and ``torch.compile`` shapes stable).
+        max_length: the longest row allowed; longer rows follow ``overflow``.
+        overflow: ``"error"`` (default) raises naming the row; ``"truncate"`` keeps the first ``max_length`` tokens.
+        label_pad_id: label where no loss is taken.
+        vocab_size: if given, ids outside [0, vocab_size) raise naming the row.
+        passthrough_keys: extra row keys to stack into the batch.
+
+    Example, ``padding_side="left"``, ``pad_to_multiple_of=4``, rows [5, 6, 7] and [8]::
+
+        input_ids        [[0 5 6 7]   key_padding_mask [[T F F F]   position_ids [[0 0 1 2]   labels [[-100 5 6 7]
+                          [0 0 0 8]]                    [T T T F]]                [0 0 0 0]]          [-100 -100 -100 8]]
+    """
+
+    padding_side: Literal["right", "left"] = "right"
+    max_length: int | None = None
+    overflow: Literal["error", "truncate"] = "error"
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.padding_side not in ("right", "left"):
+            raise ValueError(f"padding_side must be 'right' or 'left', got {self.padding_side!r}")
+        if self.overflow not in ("error", "truncate"):
+            raise ValueError(f"overflow must be 'error' or 'truncate', got {self.overflow!r}")
+        _check_positive("max_length", self.max_length)
+
+    def __call__(self, rows: Sequence[Row]) -> dict[str, Any]:
+        sequences = [self._fit(ids, i) for i, ids in enumerate(self._sequences(rows))]
+        lengths = torch.tensor([len(s) for s in sequences], dtype=torch.int64)  # (B,)
+        length = round_up(int(lengths.max()), self.pad_to_multiple_of)
+        input_ids = torch.full((len(sequences), length), self.pad_token_id, dtype=torch.int64)  # (B, L)
+        for row, ids in zip(input_ids, sequences):
+            if self.padding_side == "right":
+                row[: len(ids)] = ids
+            else:
+                row[length - len(ids) :] = ids
+        is_pad = masks.is_pad_from_lengths(lengths, length, padding_side=self.padding_side)  # (B, L)
+        return {
+            "input_ids": input_ids,
+            "labels": input_ids.masked_fill(is_pad, self.label_pad_id),
+            "key_padding_mask": is_pad,
+            "attention_mask": masks.attention_mask_from_is_pad(is_pad),
+            "position_ids": _positions(is_pad),
+            "lengths": lengths,
+            **self._passthrough(rows),
+        }
+
+    def _fit(self, ids: Tensor, index: int) -> Tensor:
+        if self.max_length is None or len(ids) <= self.max_length:
+            return ids
+        if self.overflow == "error":
+            raise ValueError(
+                f"row {index} has {len(ids)} tokens, more than max_length={self.max_length}; raise max_length, "
+                f"split long documents when tokenising, or pass overflow='truncate' to keep the first {self.max_length}"
+            )
+        logger.debug("row %d truncated from %d to max_length=%d tokens", index, len(ids), self.max_length)
+        return ids[: self.max_length]
+
+
+def _positions(is_pad: Tensor) -> Tensor:
+    """0, 1, ... over the real tokens of each row, 0 on padding. (B, L) -> (B, L)."""
+    real = (~is_pad).long()
+    return (real.cumsum(-1) - 1).clamp_(min=0).masked_fill_(is_pad, 0)
+
+
+def first_fit_pack(lengths: Sequence[int], capacity: int) -> list[list[int]]:
+    """Indices of documents per row, first-fit decreasing: longest first, each into the first row with room.
+
+    Whole documents only; every length must be <= ``capacity``. Deterministic: ties keep input order.
+    Rows come out in order of creation, so the fullest rows come first.
+    """
+    order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
+    rows: list[list[int]] = []
+    room: list[int] = []
+    for i in order:
+        if lengths[i] > capacity:
+            raise ValueError(f"document {i} has {lengths[i]} tokens, more than the row capacity {capacity}")
+        for r, free in enumerate(room):
+            if lengths[i] <= free:
+                rows[r].append(i)
+                room[r] -= lengths[i]
+                break
+        else:
+            rows.append([i])
+            room.append(capacity - lengths[i])
+    return rows
+
+
+@dataclass
+class PackCollator(_Collator):
+    """Packs whole documents into rows of at most ``max_length`` tokens, with a document-causal layout.
+
+    Rows that carry ``document_lengths`` (pre-packed, e.g. by :class:`mhaplug.data.TextDataModule`) stay one
+    output row each. Otherwise the batch's documents are packed first-fit decreasing (:func:`first_fit_pack`),
+    so B out may differ from B in.
+
+    Args:
+        max_length: row length (positions restart per document, so it bounds the position table too).
+        long_documents: a document longer than ``max_length``: ``"split"`` (default) into ``max_length``
+            chunks, each a document of its own; ``"error"`` raises naming the row; ``"truncate"`` keeps the first
+            ``max_length`` tokens.
+
+    Example, ``max_length=6, pad_to_multiple_of=2`` (L = the fullest row, rounded up), documents [5, 6, 7], [8, 9]::
+
+        input_ids     [5 6 7 8 9 0]      document_ids [0 0 0 1 1 -1]     position_ids [0 1 2 0 1 0]
+        labels        [-100 6 7 -100 9 -100]                             cu_seqlens   [0 3 5]
+    """
+
+    max_length: int = 0
+    long_documents: Literal["split", "error", "truncate"] = "split"
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        _check_positive("max_length", self.max_length, optional=False)
+        if self.long_documents not in ("split", "error", "truncate"):
+            raise ValueError(f"long_documents must be 'split', 'error' or 'truncate', got {self.long_documents!r}")
+
+    def __call__(self, rows: Sequence[Row]) -> dict[str, Any]:
+        packed = self._packed_rows(rows)  # list of rows, each a list of documents (1-D tensors)
+        length = round_up(max(sum(len(d) for d in docs) for docs in packed), self.pad_to_multiple_of)
+        batch = len(packed)
+        input_ids = torch.full((batch, length), self.pad_token_id, dtype=torch.int64)  # (B, L)
+        document_ids = torch.full((batch, length), -1, dtype=torch.int64)  # (B, L)
+        position_ids = torch.zeros((batch, length), dtype=torch.int64)  # (B, L)
+        doc_lengths: list[int] = []
+        for r, docs in enumerate(packed):
+            start = 0
+            for d, ids in enumerate(docs):
+                stop = start + len(ids)
+                input_ids[r, start:stop] = ids
+                document_ids[r, start:stop] = d
+                position_ids[r, start:stop] = torch.arange(len(ids))
+                doc_lengths.append(len(ids))
+                start = stop
+        is_pad = document_ids < 0
+        first_token = position_ids == 0
+        cu_seqlens = torch.zeros(len(doc_lengths) + 1, dtype=torch.int32)
+        cu_seqlens[1:] = torch.tensor(doc_lengths).cumsum(0)
+        return {
+            "input_ids": input_ids,
+            "labels": input_ids.masked_fill(is_pad | first_token, self.label_pad_id),
+            "key_padding_mask": is_pad,
+            "attention_mask": masks.attention_mask_from_is_pad(is_pad),
+            "position_ids": position_ids,
+            "lengths": (~is_pad).sum(-1),
+            "document_ids": document_ids,
+            "cu_seqlens": cu_seqlens,
+            "max_seqlen": max(doc_lengths),
+        }
+
+    def _packed_rows(self, rows: Sequence[Row]) -> list[list[Tensor]]:
+        sequences = self._sequences(rows)
+        if self.passthrough_keys:
+            raise ValueError("PackCollator cannot pass keys through: rows are regrouped; use passthrough_keys=()")
+        prepacked = [isinstance(row, Mapping) and "document_lengths" in row for row in rows]
+        if all(prepacked):
+            return [self._split_prepacked(ids, row["document_lengths"], i) for i, (ids, row) in enumerate(zip(sequences, rows))]  # type: ignore[index]
+        if any(prepacked):
+            raise ValueError("rows mix pre-packed rows (with 'document_lengths') and plain documents; use one kind per batch")
+        documents = [chunk for i, ids in enumerate(sequences) for chunk in self._fit(ids, i)]
+        return [[documents[i] for i in row] for row in first_fit_pack([len(d) for d in documents], self.max_length)]
+
+    def _split_prepacked(self, ids: Tensor, document_lengths: Sequence[int], index: int) -> list[Tensor]:
+        sizes = [int(n) for n in document_lengths]
+        if sum(sizes) != len(ids) or len(ids) > self.max_length or min(sizes) < 1:
+            raise ValueError(
+                f"row {index}: document_lengths {sizes[:8]} must be positive and sum to its {len(ids)} tokens, "
+                f"at most max_length={self.max_length}"
+            )
+        return list(ids.split(sizes))
+
+    def _fit(self, ids: Tensor, index: int) -> list[Tensor]:
+        if len(ids) <= self.max_length:
+            return [ids]
+        if self.long_documents == "error":
+            raise ValueError(
+                f"row {index} has {len(ids)} tokens, more than max_length={self.max_length}; raise max_length or "
+                f"pass long_documents='split' (chunks of max_length) or 'truncate'"
+            )
+        if self.long_documents == "truncate":
+            return [ids[: self.max_length]]
+        return list(ids.split(self.max_length))

@@ -1,0 +1,229 @@
+"""PadCollator and PackCollator: literal expected batches, every input kind, properties, and errors."""
+
+from __future__ import annotations
+
+import datasets
+import numpy as np
+import pytest
+import torch
+from hypothesis import given
+from hypothesis import strategies as st
+from torch.utils.data import DataLoader
+
+from mhaplug import masks
+from mhaplug.collate import PackCollator, PadCollator, first_fit_pack, round_up
+
+T, F = True, False
+
+
+def as_lists(batch: dict) -> dict:
+    return {k: (v.tolist() if isinstance(v, torch.Tensor) else v) for k, v in batch.items()}
+
+
+def test_pad_right_literal() -> None:
+    batch = as_lists(PadCollator(pad_token_id=0)([[5, 6, 7], [8]]))
+    assert batch == {
+        "input_ids": [[5, 6, 7], [8, 0, 0]],
+        "labels": [[5, 6, 7], [8, -100, -100]],
+        "key_padding_mask": [[F, F, F], [F, T, T]],
+        "attention_mask": [[1, 1, 1], [1, 0, 0]],
+        "position_ids": [[0, 1, 2], [0, 0, 0]],
+        "lengths": [3, 1],
+    }
+
+
+def test_pad_left_with_multiple_literal() -> None:
+    batch = as_lists(PadCollator(pad_token_id=0, padding_side="left", pad_to_multiple_of=4)([[5, 6, 7], [8]]))
+    assert batch == {
+        "input_ids": [[0, 5, 6, 7], [0, 0, 0, 8]],
+        "labels": [[-100, 5, 6, 7], [-100, -100, -100, 8]],
+        "key_padding_mask": [[T, F, F, F], [T, T, T, F]],
+        "attention_mask": [[0, 1, 1, 1], [0, 0, 0, 1]],
+        "position_ids": [[0, 0, 1, 2], [0, 0, 0, 0]],
+        "lengths": [3, 1],
+    }
+
+
+@pytest.mark.parametrize(("longest", "multiple", "expected"), [(8, 8, 8), (9, 8, 16), (1, 8, 8), (7, None, 7), (64, 64, 64)])
+def test_pad_to_multiple_adds_no_extra_block(longest: int, multiple: int | None, expected: int) -> None:
+    batch = PadCollator(pad_to_multiple_of=multiple)([[1] * longest, [2]])
+    assert batch["input_ids"].shape == (2, expected)
+    assert round_up(longest, multiple) == expected
+
+
+def test_labels_come_from_lengths_not_pad_id() -> None:
+    """pad_token_id == EOS: the real EOS keeps its label, so the model still learns to stop."""
+    eos = 1
+    batch = PadCollator(pad_token_id=eos)([[7, 8, eos], [9, eos]])
+    assert batch["labels"].tolist() == [[7, 8, eos], [9, eos, -100]]
+
+
+def test_max_length_error_and_truncate() -> None:
+    with pytest.raises(ValueError, match=r"row 1 has 5 tokens, more than max_length=4; .*overflow='truncate'"):
+        PadCollator(max_length=4)([[1, 2], [1, 2, 3, 4, 5]])
+    batch = PadCollator(max_length=4, overflow="truncate")([[1, 2], [1, 2, 3, 4, 5]])
+    assert batch["input_ids"].tolist() == [[1, 2, 0, 0], [1, 2, 3, 4]]
+    assert batch["lengths"].tolist() == [2, 4]
+
+
+@pytest.mark.parametrize(
+    "rows",
+    [
+        [[5, 6, 7], [8]],
+        [np.array([5, 6, 7]), np.array([8], dtype=np.int32)],
+        [torch.tensor([5, 6, 7]), torch.tensor([8], dtype=torch.int16)],
+        [{"input_ids": [5, 6, 7], "text": "ignored"}, {"input_ids": torch.tensor([8])}],
+        [(5, 6, 7), (8,)],
+    ],
+    ids=["lists", "numpy", "tensors", "dicts", "tuples"],
+)
+def test_every_row_kind_gives_the_same_batch(rows: list) -> None:
+    batch = PadCollator()(rows)
+    assert batch["input_ids"].dtype == torch.int64
+    assert batch["input_ids"].tolist() == [[5, 6, 7], [8, 0, 0]]
+
+
+@pytest.mark.parametrize("torch_format", [False, True])
+def test_works_as_dataloader_collate_fn_on_a_datasets_dataset(torch_format: bool) -> None:
+    dataset = datasets.Dataset.from_dict({"input_ids": [[5, 6, 7], [8], [9, 10]], "text": ["a", "b", "c"]})
+    if torch_format:
+        dataset.set_format("torch", columns=["input_ids"])
+    loader = DataLoader(dataset, batch_size=3, collate_fn=PadCollator(padding_side="left"))
+    (batch,) = list(loader)
+    assert batch["input_ids"].tolist() == [[5, 6, 7], [0, 0, 8], [0, 9, 10]]
+    assert batch["position_ids"].tolist() == [[0, 1, 2], [0, 0, 0], [0, 0, 1]]
+
+
+def test_passthrough_keys_are_stacked() -> None:
+    batch = PadCollator(passthrough_keys=("label",))([{"input_ids": [1], "label": 3}, {"input_ids": [2, 2], "label": 4}])
+    assert batch["label"].tolist() == [3, 4]
+    with pytest.raises(KeyError, match=r"passthrough key 'label' is missing from rows \[1\]"):
+        PadCollator(passthrough_keys=("label",))([{"input_ids": [1], "label": 3}, {"input_ids": [2]}])
+
+
+BAD_ROWS = [
+    ([], ValueError, r"cannot collate an empty batch"),
+    ([[1, 2], []], ValueError, r"row 1: input_ids is empty; drop empty documents"),
+    ([[1.5, 2.0]], TypeError, r"row 0: input_ids must be integers, got dtype torch.float64"),
+    ([[True, False]], TypeError, r"row 0: input_ids must be integers, got dtype torch.bool"),
+    ([[1], [2, 99]], ValueError, r"row 1: token ids \[99\] are outside the vocabulary \[0, 50\)"),
+    ([[1], [[2, 3]]], ValueError, r"row 1: input_ids must be 1-D, got shape \(1, 2\)"),
+    ([{"ids": [1]}], KeyError, r"row 0 has no 'input_ids' key; its keys are \['ids'\]"),
+]
+
+
+@pytest.mark.parametrize(("rows", "error", "message"), BAD_ROWS)
+@pytest.mark.parametrize("collator", [PadCollator(vocab_size=50), PackCollator(max_length=8, vocab_size=50)], ids=["pad", "pack"])
+def test_bad_rows_name_the_row(collator, rows: list, error: type[Exception], message: str) -> None:  # type: ignore[no-untyped-def]
+    with pytest.raises(error, match=message):
+        collator(rows)
+
+
+def test_bad_settings() -> None:
+    with pytest.raises(ValueError, match="padding_side must be 'right' or 'left', got 'up'"):
+        PadCollator(padding_side="up")  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="pad_to_multiple_of must be a positive int or None, got 0"):
+        PadCollator(pad_to_multiple_of=0)
+    with pytest.raises(ValueError, match="max_length must be a positive int, got 0"):
+        PackCollator()
+    with pytest.raises(ValueError, match=r"pad_token_id must be in \[0, vocab_size=10\), got 10"):
+        PadCollator(pad_token_id=10, vocab_size=10)
+
+
+@given(
+    lengths=st.lists(st.integers(1, 12), min_size=1, max_size=6),
+    padding_side=st.sampled_from(["right", "left"]),
+    multiple=st.sampled_from([None, 1, 4, 8]),
+)
+def test_property_masks_labels_positions_agree_with_lengths(lengths: list[int], padding_side: str, multiple: int | None) -> None:
+    rows = [list(range(100 + i, 100 + i + n)) for i, n in enumerate(lengths)]
+    batch = PadCollator(pad_token_id=3, padding_side=padding_side, pad_to_multiple_of=multiple)(rows)  # type: ignore[arg-type]
+    width = round_up(max(lengths), multiple)
+    is_pad = masks.is_pad_from_lengths(torch.tensor(lengths), width, padding_side=padding_side)  # type: ignore[arg-type]
+    assert batch["input_ids"].shape == (len(rows), width)
+    assert torch.equal(batch["key_padding_mask"], is_pad)
+    assert torch.equal(batch["attention_mask"], (~is_pad).long())
+    assert batch["lengths"].tolist() == lengths
+    for b, row in enumerate(rows):
+        real = ~is_pad[b]
+        assert batch["input_ids"][b][real].tolist() == row
+        assert batch["labels"][b][real].tolist() == row
+        assert (batch["labels"][b][~real] == -100).all() and (batch["input_ids"][b][~real] == 3).all()
+        assert batch["position_ids"][b][real].tolist() == list(range(len(row)))
+        assert (batch["position_ids"][b][~real] == 0).all()
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Packing
+# ----------------------------------------------------------------------------------------------------------
+
+
+def test_first_fit_pack_literal() -> None:
+    # Longest first: 5 -> row 0 (room 3); 4 -> row 1 (room 4); 3 -> row 0 (full); 2 -> row 1; 1 -> row 1.
+    assert first_fit_pack([2, 5, 3, 4, 1], 8) == [[1, 2], [3, 0, 4]]
+    with pytest.raises(ValueError, match="document 0 has 9 tokens, more than the row capacity 8"):
+        first_fit_pack([9], 8)
+
+
+def test_pack_literal_docstring_example() -> None:
+    batch = as_lists(PackCollator(max_length=6, pad_to_multiple_of=2)([[5, 6, 7], [8, 9]]))
+    assert batch == {
+        "input_ids": [[5, 6, 7, 8, 9, 0]],
+        "labels": [[-100, 6, 7, -100, 9, -100]],
+        "key_padding_mask": [[F, F, F, F, F, T]],
+        "attention_mask": [[1, 1, 1, 1, 1, 0]],
+        "position_ids": [[0, 1, 2, 0, 1, 0]],
+        "lengths": [5],
+        "document_ids": [[0, 0, 0, 1, 1, -1]],
+        "cu_seqlens": [0, 3, 5],
+        "max_seqlen": 3,
+    }
+    assert PackCollator(max_length=6)([[5, 6, 7], [8, 9]])["cu_seqlens"].dtype == torch.int32
+
+
+def test_pack_boundaries_open_new_rows() -> None:
+    batch = PackCollator(max_length=4)([[1, 2, 3], [4, 5], [6, 7], [8]])
+    # first-fit decreasing: [1 2 3] + [8]; [4 5] + [6 7]
+    assert batch["input_ids"].tolist() == [[1, 2, 3, 8], [4, 5, 6, 7]]
+    assert batch["document_ids"].tolist() == [[0, 0, 0, 1], [0, 0, 1, 1]]
+    assert batch["labels"].tolist() == [[-100, 2, 3, -100], [-100, 5, -100, 7]]
+    assert batch["cu_seqlens"].tolist() == [0, 3, 4, 6, 8]
+    keep = masks.document_causal_keep(batch["document_ids"])
+    assert keep[1, 0].int().tolist() == [[1, 0, 0, 0], [1, 1, 0, 0], [0, 0, 1, 0], [0, 0, 1, 1]]
+
+
+def test_pack_long_documents_split_error_truncate() -> None:
+    split = PackCollator(max_length=3)([[1, 2, 3, 4, 5, 6, 7]])
+    assert split["input_ids"].tolist() == [[1, 2, 3], [4, 5, 6], [7, 0, 0]]
+    assert split["position_ids"].tolist() == [[0, 1, 2], [0, 1, 2], [0, 0, 0]]
+    with pytest.raises(ValueError, match=r"row 0 has 7 tokens, more than max_length=3; .*long_documents='split'"):
+        PackCollator(max_length=3, long_documents="error")([[1, 2, 3, 4, 5, 6, 7]])
+    assert PackCollator(max_length=3, long_documents="truncate")([[1, 2, 3, 4]])["input_ids"].tolist() == [[1, 2, 3]]
+
+
+def test_pack_prepacked_rows_keep_their_documents() -> None:
+    rows = [{"input_ids": [1, 2, 3, 4], "document_lengths": [1, 3]}, {"input_ids": [5, 6], "document_lengths": [2]}]
+    batch = PackCollator(max_length=4)(rows)
+    assert batch["document_ids"].tolist() == [[0, 1, 1, 1], [0, 0, -1, -1]]
+    assert batch["cu_seqlens"].tolist() == [0, 1, 4, 6]
+    with pytest.raises(ValueError, match=r"row 0: document_lengths \[2, 3\] must be positive and sum to its 4 tokens"):
+        PackCollator(max_length=4)([{"input_ids": [1, 2, 3, 4], "document_lengths": [2, 3]}])
+
+
+@given(lengths=st.lists(st.integers(1, 10), min_size=1, max_size=12), capacity=st.integers(10, 16))
+def test_property_packing_keeps_every_token_in_order(lengths: list[int], capacity: int) -> None:
+    docs = [[1000 * (i + 1) + t for t in range(n)] for i, n in enumerate(lengths)]
+    batch = PackCollator(max_length=capacity)(docs)
+    is_pad = batch["key_padding_mask"]
+    assert (batch["lengths"] <= capacity).all()
+    seen = []
+    for row, doc_ids, pos, labels in zip(batch["input_ids"], batch["document_ids"], batch["position_ids"], batch["labels"]):
+        for d in doc_ids.unique().tolist():
+            if d < 0:
+                continue
+            tokens = row[doc_ids == d].tolist()
+            seen.append(tokens)
+            assert pos[doc_ids == d].tolist() == list(range(len(tokens)))
+            assert labels[doc_ids == d].tolist() == [-100] + tokens[1:]
+    assert sorted(seen) == sorted(docs)
+    assert int((~is_pad).sum()) == sum(lengths) == int(batch["cu_seqlens"][-1])
