@@ -344,7 +344,8 @@ class MultiheadAttention(nn.MultiheadAttention):
             key_padding_mask: (B, S) or unbatched (S,), bool True = padding; or float, added to the scores.
             need_weights: also return attention weights (explicit softmax, as torch).
             attn_mask: (L, S) or (B*H, L, S) (unbatched (H, L, S)), bool True = may NOT attend, or float
-                added to the scores. With ``strategy="flex"`` also a FlexAttention ``BlockMask``.
+                added to the scores. mhaplug also takes (B, 1, L, S) or (B, H, L, S), so a per-sequence mask
+                (packed documents) need not be copied per head; with ``strategy="flex"`` also a ``BlockMask``.
             average_attn_weights: average the weights over heads.
             is_causal: also hide key j from query i for j > i, built on the device.
 
@@ -450,7 +451,11 @@ class MultiheadAttention(nn.MultiheadAttention):
         average_attn_weights: bool,
         is_causal: bool,
     ) -> tuple[Tensor, Tensor | None]:
-        """torch's own path, unchanged but for ``is_causal``, which becomes a real mask (torch #131254)."""
+        """torch's own path, unchanged but for ``is_causal``, which becomes a real mask (torch #131254), and a
+        4-D ``attn_mask``, which torch does not take: it is copied per head to (B*H, L, S), as torch would."""
+        if attn_mask is not None and attn_mask.dim() == 4:
+            batch, _, tgt_len, src_len = attn_mask.shape
+            attn_mask = attn_mask.expand(batch, self.num_heads, tgt_len, src_len).reshape(-1, tgt_len, src_len)
         if is_causal:
             seq_dim = 1 if (query.dim() == 3 and self.batch_first) else 0
             like = key_padding_mask if key_padding_mask is not None else attn_mask
@@ -530,9 +535,12 @@ def _check_inputs(
         )
     masks.check_mask(attn_mask, name="attn_mask")
     per_head = (batch_size * mha.num_heads if is_batched else mha.num_heads, tgt_len, src_len)
-    if tuple(attn_mask.shape) not in ((tgt_len, src_len), per_head):
+    four_d = [(batch_size, 1, tgt_len, src_len), (batch_size, mha.num_heads, tgt_len, src_len)] if is_batched else []
+    if tuple(attn_mask.shape) not in [(tgt_len, src_len), per_head, *four_d]:
         raise ValueError(
             f"attn_mask must have shape {(tgt_len, src_len)} (L, S) or {per_head} "
-            f"({'B*H' if is_batched else 'H'}, L, S); got {tuple(attn_mask.shape)}"
+            f"({'B*H' if is_batched else 'H'}, L, S)"
+            + (f", or (mhaplug only) {four_d[0]} / {four_d[1]} (B, 1|H, L, S)" if is_batched else "")
+            + f"; got {tuple(attn_mask.shape)}"
         )
     return is_batched

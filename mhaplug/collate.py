@@ -27,6 +27,7 @@ Labels are not shifted: position t holds token t, and the loss compares logits a
 
 from __future__ import annotations
 
+import itertools
 import logging
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -85,7 +86,7 @@ def _token_ids(row: Row, index: int, vocab_size: int | None) -> Tensor:
     return tensor
 
 
-@dataclass
+@dataclass(kw_only=True)
 class _Collator:
     pad_token_id: int = 0
     pad_to_multiple_of: int | None = None
@@ -114,7 +115,7 @@ class _Collator:
         return extra
 
 
-@dataclass
+@dataclass(kw_only=True)
 class PadCollator(_Collator):
     """Pads rows to the longest (or ``max_length``), rounded up to ``pad_to_multiple_of``.
 
@@ -147,36 +148,63 @@ class PadCollator(_Collator):
         _check_positive("max_length", self.max_length)
 
     def __call__(self, rows: Sequence[Row]) -> dict[str, Any]:
-        sequences = [self._fit(ids, i) for i, ids in enumerate(self._sequences(rows))]
-        lengths = torch.tensor([len(s) for s in sequences], dtype=torch.int64)  # (B,)
+        flat, lengths = self._flat_ids(rows)  # (T,) int64 numpy, (B,) int64 numpy
+        if self.max_length is not None and lengths.max() > self.max_length:
+            flat, lengths = self._fit(flat, lengths)
         length = round_up(int(lengths.max()), self.pad_to_multiple_of)
-        input_ids = torch.full((len(sequences), length), self.pad_token_id, dtype=torch.int64)  # (B, L)
-        for row, ids in zip(input_ids, sequences):
-            if self.padding_side == "right":
-                row[: len(ids)] = ids
-            else:
-                row[length - len(ids) :] = ids
-        is_pad = masks.is_pad_from_lengths(lengths, length, padding_side=self.padding_side)  # (B, L)
+        lengths_t = torch.from_numpy(lengths)  # (B,)
+        is_pad = masks.is_pad_from_lengths(lengths_t, length, padding_side=self.padding_side)  # (B, L)
+        input_ids = torch.full((len(lengths), length), self.pad_token_id, dtype=torch.int64)  # (B, L)
+        input_ids[~is_pad] = torch.from_numpy(flat)  # row-major scatter: each row's tokens in order
         return {
             "input_ids": input_ids,
             "labels": input_ids.masked_fill(is_pad, self.label_pad_id),
             "key_padding_mask": is_pad,
             "attention_mask": masks.attention_mask_from_is_pad(is_pad),
             "position_ids": _positions(is_pad),
-            "lengths": lengths,
+            "lengths": lengths_t,
             **self._passthrough(rows),
         }
 
-    def _fit(self, ids: Tensor, index: int) -> Tensor:
-        if self.max_length is None or len(ids) <= self.max_length:
-            return ids
+    def _flat_ids(self, rows: Sequence[Row]) -> tuple[np.ndarray, np.ndarray]:
+        """All rows' ids concatenated, and the row lengths, converted once for the whole batch.
+
+        The fast path converts every row in one numpy call; anything unusual (an empty, nested, non-integer or
+        out-of-vocabulary row) goes through the per-row checks, which name the row.
+        """
+        if len(rows) == 0:
+            raise ValueError("cannot collate an empty batch (rows == []); check the sampler and drop_last settings")
+        ids = [row["input_ids"] if isinstance(row, Mapping) and "input_ids" in row else row for row in rows]
+        try:
+            lengths = np.fromiter((len(r) for r in ids), dtype=np.int64, count=len(ids))
+            if isinstance(ids[0], (Tensor, np.ndarray)):
+                flat = np.concatenate([np.asarray(r) for r in ids]) if lengths.all() else None
+            else:
+                tokens = list(itertools.chain.from_iterable(ids))
+                # Python ints only: numpy would silently truncate 2.5 to 2, or take True as 1.
+                flat = np.array(tokens, dtype=np.int64) if all(type(t) is int for t in tokens) else None
+        except (TypeError, ValueError):
+            flat = None
+        if flat is None or flat.dtype.kind not in "iu" or flat.ndim != 1 or not lengths.all() or (
+            self.vocab_size is not None and (flat.min() < 0 or flat.max() >= self.vocab_size)
+        ):
+            sequences = self._sequences(rows)  # raises, naming the row
+            return torch.cat(sequences).numpy(), np.array([len(t) for t in sequences], dtype=np.int64)
+        return flat.astype(np.int64, copy=False), lengths
+
+    def _fit(self, flat: np.ndarray, lengths: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        assert self.max_length is not None
+        index = int(np.argmax(lengths > self.max_length))
         if self.overflow == "error":
             raise ValueError(
-                f"row {index} has {len(ids)} tokens, more than max_length={self.max_length}; raise max_length, "
+                f"row {index} has {lengths[index]} tokens, more than max_length={self.max_length}; raise max_length, "
                 f"split long documents when tokenising, or pass overflow='truncate' to keep the first {self.max_length}"
             )
-        logger.debug("row %d truncated from %d to max_length=%d tokens", index, len(ids), self.max_length)
-        return ids[: self.max_length]
+        logger.debug("%d rows truncated to max_length=%d tokens", int((lengths > self.max_length).sum()), self.max_length)
+        starts = np.concatenate([[0], np.cumsum(lengths)[:-1]])
+        kept = np.minimum(lengths, self.max_length)
+        flat = np.concatenate([flat[start : start + n] for start, n in zip(starts, kept)])
+        return flat, kept
 
 
 def _positions(is_pad: Tensor) -> Tensor:
@@ -208,7 +236,7 @@ def first_fit_pack(lengths: Sequence[int], capacity: int) -> list[list[int]]:
     return rows
 
 
-@dataclass
+@dataclass(kw_only=True)
 class PackCollator(_Collator):
     """Packs whole documents into rows of at most ``max_length`` tokens, with a document-causal layout.
 

@@ -44,7 +44,7 @@ from torch.utils.data import DataLoader, Dataset
 from mhaplug import sampling
 from mhaplug.collate import PackCollator, PadCollator, first_fit_pack
 
-__all__ = ["BATCHINGS", "EOS_TOKEN", "LAYOUTS", "PAD_TOKEN", "SOURCES", "TextDataModule", "stdlib_docstrings", "synthetic_texts", "train_tokenizer"]
+__all__ = ["add_token_counts", "BATCHINGS", "EOS_TOKEN", "LAYOUTS", "PAD_TOKEN", "SOURCES", "TextDataModule", "stdlib_docstrings", "synthetic_texts", "train_tokenizer"]
 
 logger = logging.getLogger(__name__)
 
@@ -251,7 +251,8 @@ class TextDataModule(pl.LightningDataModule):
 
     def prepare_data(self) -> None:
         """Collect text, train or load the tokenizer, tokenise: all cached on disk (rank 0 only under DDP)."""
-        self._build()
+        if not self.splits:
+            self._build()
 
     def setup(self, stage: str | None = None) -> None:
         if not self.splits:
@@ -285,6 +286,11 @@ class TextDataModule(pl.LightningDataModule):
             for token, expected in ((PAD_TOKEN, 0), (EOS_TOKEN, 1)):
                 if tokenizer.token_to_id(token) != expected:
                     raise ValueError(f"tokenizer_path={hp.tokenizer_path!r} must have {token} with id {expected}, got {tokenizer.token_to_id(token)}")
+            if tokenizer.get_vocab_size() > hp.vocab_size:
+                raise ValueError(
+                    f"tokenizer_path={hp.tokenizer_path!r} has {tokenizer.get_vocab_size()} tokens, more than "
+                    f"vocab_size={hp.vocab_size}; set vocab_size >= {tokenizer.get_vocab_size()} (it sizes the model's embedding)"
+                )
             return tokenizer
         path = self.cache_dir / "tokenizers" / f"bpe-{_key(data_key, hp.vocab_size)}.json"
         if path.exists():
@@ -320,9 +326,8 @@ class TextDataModule(pl.LightningDataModule):
 
     @property
     def vocab_size(self) -> int:
-        if self.tokenizer is None:
-            raise RuntimeError("the tokenizer is built in setup(); call datamodule.setup() first")
-        return self.tokenizer.get_vocab_size()
+        """The embedding size a model needs: ``vocab_size`` (a trained BPE may stop short of it; ids stay below)."""
+        return self.hparams.vocab_size
 
     def collator(self) -> PadCollator | PackCollator:
         hp = self.hparams
@@ -351,6 +356,7 @@ class TextDataModule(pl.LightningDataModule):
     def _loader(self, name: str, *, shuffle: bool) -> DataLoader:
         dataset, lengths = self._dataset_and_lengths(name)
         batch_sampler = self.batch_sampler(name, lengths, shuffle=shuffle)
+        batch_sampler.even_batches = name == "train"  # validation sees every batch exactly once across ranks
         if name == "train":
             if self._pending_sampler_state is not None:
                 batch_sampler.load_state_dict(self._pending_sampler_state)
@@ -364,6 +370,12 @@ class TextDataModule(pl.LightningDataModule):
     def val_dataloader(self) -> DataLoader:
         return self._loader("val", shuffle=False)
 
+    def on_before_batch_transfer(self, batch: dict[str, Any], dataloader_idx: int) -> dict[str, Any]:
+        """Token counts as Python ints, read on the CPU before the batch moves (free here; a host-device sync
+        if read on the accelerator): ``num_targets`` (labels that take a loss after the shift),
+        ``num_real_tokens`` and ``num_padded_tokens``. :class:`mhaplug.lit.LitDecoderLM` uses them."""
+        return add_token_counts(batch)
+
     # -- resumable mid-epoch: Lightning saves and restores a DataModule's state in its checkpoints ----------
 
     def state_dict(self) -> dict[str, Any]:
@@ -371,6 +383,14 @@ class TextDataModule(pl.LightningDataModule):
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self._pending_sampler_state = state_dict.get("train_sampler")
+
+
+def add_token_counts(batch: dict[str, Any]) -> dict[str, Any]:
+    """Add ``num_targets``, ``num_real_tokens``, ``num_padded_tokens`` (Python ints) to a collated batch."""
+    batch["num_targets"] = int((batch["labels"][:, 1:] != -100).sum())
+    batch["num_real_tokens"] = int(batch["lengths"].sum())
+    batch["num_padded_tokens"] = batch["input_ids"].numel()
+    return batch
 
 
 def _fingerprint_texts(texts: list[str]) -> str:

@@ -264,7 +264,8 @@ def merge_masks(
 
     Args:
         key_padding_mask: (B, S) bool, True = pad; or float, added to every query's scores.
-        attn_mask: (L, S) or (B*H, L, S), bool True = may not attend; or float, added to the scores.
+        attn_mask: (L, S) or (B*H, L, S), bool True = may not attend; or float, added to the scores. Also
+            (B, 1, L, S) or (B, H, L, S) (an mhaplug extension: a per-batch mask without copying it per head).
         is_causal: also hide key j from query i when j > i (top-left aligned, see :func:`causal_keep`).
         dtype: floating dtype of the result when a float mask is involved (the query's dtype).
         device: where the causal mask is built (the query's device); defaults to the masks' device.
@@ -291,6 +292,8 @@ def merge_masks(
     if attn_mask is not None:
         if attn_mask.dim() == 2:
             collect(attn_mask.view(1, 1, tgt_len, src_len))  # (1, 1, L, S)
+        elif attn_mask.dim() == 4:
+            collect(attn_mask)  # (B, 1|H, L, S) already
         else:
             collect(attn_mask.view(batch_size, num_heads, tgt_len, src_len))  # (B, H, L, S)
     if is_causal:

@@ -130,6 +130,9 @@ class BaseBatchSampler(Sampler[list[int]]):
     """
 
     _settings: tuple[str, ...] = ()  # attributes of a subclass that shape its batches (part of the fingerprint)
+    #: Same batch count on every rank (the rule above). Set False for evaluation, where a repeated batch would
+    #: count twice in a metric and a rank with one batch fewer costs nothing (no per-step collectives).
+    even_batches: bool = True
 
     def __init__(
         self, lengths: Lengths, shuffle: bool, seed: int, drop_last: bool, num_replicas: int | None, rank: int | None
@@ -189,7 +192,9 @@ class BaseBatchSampler(Sampler[list[int]]):
             rng = np.random.default_rng([self.seed, epoch]) if self.shuffle else None
             batches = self._global_batches(rng)
             total, extra = len(batches), len(batches) % self.num_replicas
-            if extra and self.drop_last:
+            if extra and not self.even_batches:
+                pass  # evaluation: every batch exactly once, ranks may differ by one batch
+            elif extra and self.drop_last:
                 batches = batches[: total - extra]
             elif extra:
                 need = self.num_replicas - extra

@@ -183,6 +183,20 @@ def test_matches_torch_unbatched(strategy: str) -> None:
         torch.testing.assert_close(w, w_ref, atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("strategy", TORCH_EQUAL)
+def test_four_d_attn_mask_equals_the_per_head_copy(strategy: str) -> None:
+    """mhaplug also takes a (B, 1, L, S) attn_mask (a document mask per sequence) without a per-head copy."""
+    mha = MultiheadAttention(E, H, batch_first=True, strategy=strategy)
+    x = torch.randn(3, 6, E)
+    per_sequence = torch.rand(3, 1, 6, 6) < 0.4
+    per_sequence[..., 0] = False
+    per_head = per_sequence.expand(3, H, 6, 6).reshape(3 * H, 6, 6)
+    with torch.no_grad():
+        out, _ = mha(x, x, x, attn_mask=per_sequence, need_weights=False)
+        expected, _ = mha(x, x, x, attn_mask=per_head, need_weights=False)
+    torch.testing.assert_close(out, expected, atol=1e-6, rtol=1e-6)
+
+
 def test_state_dict_round_trip_with_torch() -> None:
     for kwargs in ({}, {"kdim": 12, "vdim": 10}, {"add_bias_kv": True, "bias": False}):
         ref = nn.MultiheadAttention(E, H, **kwargs)  # type: ignore[arg-type]
@@ -468,7 +482,7 @@ BAD_CALLS = [
     ({"attn_mask": torch.zeros(5, 5, dtype=torch.int64)}, TypeError, r"attn_mask must be a bool tensor .*got dtype torch.int64"),
     ({"attn_mask": torch.full((5, 5), float("nan"))}, ValueError, r"attn_mask contains NaN"),
     ({"key_padding_mask": torch.zeros(5, 2, dtype=torch.bool)}, ValueError, r"key_padding_mask must have shape \(2, 5\) \(batch, source length\), True = padding; got \(5, 2\)"),
-    ({"attn_mask": torch.zeros(2, 5, 5, dtype=torch.bool)}, ValueError, r"attn_mask must have shape \(5, 5\) \(L, S\) or \(8, 5, 5\) \(B\*H, L, S\); got \(2, 5, 5\)"),
+    ({"attn_mask": torch.zeros(2, 5, 5, dtype=torch.bool)}, ValueError, r"attn_mask must have shape \(5, 5\) \(L, S\) or \(8, 5, 5\) \(B\*H, L, S\), or \(mhaplug only\) \(2, 1, 5, 5\) / \(2, 4, 5, 5\) \(B, 1\|H, L, S\); got \(2, 5, 5\)"),
     ({"attn_mask": [[0.0]]}, TypeError, r"attn_mask must be a torch.Tensor \(or a BlockMask with strategy='flex'\), got list"),
 ]
 

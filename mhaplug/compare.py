@@ -1,0 +1,430 @@
+"""Compare training runs: a table of loss, speed and padding waste, an equivalence check, and a plot.
+
+Usage::
+
+    python -m mhaplug.compare RUNS_DIR [--plot FILE.png] [--tolerance 1e-3] [--sort val_loss|tokens|name]
+                                       [--baseline NAME] [--markdown]
+
+A run is a directory anywhere below RUNS_DIR (a Hydra multirun directory, say) that holds ``summary.json``,
+written by training when a run ends, and the Lightning CSVLogger ``metrics.csv`` it names. A directory with
+a ``.hydra/`` folder or a ``metrics.csv`` but no ``summary.json`` is listed as incomplete (crashed or still
+running), never silently dropped.
+
+The equivalence check is the point of the tool. Runs with the same ``equivalence_key`` are the same
+computation (same data, model, seed, steps, layout and batching): a correct mask strategy or padding side
+cannot change the result, so valid runs of one key whose final val loss differs by more than ``--tolerance``
+reveal a mask bug, and the exit code is 1. Invalid runs (``valid: false``, kept to teach, such as
+``causal_only`` with left padding, where real queries attend to pad keys) are expected to diverge: their
+difference is shown and never fails. Exit codes: 0 fine, 1 mismatch, 2 bad input.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import math
+import os
+import re
+import sys
+import tempfile
+import warnings
+from collections import Counter, defaultdict
+from collections.abc import Sequence
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any, Literal
+
+__all__ = ["Finding", "Run", "check_equivalence", "choose_baseline", "format_table", "load_runs", "main", "plot",
+           "read_curve", "summary_lines"]
+
+SUMMARY_FILE = "summary.json"
+METRICS_FILE = "metrics.csv"
+SKIPPED_FILE = "skipped.txt"  # written by train.py for a combination skipped as invalid (on_invalid=skip/run)
+# Keys the table and the check cannot do without; the other numbers may be absent or null (shown as "-").
+REQUIRED_KEYS = ("run_name", "strategy", "layout", "padding_side", "batching", "valid", "equivalence_key",
+                 "final_val_loss")
+NUMBER_KEYS = ("final_val_loss", "best_val_loss", "real_tokens_per_sec", "pad_fraction", "peak_memory_mb",
+               "wall_time_s", "steps")
+SortKey = Literal["val_loss", "tokens", "name"]
+Status = Literal["ok", "alone", "mismatch", "divergence", "invalid_equal", "invalid_alone", "incomplete"]
+
+
+@dataclass(frozen=True)
+class Run:
+    """One run directory. ``complete`` is False without ``summary.json``: then only ``name``, ``path``,
+    ``metrics_csv`` and ``steps`` (the last step logged to metrics.csv, if any) are known."""
+
+    name: str
+    path: Path
+    complete: bool = True
+    strategy: str = ""
+    layout: str = ""
+    padding_side: str = ""
+    batching: str = ""
+    valid: bool = True
+    equivalence_key: str = ""
+    final_val_loss: float | None = None
+    best_val_loss: float | None = None
+    real_tokens_per_sec: float | None = None
+    pad_fraction: float | None = None
+    peak_memory_mb: float | None = None
+    wall_time_s: float | None = None
+    steps: int | None = None
+    metrics_csv: Path | None = None
+    summary: dict[str, Any] = field(default_factory=dict, repr=False, compare=False)
+
+
+@dataclass(frozen=True)
+class Finding:
+    """The check result for one run: ``message`` is its "check" cell. ``others`` are the runs it was
+    compared with and ``deltas`` this run's final val loss minus theirs (mismatches: every offending pair;
+    invalid runs: the valid run of their key they are measured against)."""
+
+    run: str
+    status: Status
+    message: str
+    others: tuple[str, ...] = ()
+    deltas: tuple[float, ...] = ()
+    group_size: int = 0
+
+
+def load_runs(runs_dir: str | os.PathLike[str]) -> list[Run]:
+    """Every run below ``runs_dir`` (searched recursively), complete ones first, each group sorted by path.
+
+    Raises ``FileNotFoundError`` when ``runs_dir`` is missing or holds no run, ``ValueError`` naming the file
+    and the key when a summary.json is malformed.
+    """
+    root = Path(runs_dir)
+    if not root.is_dir():
+        raise FileNotFoundError(f"runs directory {str(root)!r} does not exist or is not a directory")
+    done: list[Path] = []
+    started: set[Path] = set()
+    for dirpath, dirnames, filenames in os.walk(root):
+        here = Path(dirpath)
+        if SKIPPED_FILE in filenames:
+            dirnames.clear()  # skipped on purpose: neither a run nor an incomplete one
+            continue
+        if SUMMARY_FILE in filenames:
+            done.append(here)
+        if ".hydra" in dirnames:
+            started.add(here)
+        if METRICS_FILE in filenames:
+            started.add(_run_dir_of_metrics(here / METRICS_FILE, root))
+    # A crashed run's logger folder sits below its .hydra folder: keep only the outermost directory, and
+    # nothing that is, or holds, a finished run.
+    started = {d for d in started if not any(d == o or o in d.parents or d in o.parents for o in done)}
+    started = {d for d in started if not any(o in d.parents for o in started)}
+    if not done and not started and not skipped_runs(root):
+        raise FileNotFoundError(
+            f"no runs found under {str(root)!r}: looked in every subdirectory for {SUMMARY_FILE} (finished "
+            f"runs) and for .hydra/ or {METRICS_FILE} without {SUMMARY_FILE} (incomplete runs)"
+        )
+    runs = [_load_summary(d / SUMMARY_FILE, root) for d in sorted(done)]
+    runs += [_incomplete_run(d, root) for d in sorted(started)]
+    # Names identify runs in the check column; the same overrides in two sweeps must stay distinguishable.
+    counts = Counter(r.name for r in runs)
+    return [replace(r, name=f"{r.name} ({_rel(r.path, root)})") if counts[r.name] > 1 else r for r in runs]
+
+
+def read_curve(csv_path: str | os.PathLike[str], column: str = "val/loss") -> list[tuple[int, float]]:
+    """``(step, value)`` for every row of a Lightning CSVLogger metrics.csv where ``column`` is filled in
+    (Lightning writes train and val metrics on different rows, so most rows leave a column empty)."""
+    points = []
+    with open(csv_path, newline="") as f:
+        for line, row in enumerate(csv.DictReader(f), start=2):
+            value, step = row.get(column), row.get("step")
+            if value and step:
+                try:
+                    points.append((int(float(step)), float(value)))
+                except ValueError as err:
+                    raise ValueError(f"{csv_path}, line {line}: step {step!r}, {column} {value!r}: {err}") from err
+    return points
+
+
+def _load_summary(path: Path, root: Path) -> Run:
+    try:
+        data = json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{path}: not valid JSON ({err})") from err
+    if not isinstance(data, dict):
+        raise ValueError(f"{path}: expected a JSON object, got {type(data).__name__}")
+    missing = [key for key in REQUIRED_KEYS if key not in data]
+    if missing:
+        raise ValueError(f"{path}: missing key {', '.join(map(repr, missing))} (required: {', '.join(REQUIRED_KEYS)})")
+    if not isinstance(data["valid"], bool):
+        raise ValueError(f"{path}: key 'valid' must be true or false, got {data['valid']!r}")
+    for key in NUMBER_KEYS:
+        value = data.get(key)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))):
+            raise ValueError(f"{path}: key {key!r} must be a number or null, got {value!r}")
+    numbers: dict[str, Any] = {key: None if data.get(key) is None else float(data[key]) for key in NUMBER_KEYS}
+    numbers["steps"] = None if numbers["steps"] is None else int(numbers["steps"])
+    texts = {key: str(data[key]) for key in ("strategy", "layout", "padding_side", "batching", "equivalence_key")}
+    run_dir = path.parent
+    metrics = run_dir / data["metrics_csv"] if data.get("metrics_csv") else _find_metrics(run_dir)
+    return Run(name=str(data["run_name"]) or _rel(run_dir, root), path=run_dir, valid=data["valid"], **texts,
+               **numbers, metrics_csv=metrics, summary=data)
+
+
+def _incomplete_run(run_dir: Path, root: Path) -> Run:
+    name = _rel(run_dir, root)
+    overrides = run_dir / ".hydra" / "overrides.yaml"
+    if overrides.is_file():  # Hydra's own record of the command line, e.g. ["attention=flex", ...]
+        import yaml  # a dependency of hydra-core's omegaconf
+
+        items = yaml.safe_load(overrides.read_text())
+        if isinstance(items, list) and items:
+            name = ",".join(map(str, items))
+    metrics = _find_metrics(run_dir)
+    steps = [step for step, _ in read_curve(metrics, "step")] if metrics else []
+    return Run(name=name, path=run_dir, complete=False, metrics_csv=metrics, steps=max(steps, default=None))
+
+
+def _run_dir_of_metrics(csv_path: Path, root: Path) -> Path:
+    # CSVLogger writes <run dir>/<logger name>/version_<n>/metrics.csv.
+    run_dir = csv_path.parent.parent.parent if re.fullmatch(r"version_\d+", csv_path.parent.name) else csv_path.parent
+    return run_dir if run_dir == root or root in run_dir.parents else root
+
+
+def _find_metrics(run_dir: Path) -> Path | None:
+    found = sorted(run_dir.rglob(METRICS_FILE), key=lambda p: p.stat().st_mtime)
+    return found[-1] if found else None  # the newest, should a resumed run have several versions
+
+
+def _rel(path: Path, root: Path) -> str:
+    return path.relative_to(root).as_posix() if path != root else (root.resolve().name or str(root))
+
+
+def check_equivalence(runs: Sequence[Run], tolerance: float = 1e-3) -> list[Finding]:
+    """One :class:`Finding` per run, in the order of ``runs``.
+
+    Valid runs with the same ``equivalence_key`` are compared pairwise: a pair whose final val loss differs
+    by more than ``tolerance`` (absolute; a NaN always differs) is a ``mismatch``, a mask bug. An invalid
+    run is measured against one valid run of its key (preferring the same padding side, then strategy
+    ``reference``, then the first by name): ``divergence`` as expected, or ``invalid_equal`` when it does not.
+    """
+    if not tolerance >= 0:
+        raise ValueError(f"tolerance must be a number >= 0, got {tolerance!r}")
+    groups: dict[str, list[Run]] = defaultdict(list)
+    for run in runs:
+        if run.complete and run.valid:
+            groups[run.equivalence_key].append(run)
+    findings = []
+    for run in runs:
+        group = groups.get(run.equivalence_key, []) if run.complete else []
+        if not run.complete:
+            last = "" if run.steps is None else f", last logged step {run.steps}"
+            findings.append(Finding(run.name, "incomplete", f"incomplete: no {SUMMARY_FILE}{last}"))
+        elif run.valid:
+            others = [o for o in group if o is not run]
+            bad = [(o.name, _loss(run) - _loss(o)) for o in others if not abs(_loss(run) - _loss(o)) <= tolerance]
+            if bad:
+                text = "MISMATCH vs " + ", ".join(f"{name} ({_fmt_delta(d)})" for name, d in bad)
+                names, deltas = zip(*bad)
+                findings.append(Finding(run.name, "mismatch", text, names, deltas, len(group)))
+            elif others:
+                findings.append(Finding(run.name, "ok", f"ok ({len(group)} equivalent runs)", group_size=len(group)))
+            else:
+                findings.append(Finding(run.name, "alone", "-", group_size=1))
+        elif group:
+            ref = min(group, key=lambda o: (o.padding_side != run.padding_side, o.strategy != "reference", o.name))
+            delta = _loss(run) - _loss(ref)
+            if abs(delta) <= tolerance:
+                status, text = "invalid_equal", "invalid but equal (no left padding in the data?)"
+            else:
+                status, text = "divergence", f"expected divergence: {_fmt_delta(delta)} vs {ref.name}"
+            findings.append(Finding(run.name, status, text, (ref.name,), (delta,), len(group)))
+        else:
+            findings.append(Finding(run.name, "invalid_alone", "invalid (no valid run with its equivalence_key)"))
+    return findings
+
+
+def choose_baseline(runs: Sequence[Run], name: str | None = None) -> Run | None:
+    """The run speed-ups are relative to: ``name`` if given, else the slowest valid ``torch_mha`` run (what
+    users have today), else the slowest valid run; None when no run reports real tokens/s."""
+    timed = [r for r in runs if r.complete and r.real_tokens_per_sec]
+    if name is not None:
+        for run in timed:
+            if run.name == name:
+                return run
+        raise ValueError(f"--baseline {name!r} is not a finished run with real_tokens_per_sec; "
+                         f"choose one of {[r.name for r in timed]}")
+    valid = [r for r in timed if r.valid]
+    pool = [r for r in valid if r.strategy == "torch_mha"] or valid
+    return min(pool, key=lambda r: r.real_tokens_per_sec or 0.0, default=None)
+
+
+def _loss(run: Run) -> float:
+    return math.nan if run.final_val_loss is None else run.final_val_loss
+
+
+def _fmt_delta(delta: float) -> str:
+    # Three decimals read well down to 0.005; smaller differences (tight tolerances) need the exponent.
+    return f"{delta:+.1e}" if abs(delta) < 5e-3 else f"{delta:+.3f}"
+
+
+HEADER = ("run", "strategy", "layout", "padding", "batching", "final val", "best val", "real tok/s", "speed-up",
+          "pad", "peak MB", "wall s", "check")
+NUMERIC = range(5, 12)  # right-aligned columns
+
+
+def format_table(runs: Sequence[Run], findings: Sequence[Finding], *, baseline: Run | None = None,
+                 sort: SortKey = "name", markdown: bool = False) -> str:
+    """The comparison table: aligned plain text, or a Markdown table (``markdown=True``)."""
+    checks = {f.run: f.message for f in findings}
+    keys = {
+        "name": lambda r: (r.name,),
+        "val_loss": lambda r: (not math.isfinite(_loss(r)), _loss(r) if math.isfinite(_loss(r)) else 0.0, r.name),
+        "tokens": lambda r: (r.real_tokens_per_sec is None, -(r.real_tokens_per_sec or 0.0), r.name),
+    }
+    if sort not in keys:
+        raise ValueError(f"sort must be one of {sorted(keys)}, got {sort!r}")
+    base = baseline.real_tokens_per_sec if baseline else None
+    rows = []
+    for r in sorted(runs, key=keys[sort]):
+        speed_up = r.real_tokens_per_sec / base if base and r.real_tokens_per_sec is not None else None
+        rows.append((
+            r.name, r.strategy or "-", r.layout or "-", r.padding_side or "-", r.batching or "-",
+            _num(r.final_val_loss, "{:.4f}"), _num(r.best_val_loss, "{:.4f}"), _num(r.real_tokens_per_sec, "{:,.0f}"),
+            _num(speed_up, "{:.2f}x"), _num(None if r.pad_fraction is None else 100 * r.pad_fraction, "{:.1f}%"),
+            _num(r.peak_memory_mb, "{:.1f}"), _num(r.wall_time_s, "{:.1f}"), checks.get(r.name, "-"),
+        ))
+    if markdown:
+        rows = [tuple(cell.replace("|", "\\|") for cell in row) for row in rows]
+    widths = [max(map(len, column)) for column in zip(HEADER, *rows)]
+
+    def line(cells: Sequence[str]) -> str:
+        padded = [c.rjust(w) if i in NUMERIC else c.ljust(w) for i, (c, w) in enumerate(zip(cells, widths))]
+        return ("| " + " | ".join(padded) + " |") if markdown else "  ".join(padded).rstrip()
+
+    if markdown:  # "---:" right-aligns the numbers
+        rule = "|" + "|".join("-" * (w + 1) + (":" if i in NUMERIC else "-") for i, w in enumerate(widths)) + "|"
+    else:
+        rule = "  ".join("-" * w for w in widths)
+    return "\n".join([line(HEADER), rule, *map(line, rows)])
+
+
+def summary_lines(runs: Sequence[Run], findings: Sequence[Finding], *, tolerance: float = 1e-3,
+                  baseline: Run | None = None) -> list[str]:
+    """The notes printed under the table; the MISMATCH line names every offending pair."""
+    lines = []
+    if baseline is not None:
+        lines.append(f"speed-up: real tokens/s relative to {baseline.name} ({baseline.real_tokens_per_sec:,.0f})")
+    pairs = {tuple(sorted((f.run, o))): abs(d) for f in findings if f.status == "mismatch"
+             for o, d in zip(f.others, f.deltas)}
+    groups = {f.run: f.group_size for f in findings if f.status in ("ok", "mismatch")}
+    if pairs:
+        listed = "; ".join(f"{a} vs {b} ({_fmt_delta(d).lstrip('+')})" for (a, b), d in sorted(pairs.items()))
+        lines.append(f"MISMATCH: {len(pairs)} pair(s) of equivalent valid runs differ in final val loss by more "
+                     f"than {tolerance:g}: {listed}. Same equivalence_key = same computation: a mask bug.")
+    elif groups:
+        keys = {r.equivalence_key for r in runs if r.name in groups}
+        lines.append(f"equivalence: {len(keys)} group(s), {len(groups)} valid runs, all within {tolerance:g}")
+    else:
+        lines.append("equivalence: no two valid runs share an equivalence_key; nothing to compare")
+    invalid = [f.run for f in findings if f.status in ("divergence", "invalid_equal", "invalid_alone")]
+    if invalid:
+        lines.append(f"{len(invalid)} invalid run(s) kept for teaching (valid=false), never a failure: "
+                     + ", ".join(invalid))
+    incomplete = [r.name for r in runs if not r.complete]
+    if incomplete:
+        lines.append(f"{len(incomplete)} incomplete run(s) without {SUMMARY_FILE}: " + ", ".join(incomplete))
+    return lines
+
+
+def plot(runs: Sequence[Run], path: str | os.PathLike[str], *, title: str | None = None) -> Path:
+    """Val loss per step (left) and real tokens/s per run (right) in one PNG, written atomically.
+
+    Invalid runs are dashed and hatched, incomplete ones dotted. Returns the path written.
+    """
+    from matplotlib.backends.backend_agg import FigureCanvasAgg  # Agg: no display, no pyplot global state
+    from matplotlib.figure import Figure
+
+    path = Path(path)
+    if title is None:
+        title = Path(os.path.commonpath([r.path for r in runs])).name if runs else "mhaplug runs"
+    colors = {r.name: f"C{i % 10}" for i, r in enumerate(runs)}
+    fig = Figure(figsize=(14, max(5.0, 1.5 + 0.3 * len(runs))), layout="constrained")
+    FigureCanvasAgg(fig)
+    loss_ax, speed_ax = fig.subplots(1, 2, width_ratios=(3, 2))
+    curves = 0
+    for r in runs:
+        if r.metrics_csv is None or not r.metrics_csv.is_file():
+            if r.complete:
+                warnings.warn(f"{r.name}: no metrics.csv at {r.metrics_csv or r.path}; no loss curve", stacklevel=2)
+            continue
+        points = read_curve(r.metrics_csv)
+        if points:
+            steps, losses = zip(*points)
+            style = ":" if not r.complete else "-" if r.valid else "--"
+            label = r.name + ("" if r.valid else " (invalid)") + ("" if r.complete else " (incomplete)")
+            loss_ax.plot(steps, losses, style, color=colors[r.name], marker=".", label=label)
+            curves += 1
+    loss_ax.set(xlabel="step", ylabel="val loss", title="validation loss")
+    if curves:
+        loss_ax.legend(fontsize="small")
+    else:
+        loss_ax.text(0.5, 0.5, "no val/loss in any metrics.csv", ha="center", transform=loss_ax.transAxes)
+    timed = [r for r in runs if r.complete and r.real_tokens_per_sec is not None]
+    speed_ax.barh([r.name for r in timed], [r.real_tokens_per_sec for r in timed],
+                  color=[colors[r.name] for r in timed], hatch=["" if r.valid else "//" for r in timed])
+    speed_ax.invert_yaxis()  # first run on top, as in the table
+    speed_ax.tick_params(axis="y", labelsize="small")
+    speed_ax.set(xlabel="real tokens/s (padding excluded)", title="throughput")
+    fig.suptitle(title)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    # Write beside the target, then rename: a reader (CI artefact upload, an image viewer) never sees half a PNG.
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            fig.savefig(f, format="png", dpi=100)
+        os.chmod(tmp, 0o644)  # mkstemp makes it 0600
+        os.replace(tmp, path)
+    except BaseException:
+        os.unlink(tmp)
+        raise
+    return path
+
+
+def _num(value: float | None, spec: str) -> str:
+    return "-" if value is None else spec.format(value)
+
+
+def skipped_runs(runs_dir: str | os.PathLike[str]) -> list[str]:
+    """The reasons train.py wrote for combinations it skipped as invalid, one line per skipped run."""
+    return sorted(p.read_text().strip() for p in Path(runs_dir).rglob(SKIPPED_FILE))
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the command line; returns the exit code (0 fine, 1 equivalence mismatch, 2 bad input)."""
+    parser = argparse.ArgumentParser(prog="python -m mhaplug.compare", description=__doc__.split("\n\n")[0])
+    parser.add_argument("runs_dir", metavar="RUNS_DIR", help="directory searched recursively for runs")
+    parser.add_argument("--plot", metavar="FILE.png", help="also write val loss curves and throughput bars")
+    parser.add_argument("--tolerance", type=float, default=1e-3,
+                        help="largest absolute final val loss difference between equivalent runs (default 1e-3)")
+    parser.add_argument("--sort", choices=("val_loss", "tokens", "name"), default="name")
+    parser.add_argument("--baseline", metavar="NAME", help="run name that speed-ups are relative to")
+    parser.add_argument("--markdown", action="store_true", help="print the table as Markdown")
+    args = parser.parse_args(argv)
+    try:
+        runs = load_runs(args.runs_dir)
+        findings = check_equivalence(runs, args.tolerance)
+        baseline = choose_baseline(runs, args.baseline)
+        print(format_table(runs, findings, baseline=baseline, sort=args.sort, markdown=args.markdown))
+        print()
+        notes = summary_lines(runs, findings, tolerance=args.tolerance, baseline=baseline)
+        skipped = skipped_runs(args.runs_dir)
+        if skipped:
+            notes.append(f"{len(skipped)} combination(s) skipped as invalid (see skipped.txt in their folders)")
+        print("\n".join(f"- {n}" for n in notes) if args.markdown else "\n".join(notes))
+        if args.plot:
+            print(f"plot: {plot(runs, args.plot, title=f'mhaplug runs: {args.runs_dir}')}")
+    except (OSError, ValueError) as err:
+        print(f"mhaplug.compare: error: {err}", file=sys.stderr)
+        return 2
+    return 1 if any(f.status == "mismatch" for f in findings) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,178 @@
+"""Structured configs (the schema of ``configs/``) and the start-up checks of a training run.
+
+The dataclasses here are registered with Hydra's ConfigStore and sit under the YAML files, so a misspelt key
+(``data.batchsize=8``) fails when the config is composed, naming the key. :func:`validate` then checks the values
+(allowed choices are listed in the message) and the combinations that would train the wrong thing, before any
+data is read: each rejection is one message naming the settings and a valid alternative.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+import torch
+from hydra.core.config_store import ConfigStore
+from omegaconf import DictConfig
+
+from mhaplug.attention import STRATEGIES
+from mhaplug.data import BATCHINGS, LAYOUTS, SOURCES
+
+__all__ = ["ConfigError", "SkipRun", "TrainConfig", "register_configs", "validate"]
+
+
+class ConfigError(ValueError):
+    """A setting, or a combination of settings, that cannot train correctly."""
+
+
+@dataclass
+class DataConfig:
+    _target_: str = "mhaplug.data.TextDataModule"
+    source: str = "stdlib_docs"
+    path: Any = None
+    name: Optional[str] = None
+    split: str = "train"
+    text_column: str = "text"
+    tokenizer_path: Optional[str] = None
+    vocab_size: int = 4096
+    max_length: int = 256
+    layout: str = "padded"
+    padding_side: str = "right"
+    batching: str = "random"
+    batch_size: int = 16
+    max_tokens: Optional[int] = None
+    pad_to_multiple_of: Optional[int] = None
+    val_fraction: float = 0.05
+    seed: int = 0
+    num_workers: int = 0
+    cache_dir: Optional[str] = None
+    max_documents: Optional[int] = None
+    synthetic_documents: int = 512
+    synthetic_max_words: int = 64
+
+
+@dataclass
+class ModelConfig:
+    _target_: str = "mhaplug.lit.LitDecoderLM"
+    d_model: int = 128
+    num_heads: int = 4
+    num_layers: int = 2
+    d_ff: int = 512
+    dropout: float = 0.0
+    attn_dropout: float = 0.0
+    tie_weights: bool = True
+    lr: float = 3e-3
+    weight_decay: float = 0.1
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.95])
+    warmup_steps: int = 20
+    min_lr_ratio: float = 0.1
+    accumulate_grad_batches: int = 1
+    gradient_clip_val: float = 1.0
+
+
+@dataclass
+class AttentionConfig:
+    strategy: str = "causal_kpm"
+
+
+@dataclass
+class TrainConfig:
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    attention: AttentionConfig = field(default_factory=AttentionConfig)
+    trainer: dict[str, Any] = field(default_factory=dict)
+    logger: Any = None
+    callbacks: Any = None
+    paths: dict[str, Any] = field(default_factory=dict)
+    task_name: str = "train"
+    seed: int = 0
+    ckpt_path: Optional[str] = None
+    on_invalid: str = "error"  # error | skip | run (run: train a wrong-but-runnable combination, for teaching)
+    compare_tolerance: float = 1e-3
+
+
+def register_configs() -> None:
+    store = ConfigStore.instance()
+    store.store(name="train_schema", node=TrainConfig)
+    store.store(group="data", name="data_schema", node=DataConfig)
+    store.store(group="model", name="model_schema", node=ModelConfig)
+    store.store(group="attention", name="attention_schema", node=AttentionConfig)
+
+
+def _choice(name: str, value: Any, allowed: tuple[str, ...], group: str | None = None) -> None:
+    if value not in allowed:
+        how = f"pick one with {group}=NAME" if group else f"set {name}=one of them"
+        raise ConfigError(f"{name}={value!r} is not valid; allowed: {', '.join(allowed)} ({how})")
+
+
+def invalid_combination(cfg: DictConfig) -> tuple[str, bool] | None:
+    """Why this strategy / layout / padding / device cannot train correctly, and whether it can run at all
+    (``causal_only`` with left padding runs, and shows how wrong it is; the others cannot run), or None."""
+    strategy, data = cfg.attention.strategy, cfg.data
+    if strategy == "causal_only" and data.padding_side == "left" and data.layout == "padded":
+        return (
+            "attention=causal_only ignores the padding mask, which is only correct with right padding; with "
+            "data.padding_side=left real tokens would attend the pads before them. Use attention=causal_kpm, or "
+            "data.padding_side=right",
+            True,
+        )
+    if strategy in ("causal_kpm", "causal_only") and data.layout == "packed":
+        return (
+            f"attention={strategy} applies a plain causal mask, so with data.layout=packed the documents of a row "
+            f"would attend each other. Use attention=merged_bool (or attention=flex on CUDA), or data.layout=padded",
+            False,
+        )
+    if data.layout == "packed" and data.padding_side == "left":
+        return (
+            "data.padding_side=left has no effect with data.layout=packed (documents fill each row from the left, "
+            "padding only ends a row); drop the padding_side override",
+            False,
+        )
+    if strategy == "flex" and not _cuda_training(cfg):
+        return (
+            "attention=flex trains on CUDA only (FlexAttention has no backward on CPU); this run has no CUDA "
+            "accelerator. Use attention=causal_kpm (or merged_bool for packed rows)",
+            False,
+        )
+    if strategy == "flex" and cfg.model.attn_dropout > 0:
+        return "attention=flex has no attention dropout; set model.attn_dropout=0 or use attention=merged_bool", False
+    return None
+
+
+def _cuda_training(cfg: DictConfig) -> bool:
+    accelerator = str(cfg.trainer.get("accelerator", "auto"))
+    return torch.cuda.is_available() and accelerator in ("auto", "gpu", "cuda")
+
+
+class SkipRun(Exception):
+    """An invalid combination skipped on purpose (``on_invalid=skip``, or ``run`` for one that cannot run)."""
+
+
+def validate(cfg: DictConfig) -> str | None:
+    """Raise :class:`ConfigError` for a bad value or combination, or :class:`SkipRun` when ``on_invalid`` says to
+    skip it; return the reason when ``on_invalid=run`` lets a wrong-but-runnable combination train on purpose."""
+    _choice("on_invalid", cfg.on_invalid, ("error", "skip", "run"))
+    _choice("attention.strategy", cfg.attention.strategy, STRATEGIES, "attention")
+    _choice("data.source", cfg.data.source, SOURCES, "data")
+    _choice("data.layout", cfg.data.layout, LAYOUTS)
+    _choice("data.padding_side", cfg.data.padding_side, ("right", "left"))
+    _choice("data.batching", cfg.data.batching, BATCHINGS)
+    if cfg.data.batching == "token_budget" and not cfg.data.max_tokens:
+        raise ConfigError(
+            f"data.batching=token_budget needs data.max_tokens (padded tokens per batch), e.g. "
+            f"data.max_tokens={cfg.data.batch_size * cfg.data.max_length}"
+        )
+    if cfg.trainer.get("accumulate_grad_batches", 1) != 1:
+        raise ConfigError(
+            "trainer.accumulate_grad_batches must stay 1: the model accumulates itself to normalise the loss by "
+            f"the real tokens of the whole step; set model.accumulate_grad_batches={cfg.trainer.accumulate_grad_batches}"
+        )
+    found = invalid_combination(cfg)
+    if found is None:
+        return None
+    reason, runnable = found
+    if cfg.on_invalid == "error":
+        raise ConfigError(reason)
+    if cfg.on_invalid == "skip" or not runnable:
+        raise SkipRun(reason)
+    return reason

@@ -1,0 +1,232 @@
+"""LitDecoderLM: next-token training of :class:`mhaplug.model.DecoderLM`, loss normalised by real tokens.
+
+The loss of an optimizer step is the sum of token losses over every micro-batch of the step and every rank,
+divided by the number of real target tokens of the whole step: not the mean of per-batch means, which
+over-weights short batches (and packing changes tokens per batch). Lightning's automatic optimisation divides
+each micro-batch by ``accumulate_grad_batches`` instead, so this module steps the optimizer itself: it
+back-propagates token-loss *sums* and, at the end of the step, scales the gradients by
+``world_size / total_targets`` (DDP has already averaged them over ranks).
+
+Token counts are read on the CPU before the batch moves to the accelerator (by
+:meth:`mhaplug.data.TextDataModule.on_before_batch_transfer`), so logging throughput needs no host-device
+synchronisation.
+"""
+
+from __future__ import annotations
+
+import math
+import resource
+import time
+from typing import Any
+
+import pytorch_lightning as pl
+import torch
+from torch import Tensor
+
+from mhaplug.model import DecoderConfig, DecoderLM, lm_loss_sum
+
+__all__ = ["LitDecoderLM"]
+
+
+class LitDecoderLM(pl.LightningModule):
+    """A LightningModule that takes plain numbers (so ``save_hyperparameters`` and ``load_from_checkpoint``
+    work) and builds the model itself.
+
+    Args:
+        vocab_size ... tie_weights: :class:`mhaplug.model.DecoderConfig`.
+        lr, weight_decay, betas: AdamW (no decay on biases, norms and embeddings' 1-D parameters).
+        warmup_steps, min_lr_ratio: linear warm-up, then cosine decay to ``lr * min_lr_ratio`` at the last step.
+        accumulate_grad_batches: micro-batches per optimizer step (this module's, not the Trainer's).
+        gradient_clip_val: clip the global gradient norm (0 = off).
+        layout, padding_side, batching: recorded with the hyper-parameters so logs say what ran.
+    """
+
+    def __init__(
+        self,
+        *,
+        vocab_size: int,
+        max_positions: int = 256,
+        d_model: int = 128,
+        num_heads: int = 4,
+        num_layers: int = 2,
+        d_ff: int = 512,
+        dropout: float = 0.0,
+        attn_dropout: float = 0.0,
+        strategy: str = "causal_kpm",
+        tie_weights: bool = True,
+        lr: float = 3e-3,
+        weight_decay: float = 0.1,
+        betas: tuple[float, float] = (0.9, 0.95),
+        warmup_steps: int = 20,
+        min_lr_ratio: float = 0.1,
+        accumulate_grad_batches: int = 1,
+        gradient_clip_val: float = 1.0,
+        layout: str = "padded",
+        padding_side: str = "right",
+        batching: str = "random",
+    ) -> None:
+        super().__init__()
+        if accumulate_grad_batches < 1:
+            raise ValueError(f"accumulate_grad_batches must be >= 1, got {accumulate_grad_batches}")
+        self.save_hyperparameters()
+        self.automatic_optimization = False
+        self.model = DecoderLM(
+            DecoderConfig(
+                vocab_size=vocab_size,
+                max_positions=max_positions,
+                d_model=d_model,
+                num_heads=num_heads,
+                num_layers=num_layers,
+                d_ff=d_ff,
+                dropout=dropout,
+                attn_dropout=attn_dropout,
+                strategy=strategy,
+                tie_weights=tie_weights,
+            )
+        )
+        self._step: dict[str, Any] = self._new_step()
+        self._val_sum: Tensor | None = None
+        self._val_count = 0
+        self.totals = {"real_tokens": 0, "padded_tokens": 0, "train_time_s": 0.0, "steps": 0}
+        self._last_step_end: float | None = None
+
+    # -- batches --------------------------------------------------------------------------------------------
+
+    @staticmethod
+    def _counts(batch: dict[str, Any]) -> dict[str, Any]:
+        # TextDataModule adds the counts on the CPU; batches from elsewhere get them here (a sync on GPU).
+        if "num_targets" not in batch:
+            from mhaplug.data import add_token_counts
+
+            add_token_counts(batch)
+        return batch
+
+    def forward(self, batch: dict[str, Any]) -> Tensor:
+        return self.model(
+            batch["input_ids"],
+            key_padding_mask=batch["key_padding_mask"],
+            position_ids=batch["position_ids"],
+            document_ids=batch.get("document_ids"),
+        )
+
+    # -- training -------------------------------------------------------------------------------------------
+
+    @staticmethod
+    def _new_step() -> dict[str, Any]:
+        return {"loss_sum": None, "targets": 0, "real": 0, "padded": 0, "micro": 0}
+
+    def training_step(self, batch: dict[str, Any], batch_idx: int) -> None:
+        if self._last_step_end is None:
+            self._last_step_end = time.perf_counter()
+        batch = self._counts(batch)
+        loss_sum = lm_loss_sum(self(batch), batch["labels"])
+        self.manual_backward(loss_sum)
+        step = self._step
+        step["loss_sum"] = loss_sum.detach() if step["loss_sum"] is None else step["loss_sum"] + loss_sum.detach()
+        step["targets"] += batch["num_targets"]
+        step["real"] += batch["num_real_tokens"]
+        step["padded"] += batch["num_padded_tokens"]
+        step["micro"] += 1
+        last_batch = batch_idx + 1 >= self.trainer.num_training_batches
+        if step["micro"] == self.hparams.accumulate_grad_batches or last_batch:
+            self._optimizer_step()
+
+    def _optimizer_step(self) -> None:
+        step, strategy = self._step, self.trainer.strategy
+        targets = strategy.reduce(torch.tensor(float(step["targets"]), device=self.device), reduce_op="sum")
+        # Gradients hold sum-of-token-loss gradients, averaged over ranks by DDP: make them a global mean.
+        scale = self.trainer.world_size / targets.clamp(min=1.0)
+        for param in self.parameters():
+            if param.grad is not None:
+                param.grad.mul_(scale)
+        optimizer = self.optimizers()
+        if self.hparams.gradient_clip_val:
+            self.clip_gradients(optimizer, gradient_clip_val=self.hparams.gradient_clip_val, gradient_clip_algorithm="norm")
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        self.lr_schedulers().step()
+
+        loss = strategy.reduce(step["loss_sum"], reduce_op="sum") / targets.clamp(min=1.0)
+        now = time.perf_counter()
+        seconds = max(now - (self._last_step_end or now), 1e-9)
+        self._last_step_end = now
+        world = self.trainer.world_size
+        self.totals["real_tokens"] += step["real"] * world
+        self.totals["padded_tokens"] += step["padded"] * world
+        self.totals["train_time_s"] += seconds
+        self.totals["steps"] += 1
+        self.log_dict(
+            {
+                "train/loss": loss,
+                "train/real_tokens_per_sec": step["real"] * world / seconds,
+                "train/padded_tokens_per_sec": step["padded"] * world / seconds,
+                "train/pad_fraction": 1.0 - step["real"] / max(step["padded"], 1),
+                "train/step_time_s": seconds,
+                "train/peak_memory_mb": self._peak_memory_mb(),
+            },
+            prog_bar=False,
+            on_step=True,
+            on_epoch=False,
+        )
+        self.log("loss", loss, prog_bar=True, logger=False)
+        self._step = self._new_step()
+
+    def _peak_memory_mb(self) -> float:
+        if self.device.type == "cuda":
+            return torch.cuda.max_memory_allocated(self.device) / 2**20
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # process peak RSS (Linux: KiB)
+
+    def on_train_epoch_start(self) -> None:
+        self._last_step_end = None  # do not count validation or data loading between epochs as step time
+
+    # -- validation -----------------------------------------------------------------------------------------
+
+    def on_validation_epoch_start(self) -> None:
+        self._val_sum, self._val_count = None, 0
+
+    def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
+        batch = self._counts(batch)
+        loss_sum = lm_loss_sum(self(batch), batch["labels"])
+        self._val_sum = loss_sum if self._val_sum is None else self._val_sum + loss_sum
+        self._val_count += batch["num_targets"]
+
+    def on_validation_epoch_end(self) -> None:
+        strategy = self.trainer.strategy
+        total = self._val_sum if self._val_sum is not None else torch.zeros((), device=self.device)
+        total = strategy.reduce(total.float(), reduce_op="sum")
+        count = strategy.reduce(torch.tensor(float(self._val_count), device=self.device), reduce_op="sum")
+        val_loss = total / count.clamp(min=1.0)
+        # Already summed over ranks, so every rank holds the same value; sync_dist's mean keeps it (and lets
+        # ModelCheckpoint on every rank monitor it without Lightning's distributed-logging warning).
+        self.log("val/loss", val_loss, prog_bar=True, sync_dist=True)
+        self.log("val/ppl", torch.exp(val_loss.clamp(max=30.0)), sync_dist=True)
+        self._last_step_end = None
+
+    # -- optimisation ---------------------------------------------------------------------------------------
+
+    def configure_optimizers(self) -> dict[str, Any]:
+        hp = self.hparams
+        decay = [p for p in self.parameters() if p.dim() >= 2]
+        no_decay = [p for p in self.parameters() if p.dim() < 2]
+        optimizer = torch.optim.AdamW(
+            [{"params": decay, "weight_decay": hp.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+            lr=hp.lr,
+            betas=tuple(hp.betas),
+        )
+        total = self._total_steps()
+        warmup = min(hp.warmup_steps, max(total - 1, 0))
+
+        def factor(step: int) -> float:
+            if step < warmup:
+                return (step + 1) / (warmup + 1)
+            progress = min((step - warmup) / max(total - warmup, 1), 1.0)
+            return hp.min_lr_ratio + (1 - hp.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    def _total_steps(self) -> int:
+        if self.trainer.max_steps and self.trainer.max_steps > 0:
+            return self.trainer.max_steps
+        batches = self.trainer.estimated_stepping_batches  # micro-batches, as the Trainer does not accumulate here
+        return max(1, math.ceil(batches / self.hparams.accumulate_grad_batches))

@@ -1,0 +1,256 @@
+"""mhaplug.compare on run directories written here: table, equivalence check, exit codes, plot, errors."""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from mhaplug import compare
+
+ROOT = Path(__file__).resolve().parents[1]
+CSV_HEADER = "epoch,step,train/loss,train/pad_fraction,train/real_tokens_per_sec,val/loss,val/ppl\n"
+
+
+def make_run(runs_dir: Path, rel: str, *, strategy: str = "merged_bool", final: float = 5.0, key: str = "k1",
+             valid: bool = True, padding_side: str = "right", tokens: float | None = 1000.0, summary: bool = True,
+             hydra_overrides: list[str] | None = None, **extra: Any) -> Path:
+    """One run directory as training writes it: metrics.csv (train and val on separate rows, like Lightning's
+    CSVLogger) and, unless ``summary=False`` (a crashed run), summary.json."""
+    run_dir = runs_dir / rel
+    metrics = run_dir / "csv" / "version_0" / "metrics.csv"
+    metrics.parent.mkdir(parents=True)
+    metrics.write_text(CSV_HEADER + f"0,49,6.1,0.4,{tokens},,\n0,49,,,,5.5,244.7\n"
+                       f"0,99,5.2,0.4,{tokens},,\n0,99,,,,{final},{math.exp(final):.1f}\n")
+    if hydra_overrides is not None:
+        (run_dir / ".hydra").mkdir()
+        (run_dir / ".hydra" / "overrides.yaml").write_text("".join(f"- {o}\n" for o in hydra_overrides))
+    if summary:
+        data = {"run_name": f"attention={strategy},data.padding_side={padding_side}", "strategy": strategy,
+                "layout": "padded", "padding_side": padding_side, "batching": "random", "valid": valid,
+                "equivalence_key": key, "final_val_loss": final, "best_val_loss": final - 0.01,
+                "final_train_loss": 5.2, "real_tokens_per_sec": tokens, "padded_tokens_per_sec": 2000.0,
+                "pad_fraction": 0.375, "peak_memory_mb": 512.3, "wall_time_s": 61.2, "steps": 100,
+                "metrics_csv": "csv/version_0/metrics.csv", **extra}
+        (run_dir / "summary.json").write_text(json.dumps(data))
+    return run_dir
+
+
+@pytest.fixture
+def equivalent(tmp_path: Path) -> Path:
+    """Three strategies, one computation, losses within 1e-3 of each other."""
+    make_run(tmp_path, "0", strategy="torch_mha", final=5.0, tokens=1000.0)
+    make_run(tmp_path, "1", strategy="merged_bool", final=5.0004, tokens=1500.0)
+    make_run(tmp_path, "2", strategy="causal_kpm", final=5.0008, tokens=2500.0, padding_side="left")
+    return tmp_path
+
+
+def test_table_has_every_run_and_value(equivalent: Path) -> None:
+    runs = compare.load_runs(equivalent)
+    findings = compare.check_equivalence(runs)
+    table = compare.format_table(runs, findings, baseline=compare.choose_baseline(runs))
+    assert table.splitlines() == [
+        "run                                            strategy     layout  padding  batching  final val  best val"
+        "  real tok/s  speed-up    pad  peak MB  wall s  check",
+        "---------------------------------------------  -----------  ------  -------  --------  ---------  --------"
+        "  ----------  --------  -----  -------  ------  ----------------------",
+        "attention=causal_kpm,data.padding_side=left    causal_kpm   padded  left     random       5.0008    4.9908"
+        "       2,500     2.50x  37.5%    512.3    61.2  ok (3 equivalent runs)",
+        "attention=merged_bool,data.padding_side=right  merged_bool  padded  right    random       5.0004    4.9904"
+        "       1,500     1.50x  37.5%    512.3    61.2  ok (3 equivalent runs)",
+        "attention=torch_mha,data.padding_side=right    torch_mha    padded  right    random       5.0000    4.9900"
+        "       1,000     1.00x  37.5%    512.3    61.2  ok (3 equivalent runs)",
+    ]
+
+
+def test_equivalent_runs_within_tolerance_pass(equivalent: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert compare.main([str(equivalent)]) == 0
+    out = capsys.readouterr().out
+    assert out.count("ok (3 equivalent runs)") == 3
+    assert out.splitlines()[-2:] == [
+        "speed-up: real tokens/s relative to attention=torch_mha,data.padding_side=right (1,000)",
+        "equivalence: 1 group(s), 3 valid runs, all within 0.001",
+    ]
+    # The same runs fail a tighter tolerance: 0.0008 apart at the extremes.
+    assert compare.main([str(equivalent), "--tolerance", "5e-4"]) == 1
+
+
+def test_a_pair_differing_by_0_01_is_a_mask_bug(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    make_run(tmp_path, "a", strategy="reference", final=5.0)
+    make_run(tmp_path, "b", strategy="flex", final=5.01)
+    make_run(tmp_path, "c", strategy="merged_bool", final=5.5, key="other")  # alone in its group
+    findings = compare.check_equivalence(compare.load_runs(tmp_path))
+    ref, flex = "attention=reference,data.padding_side=right", "attention=flex,data.padding_side=right"
+    assert [(f.run, f.status, f.message, f.others) for f in findings] == [
+        (ref, "mismatch", f"MISMATCH vs {flex} (-0.010)", (flex,)),
+        (flex, "mismatch", f"MISMATCH vs {ref} (+0.010)", (ref,)),
+        ("attention=merged_bool,data.padding_side=right", "alone", "-", ()),
+    ]
+    assert findings[1].deltas == (pytest.approx(0.01),)
+    assert compare.main([str(tmp_path), "--sort", "val_loss"]) == 1
+    out = capsys.readouterr().out
+    assert (f"MISMATCH: 1 pair(s) of equivalent valid runs differ in final val loss by more than 0.001: "
+            f"{flex} vs {ref} (0.010). Same equivalence_key = same computation: a mask bug.") in out
+    names = [line.split()[0] for line in out.splitlines()[2:5]]
+    assert names == [ref, flex, "attention=merged_bool,data.padding_side=right"]  # sorted by final val loss
+
+
+def test_nan_loss_never_matches(tmp_path: Path) -> None:
+    make_run(tmp_path, "a", strategy="torch_mha", final=5.0)
+    make_run(tmp_path, "b", strategy="merged_bool", final=5.0, final_val_loss=float("nan"))
+    assert [f.status for f in compare.check_equivalence(compare.load_runs(tmp_path))] == ["mismatch", "mismatch"]
+
+
+def test_invalid_run_diverges_without_failing(equivalent: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    make_run(equivalent, "3", strategy="causal_only", final=5.25, valid=False, padding_side="left")
+    make_run(equivalent, "4", strategy="reference", final=5.0)  # preferred after the padding side
+    make_run(equivalent, "5", strategy="reference", final=5.0, padding_side="left")
+    assert compare.main([str(equivalent)]) == 0
+    out = capsys.readouterr().out
+    row = next(line for line in out.splitlines() if line.startswith("attention=causal_only"))
+    assert row.endswith("expected divergence: +0.250 vs attention=reference,data.padding_side=left")
+    assert "1 invalid run(s) kept for teaching (valid=false), never a failure: attention=causal_only" in out
+    assert out.count("ok (5 equivalent runs)") == 5
+
+
+def test_invalid_run_that_does_not_diverge_says_so(tmp_path: Path) -> None:
+    make_run(tmp_path, "a", strategy="causal_kpm", final=5.0)
+    make_run(tmp_path, "b", strategy="causal_only", final=5.0002, valid=False)
+    make_run(tmp_path, "c", strategy="causal_only", final=7.0, valid=False, key="lonely")
+    findings = compare.check_equivalence(compare.load_runs(tmp_path))
+    assert [(f.status, f.message) for f in findings] == [
+        ("alone", "-"),
+        ("invalid_equal", "invalid but equal (no left padding in the data?)"),
+        ("invalid_alone", "invalid (no valid run with its equivalence_key)"),
+    ]
+
+
+def test_incomplete_runs_are_listed(equivalent: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    make_run(equivalent, "3", summary=False, hydra_overrides=["attention=flex", "data.layout=packed"])
+    make_run(equivalent, "4", summary=False)  # no .hydra either: found through its metrics.csv
+    runs = compare.load_runs(equivalent)
+    assert [(r.name, r.complete, r.steps) for r in runs[3:]] == [
+        ("attention=flex,data.layout=packed", False, 99),
+        ("4", False, 99),
+    ]
+    assert compare.main([str(equivalent)]) == 0
+    out = capsys.readouterr().out
+    row = next(line for line in out.splitlines() if line.startswith("attention=flex,data.layout=packed"))
+    assert row.split()[1:6] == ["-", "-", "-", "-", "-"]
+    assert row.endswith("incomplete: no summary.json, last logged step 99")
+    assert "2 incomplete run(s) without summary.json: attention=flex,data.layout=packed, 4" in out
+
+
+def test_duplicate_run_names_get_their_path(tmp_path: Path) -> None:
+    make_run(tmp_path, "sweep1/0", final=5.0)
+    make_run(tmp_path, "sweep2/0", final=5.0)
+    names = [r.name for r in compare.load_runs(tmp_path)]
+    assert names == ["attention=merged_bool,data.padding_side=right (sweep1/0)",
+                     "attention=merged_bool,data.padding_side=right (sweep2/0)"]
+
+
+def test_baseline_choice(equivalent: Path) -> None:
+    runs = compare.load_runs(equivalent)
+    assert compare.choose_baseline(runs).strategy == "torch_mha"
+    assert compare.choose_baseline([r for r in runs if r.strategy != "torch_mha"]).strategy == "merged_bool"
+    named = compare.choose_baseline(runs, "attention=causal_kpm,data.padding_side=left")
+    assert named.real_tokens_per_sec == 2500.0
+    with pytest.raises(ValueError, match=r"--baseline 'nope' is not a finished run .* choose one of \['attention="):
+        compare.choose_baseline(runs, "nope")
+
+
+def test_markdown_and_sort_by_tokens(equivalent: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert compare.main([str(equivalent), "--markdown", "--sort", "tokens", "--baseline",
+                         "attention=causal_kpm,data.padding_side=left"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].startswith("| run ") and lines[0].endswith(" | check                  |")
+    assert lines[1].startswith("|---") and "|----------:|" in lines[1]
+    assert [line.split(" | ")[0] for line in lines[2:5]] == [
+        "| attention=causal_kpm,data.padding_side=left  ",
+        "| attention=merged_bool,data.padding_side=right",
+        "| attention=torch_mha,data.padding_side=right  ",
+    ]
+    assert [line.split(" | ")[8] for line in lines[2:5]] == ["   1.00x", "   0.60x", "   0.40x"]
+    assert lines[-1] == "- equivalence: 1 group(s), 3 valid runs, all within 0.001"
+
+
+def test_read_curve_skips_train_rows(equivalent: Path) -> None:
+    assert compare.read_curve(equivalent / "1" / "csv" / "version_0" / "metrics.csv") == [(49, 5.5), (99, 5.0004)]
+
+
+def test_plot_writes_a_png(equivalent: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    make_run(equivalent, "3", strategy="causal_only", final=5.25, valid=False)
+    make_run(equivalent, "4", summary=False)
+    target = equivalent / "report" / "ablation.png"
+    assert compare.main([str(equivalent), "--plot", str(target)]) == 0
+    assert f"plot: {target}" in capsys.readouterr().out
+    data = target.read_bytes()
+    assert data[:8] == b"\x89PNG\r\n\x1a\n"
+    assert len(data) > 20_000
+    assert [p.name for p in target.parent.iterdir()] == ["ablation.png"]  # no temp file left behind
+
+
+def test_missing_runs_dir(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    missing = tmp_path / "multirun" / "nope"
+    with pytest.raises(FileNotFoundError, match=r"runs directory '.*multirun/nope' does not exist"):
+        compare.load_runs(missing)
+    assert compare.main([str(missing)]) == 2
+    err = capsys.readouterr().err
+    assert err == f"mhaplug.compare: error: runs directory '{missing}' does not exist or is not a directory\n"
+
+
+def test_no_runs_found_says_what_it_looked_for(tmp_path: Path) -> None:
+    (tmp_path / "empty" / "sub").mkdir(parents=True)
+    expected = r"no runs found under .*: looked in every subdirectory for summary.json \(finished runs\) and for "
+    with pytest.raises(FileNotFoundError, match=expected + r"\.hydra/ or metrics\.csv without summary\.json"):
+        compare.load_runs(tmp_path / "empty")
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ('{"run_name": "x"}', r"summary.json: missing key 'strategy', 'layout', .*, 'final_val_loss' \(required:"),
+        ("{not json", r"summary.json: not valid JSON"),
+        ("[1, 2]", r"summary.json: expected a JSON object, got list"),
+    ],
+)
+def test_malformed_summary_names_file_and_key(tmp_path: Path, text: str, message: str) -> None:
+    run_dir = make_run(tmp_path, "0")
+    (run_dir / "summary.json").write_text(text)
+    with pytest.raises(ValueError, match=rf"{tmp_path}/0/{message}"):
+        compare.load_runs(tmp_path)
+
+
+def test_wrongly_typed_summary_values(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    make_run(tmp_path, "0", real_tokens_per_sec="fast")
+    assert compare.main([str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert err == (f"mhaplug.compare: error: {tmp_path}/0/summary.json: "
+                   "key 'real_tokens_per_sec' must be a number or null, got 'fast'\n")
+    make_run(tmp_path, "1", valid="yes")
+    with pytest.raises(ValueError, match="key 'valid' must be true or false, got 'yes'"):
+        compare.load_runs(tmp_path / "1")
+
+
+def test_negative_tolerance_is_refused(equivalent: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert compare.main([str(equivalent), "--tolerance", "-1"]) == 2
+    assert "tolerance must be a number >= 0, got -1.0" in capsys.readouterr().err
+
+
+def test_module_runs_as_a_command(tmp_path: Path) -> None:
+    make_run(tmp_path, "0", strategy="torch_mha", final=5.0)
+    make_run(tmp_path, "1", strategy="merged_bool", final=5.01)
+    result = subprocess.run([sys.executable, "-m", "mhaplug.compare", str(tmp_path)], cwd=ROOT,
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 1, result.stderr
+    assert result.stderr == ""
+    lines = result.stdout.splitlines()
+    assert lines[0].split() == ["run", "strategy", "layout", "padding", "batching", "final", "val", "best", "val",
+                                "real", "tok/s", "speed-up", "pad", "peak", "MB", "wall", "s", "check"]
+    assert lines[2].endswith("MISMATCH vs attention=torch_mha,data.padding_side=right (+0.010)")
+    assert lines[-1].startswith("MISMATCH: 1 pair(s) of equivalent valid runs differ")

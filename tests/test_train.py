@@ -1,0 +1,230 @@
+"""train.py and configs/: every option composes, bad settings fail at start-up, a real Trainer trains, the loss is
+normalised by tokens, and (slow, real subprocesses) kill-and-resume, DDP and the ablation sweep."""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from hydra import compose, initialize_config_dir
+from hydra.errors import ConfigCompositionException, MissingConfigException
+from omegaconf import DictConfig
+
+import train as train_script
+from mhaplug.config import ConfigError, SkipRun, validate
+from mhaplug.lit import LitDecoderLM
+
+ROOT = Path(__file__).resolve().parents[1]
+CONFIGS = ROOT / "configs"
+FAST = ["data=synthetic", "model=tiny", "trainer.enable_progress_bar=false", "trainer.accelerator=cpu"]
+
+
+def config(tmp_path: Path, *overrides: str) -> DictConfig:
+    with initialize_config_dir(config_dir=str(CONFIGS), version_base="1.3"):
+        return compose(
+            config_name="train",
+            overrides=[f"paths.output_dir={tmp_path}", f"data.cache_dir={tmp_path.parent / 'cache'}", *overrides],
+        )
+
+
+def metrics(run_dir: Path) -> list[dict[str, str]]:
+    with (run_dir / "csv" / "version_0" / "metrics.csv").open() as f:
+        return list(csv.DictReader(f))
+
+
+def column(rows: list[dict[str, str]], name: str) -> list[float]:
+    """The logged values of ``name`` in order, once per optimizer step: in manual optimisation Lightning's
+    logger step counts batches, and with accumulation it writes a step's value again on the next batch."""
+    values = [float(r[name]) for r in rows if r.get(name)]
+    return [v for i, v in enumerate(values) if i == 0 or v != values[i - 1]]
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Composition and start-up validation
+# ----------------------------------------------------------------------------------------------------------
+
+OPTIONS = sorted(
+    (group.name, option.stem)
+    for group in CONFIGS.iterdir()
+    if group.is_dir() and group.name not in ("hydra", "paths")
+    for option in group.glob("*.yaml")
+)
+
+
+@pytest.mark.parametrize(("group", "option"), OPTIONS, ids=[f"{g}={o}" for g, o in OPTIONS])
+def test_every_config_option_composes_and_validates(tmp_path: Path, group: str, option: str) -> None:
+    extra = ["data.path=corpus.txt"] if (group, option) in (("data", "text_files"), ("data", "hf")) else []
+    cfg = config(tmp_path, f"{group}={option}", *extra)
+    assert cfg.data._target_ == "mhaplug.data.TextDataModule" and cfg.model._target_ == "mhaplug.lit.LitDecoderLM"
+    if (group, option) == ("attention", "flex") and not torch.cuda.is_available():
+        with pytest.raises(ConfigError, match="attention=flex trains on CUDA only"):
+            validate(cfg)
+    else:
+        assert validate(cfg) is None
+        if group == "attention":
+            assert cfg.attention.strategy == option
+
+
+def test_a_misspelt_key_fails_when_the_config_is_composed(tmp_path: Path) -> None:
+    with pytest.raises(ConfigCompositionException, match="batchsize"):
+        config(tmp_path, "data.batchsize=8")
+    with pytest.raises(ConfigCompositionException, match="dmodel"):
+        config(tmp_path, "model.dmodel=64")
+
+
+def test_an_unknown_strategy_lists_the_allowed_ones(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="attention.strategy='fast' is not valid; allowed: reference, torch_mha, merged_bool, merged_additive, causal_kpm, causal_only, flex"):
+        validate(config(tmp_path, "attention.strategy=fast"))
+    with pytest.raises(MissingConfigException, match="attention/fast"):
+        config(tmp_path, "attention=fast")
+    with pytest.raises(ConfigError, match="data.batching='grouped' is not valid; allowed: random, length_grouped, token_budget"):
+        validate(config(tmp_path, "data.batching=grouped"))
+
+
+INVALID = [
+    (["attention=causal_only", "data.padding_side=left"], "attention=causal_only ignores the padding mask.*Use attention=causal_kpm, or data.padding_side=right", True),
+    (["attention=causal_kpm", "data.layout=packed"], "attention=causal_kpm applies a plain causal mask.*Use attention=merged_bool", False),
+    (["attention=causal_only", "data.layout=packed"], "attention=causal_only applies a plain causal mask", False),
+    (["data.layout=packed", "data.padding_side=left", "attention=merged_bool"], "data.padding_side=left has no effect with data.layout=packed", False),
+    (["data.batching=token_budget"], r"data.batching=token_budget needs data.max_tokens .* data.max_tokens=4096", None),
+    (["+trainer.accumulate_grad_batches=4"], "trainer.accumulate_grad_batches must stay 1.*model.accumulate_grad_batches=4", None),
+]
+
+
+@pytest.mark.parametrize(("overrides", "message", "runnable"), INVALID)
+def test_invalid_combinations_fail_before_training(tmp_path: Path, overrides: list[str], message: str, runnable: bool | None) -> None:
+    with pytest.raises(ConfigError, match=message):
+        validate(config(tmp_path, *overrides))
+    if runnable is None:
+        return  # a plain bad value: no on_invalid policy applies
+    with pytest.raises(SkipRun, match=message):
+        validate(config(tmp_path, *overrides, "on_invalid=skip"))
+    if runnable:
+        assert "causal_only ignores the padding mask" in validate(config(tmp_path, *overrides, "on_invalid=run"))
+    else:
+        with pytest.raises(SkipRun):
+            validate(config(tmp_path, *overrides, "on_invalid=run"))
+
+
+# ----------------------------------------------------------------------------------------------------------
+# A real Trainer
+# ----------------------------------------------------------------------------------------------------------
+
+
+def test_train_debug_run_writes_logs_checkpoints_and_summary(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    cfg = config(tmp_path, "debug=fast", *FAST)
+    summary = train_script.train(cfg)
+    assert json.loads((tmp_path / "summary.json").read_text()) == summary
+    assert summary["steps"] == 6 and summary["strategy"] == "causal_kpm" and summary["valid"] is True
+    assert math.log(512) * 0.8 < summary["final_val_loss"] < math.log(512) * 1.05  # near uniform after 6 steps
+    assert summary["best_val_loss"] <= summary["final_val_loss"]
+    assert 0.0 < summary["pad_fraction"] < 1.0 and summary["real_tokens_per_sec"] > 0
+    rows = metrics(tmp_path)
+    assert len(column(rows, "train/loss")) == 6 and len(column(rows, "val/loss")) == 2
+    for name in ("val/ppl", "train/real_tokens_per_sec", "train/padded_tokens_per_sec", "train/pad_fraction", "train/peak_memory_mb", "lr-AdamW/pg1"):
+        assert column(rows, name), name
+    assert column(rows, "val/ppl")[-1] == pytest.approx(math.exp(column(rows, "val/loss")[-1]), rel=1e-5)
+    restored = LitDecoderLM.load_from_checkpoint(tmp_path / "checkpoints" / "last.ckpt")
+    assert restored.hparams.strategy == "causal_kpm" and restored.hparams.vocab_size == 512
+    out = capsys.readouterr().out
+    assert "mhaplug run finished: 6 steps" in out and "pad fraction" in out and str(tmp_path) in out
+
+
+def test_loss_is_normalised_by_the_tokens_of_the_whole_step(tmp_path: Path) -> None:
+    """batch 8 vs. two accumulated micro-batches of 4 (the same rows): the same step losses and final model.
+    A mean of per-batch means would weight the two halves equally whatever their token counts."""
+    base = ["debug=fast", *FAST, "data.synthetic_max_words=40", "trainer.max_steps=4", "trainer.val_check_interval=8"]
+    whole = train_script.train(config(tmp_path / "whole", *base, "data.batch_size=8"))
+    split = train_script.train(config(tmp_path / "split", *base, "data.batch_size=4", "model.accumulate_grad_batches=2", "trainer.val_check_interval=16"))
+    whole_loss, split_loss = column(metrics(tmp_path / "whole"), "train/loss"), column(metrics(tmp_path / "split"), "train/loss")
+    assert len(whole_loss) == len(split_loss) == 4
+    torch.testing.assert_close(torch.tensor(split_loss), torch.tensor(whole_loss), atol=1e-5, rtol=1e-5)
+    assert split["final_val_loss"] == pytest.approx(whole["final_val_loss"], abs=1e-5)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Real subprocesses: kill and resume, DDP, the ablation sweep
+# ----------------------------------------------------------------------------------------------------------
+
+
+def run_train(*overrides: str, timeout: float = 300) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "train.py", *overrides], cwd=ROOT, capture_output=True, text=True, timeout=timeout,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+    )
+
+
+@pytest.mark.slow
+def test_sigkill_mid_epoch_and_resume_matches_an_uninterrupted_run(tmp_path: Path) -> None:
+    common = [*FAST, "data.synthetic_documents=400", "trainer.max_steps=40", "trainer.val_check_interval=10",
+              f"data.cache_dir={tmp_path / 'cache'}", "+callbacks.batch_log._target_=mhaplug.callbacks.BatchLog"]
+    full = run_train(*common, f"paths.output_dir={tmp_path / 'full'}", f"+callbacks.batch_log.path={tmp_path / 'full.jsonl'}")
+    assert full.returncode == 0, full.stderr[-3000:]
+
+    run_dir = tmp_path / "killed"
+    process = subprocess.Popen(
+        [sys.executable, "train.py", *common, f"paths.output_dir={run_dir}", f"+callbacks.batch_log.path={tmp_path / 'killed.jsonl'}",
+         "+trainer.limit_val_batches=1.0"],
+        cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )
+    last = run_dir / "checkpoints" / "last.ckpt"
+    deadline = time.time() + 240
+    while time.time() < deadline and not (last.exists() and torch.load(last, weights_only=False)["global_step"] >= 20):
+        time.sleep(0.2)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    step = torch.load(last, weights_only=False)["global_step"]
+    assert 20 <= step < 40, step  # killed mid-run (and mid-epoch: an epoch here is 46 batches)
+
+    resumed = run_train(*common, f"paths.output_dir={run_dir}", f"ckpt_path={last}", f"+callbacks.batch_log.path={tmp_path / 'resumed.jsonl'}")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    full_summary = json.loads((tmp_path / "full" / "summary.json").read_text())
+    resumed_summary = json.loads((run_dir / "summary.json").read_text())
+    assert resumed_summary["steps"] == full_summary["steps"] == 40
+    assert resumed_summary["final_val_loss"] == pytest.approx(full_summary["final_val_loss"], abs=1e-6)
+
+    def batches(name: str) -> list[tuple[int, str]]:
+        return [(r["step"], r["input_ids"]) for r in map(json.loads, (tmp_path / name).read_text().splitlines())]
+
+    expected = batches("full.jsonl")
+    assert batches("resumed.jsonl") == [b for b in expected if b[0] >= step]  # the same batches after the resume
+
+
+@pytest.mark.slow
+def test_ddp_on_two_cpu_processes_matches_one_process(tmp_path: Path) -> None:
+    """Two ranks of batch 4 vs. one process accumulating two batches of 4: the same global step."""
+    common = [*FAST, "data.batch_size=4", "trainer.max_steps=8", "trainer.val_check_interval=8", f"data.cache_dir={tmp_path / 'cache'}"]
+    single = run_train(*common, "model.accumulate_grad_batches=2", "trainer.val_check_interval=16", f"paths.output_dir={tmp_path / 'single'}")
+    assert single.returncode == 0, single.stderr[-3000:]
+    ddp = run_train(*common, "trainer=ddp", "trainer.accelerator=cpu", "trainer.devices=2", f"paths.output_dir={tmp_path / 'ddp'}")
+    assert ddp.returncode == 0, ddp.stderr[-3000:]
+    one = json.loads((tmp_path / "single" / "summary.json").read_text())
+    two = json.loads((tmp_path / "ddp" / "summary.json").read_text())
+    assert one["steps"] == two["steps"] == 8
+    assert two["final_val_loss"] == pytest.approx(one["final_val_loss"], abs=1e-4)
+
+
+@pytest.mark.slow
+def test_quick_ablation_sweep_and_compare(tmp_path: Path) -> None:
+    sweep_dir = tmp_path / "sweep"
+    result = run_train("-m", "experiment=mask_ablation_quick", f"hydra.sweep.dir={sweep_dir}", f"data.cache_dir={tmp_path / 'cache'}",
+                       "trainer.accelerator=cpu", timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    summaries = [json.loads(p.read_text()) for p in sweep_dir.rglob("summary.json")]
+    skipped = list(sweep_dir.rglob("skipped.txt"))
+    assert len(summaries) == 6 * 2 + 4  # padded: 6 strategies x 2 sides (one invalid, on purpose); packed: 4
+    assert len(skipped) == 24 - 16
+    compare = subprocess.run([sys.executable, "-m", "mhaplug.compare", str(sweep_dir), "--plot", str(tmp_path / "ablation.png")],
+                             cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert compare.returncode == 0, compare.stdout + compare.stderr
+    assert "expected divergence" in compare.stdout and "MISMATCH" not in compare.stdout
+    assert (tmp_path / "ablation.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -1,0 +1,163 @@
+"""Train the decoder LM: ``python train.py`` (defaults), ``python train.py attention=merged_bool data.layout=packed``,
+``python train.py -m experiment=mask_ablation`` (the whole ablation), ``python train.py ckpt_path=.../last.ckpt``.
+
+``train(cfg)`` is a pure function of the config (tests call it); ``main`` is the thin Hydra entry point.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+import hydra
+import pytorch_lightning as pl
+from hydra.core.hydra_config import HydraConfig
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+
+from mhaplug.config import SkipRun, register_configs, validate
+
+log = logging.getLogger("mhaplug.train")
+
+# Settings that do not change the computation when the masks are right: runs that differ only in these
+# must reach the same loss (mhaplug.compare checks it).
+_NOT_IN_EQUIVALENCE = {"attention", "paths", "logger", "callbacks", "hydra", "on_invalid", "task_name", "ckpt_path", "compare_tolerance"}
+
+
+def equivalence_key(cfg: DictConfig) -> str:
+    container = OmegaConf.to_container(cfg, resolve=True)
+    assert isinstance(container, dict)
+    kept = {k: v for k, v in container.items() if k not in _NOT_IN_EQUIVALENCE}
+    data = dict(kept.get("data", {}))
+    for knob in ("padding_side", "num_workers", "cache_dir"):
+        data.pop(knob, None)
+    kept["data"] = data
+    trainer = dict(kept.get("trainer", {}))
+    for knob in ("accelerator", "devices", "strategy", "num_nodes", "enable_progress_bar", "default_root_dir", "logger", "callbacks"):
+        trainer.pop(knob, None)
+    kept["trainer"] = trainer
+    return hashlib.sha256(json.dumps(kept, sort_keys=True, default=str).encode()).hexdigest()[:12]
+
+
+def _run_name() -> str:
+    if HydraConfig.initialized():
+        name = HydraConfig.get().job.override_dirname
+        return name or "default"
+    return "default"
+
+
+def train(cfg: DictConfig) -> dict[str, Any]:
+    """Validate, build data, model and trainer from ``cfg``, fit, and write ``summary.json``; return it."""
+    invalid_reason = validate(cfg)
+    if invalid_reason:
+        log.warning("running an INVALID combination on purpose (on_invalid=run): %s", invalid_reason)
+    pl.seed_everything(cfg.seed, workers=True)
+    output_dir = Path(cfg.paths.output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+
+    datamodule = instantiate(cfg.data, _convert_="all")
+    datamodule.prepare_data()
+    datamodule.setup("fit")
+    model = instantiate(
+        cfg.model,
+        _convert_="all",
+        vocab_size=datamodule.vocab_size,
+        max_positions=cfg.data.max_length,
+        strategy=cfg.attention.strategy,
+        layout=cfg.data.layout,
+        padding_side=cfg.data.padding_side,
+        batching=cfg.data.batching,
+        betas=tuple(cfg.model.betas),
+    )
+    callbacks = [instantiate(c) for c in (cfg.callbacks or {}).values() if c is not None]
+    logger = instantiate(cfg.logger) if cfg.logger else False
+    trainer: pl.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=logger)
+
+    start = time.perf_counter()
+    trainer.fit(model, datamodule=datamodule, ckpt_path=cfg.ckpt_path)
+    wall = time.perf_counter() - start
+
+    summary = _summary(cfg, trainer, model, datamodule, wall, invalid_reason)
+    if trainer.is_global_zero:
+        tmp = output_dir / f"summary.json.tmp{os.getpid()}"
+        tmp.write_text(json.dumps(summary, indent=2))
+        tmp.replace(output_dir / "summary.json")  # never a half-written summary
+        _print_summary(summary, output_dir)
+    return summary
+
+
+def _summary(cfg: DictConfig, trainer: pl.Trainer, model: Any, datamodule: Any, wall: float, invalid: str | None) -> dict[str, Any]:
+    metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
+    checkpoint = next((c for c in trainer.checkpoint_callbacks), None)
+    best = getattr(checkpoint, "best_model_score", None)
+    totals = model.totals
+    metrics_csv = None
+    if trainer.logger is not None and getattr(trainer.logger, "log_dir", None):
+        metrics_csv = os.path.relpath(Path(trainer.logger.log_dir) / "metrics.csv", cfg.paths.output_dir)
+    return {
+        "run_name": _run_name(),
+        "strategy": cfg.attention.strategy,
+        "layout": cfg.data.layout,
+        "padding_side": cfg.data.padding_side,
+        "batching": cfg.data.batching,
+        "valid": invalid is None,
+        "invalid_reason": invalid,
+        "equivalence_key": equivalence_key(cfg),
+        "final_val_loss": metrics.get("val/loss"),
+        "best_val_loss": float(best) if best is not None else metrics.get("val/loss"),
+        "final_train_loss": metrics.get("train/loss"),
+        "real_tokens_per_sec": totals["real_tokens"] / max(totals["train_time_s"], 1e-9),
+        "padded_tokens_per_sec": totals["padded_tokens"] / max(totals["train_time_s"], 1e-9),
+        "pad_fraction": 1 - totals["real_tokens"] / max(totals["padded_tokens"], 1),
+        "peak_memory_mb": metrics.get("train/peak_memory_mb"),
+        "wall_time_s": wall,
+        "steps": trainer.global_step,
+        "metrics_csv": metrics_csv,
+        "checkpoint_dir": str(Path(checkpoint.dirpath)) if checkpoint is not None and checkpoint.dirpath else None,
+        "data": dict(datamodule.stats),
+    }
+
+
+def _print_summary(summary: dict[str, Any], output_dir: Path) -> None:
+    def fmt(value: Any, spec: str) -> str:
+        return "n/a" if value is None else format(value, spec)
+
+    lines = [
+        "",
+        f"mhaplug run finished: {summary['steps']} steps in {summary['wall_time_s']:.0f} s "
+        f"(attention={summary['strategy']}, layout={summary['layout']}, padding={summary['padding_side']}, "
+        f"batching={summary['batching']})",
+        f"  val/loss {fmt(summary['final_val_loss'], '.4f')} (best {fmt(summary['best_val_loss'], '.4f')}), "
+        f"train/loss {fmt(summary['final_train_loss'], '.4f')}",
+        f"  real tokens/s {summary['real_tokens_per_sec']:,.0f}, pad fraction {summary['pad_fraction']:.1%}, "
+        f"peak memory {fmt(summary['peak_memory_mb'], ',.0f')} MB",
+        f"  logs: {output_dir}  checkpoints: {summary['checkpoint_dir']}",
+        f"  compare runs: python -m mhaplug.compare {output_dir.parent if summary['run_name'] != 'default' else output_dir}",
+    ]
+    if not summary["valid"]:
+        lines.insert(2, f"  INVALID on purpose: {summary['invalid_reason']}")
+    print("\n".join(lines), flush=True)
+
+
+register_configs()
+
+
+@hydra.main(version_base="1.3", config_path="configs", config_name="train")
+def main(cfg: DictConfig) -> float | None:
+    try:
+        summary = train(cfg)
+    except SkipRun as skipped:
+        log.warning("skipped (on_invalid=%s): %s", cfg.on_invalid, skipped)
+        Path(cfg.paths.output_dir).mkdir(parents=True, exist_ok=True)
+        (Path(cfg.paths.output_dir) / "skipped.txt").write_text(f"{_run_name()}: {skipped}\n")
+        return None
+    return summary["final_val_loss"]  # for Hydra sweepers that optimise a value
+
+
+if __name__ == "__main__":
+    main()
