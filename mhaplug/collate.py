@@ -9,8 +9,10 @@ Batch keys (B rows, L = padded length)::
 
     input_ids          int64 (B, L)   pad_token_id on padding
     labels             int64 (B, L)   the token, or -100 where no loss: padding (from lengths, never from
-                                      ``== pad_token_id``, so a pad id equal to EOS still learns to stop) and,
-                                      packed, the first token of every document
+                                      ``== pad_token_id``, so a pad id equal to EOS still learns to stop) and the
+                                      first token of every sequence (packed: of every document), which nothing
+                                      before it in the same sequence predicts (with left padding it would be
+                                      predicted from a pad)
     key_padding_mask   bool  (B, L)   True = padding (torch MHA convention)
     attention_mask     int64 (B, L)   1 = real token (Hugging Face convention)
     position_ids       int64 (B, L)   0 on the first real token (also with left padding), 0 on padding
@@ -131,8 +133,8 @@ class PadCollator(_Collator):
 
     Example, ``padding_side="left"``, ``pad_to_multiple_of=4``, rows [5, 6, 7] and [8]::
 
-        input_ids        [[0 5 6 7]   key_padding_mask [[T F F F]   position_ids [[0 0 1 2]   labels [[-100 5 6 7]
-                          [0 0 0 8]]                    [T T T F]]                [0 0 0 0]]          [-100 -100 -100 8]]
+        input_ids        [[0 5 6 7]   key_padding_mask [[T F F F]   position_ids [[0 0 1 2]   labels [[-100 -100 6 7]
+                          [0 0 0 8]]                    [T T T F]]                [0 0 0 0]]          [-100 -100 -100 -100]]
     """
 
     padding_side: Literal["right", "left"] = "right"
@@ -156,12 +158,13 @@ class PadCollator(_Collator):
         is_pad = masks.is_pad_from_lengths(lengths_t, length, padding_side=self.padding_side)  # (B, L)
         input_ids = torch.full((len(lengths), length), self.pad_token_id, dtype=torch.int64)  # (B, L)
         input_ids[~is_pad] = torch.from_numpy(flat)  # row-major scatter: each row's tokens in order
+        position_ids = _positions(is_pad)
         return {
             "input_ids": input_ids,
-            "labels": input_ids.masked_fill(is_pad, self.label_pad_id),
+            "labels": input_ids.masked_fill(position_ids == 0, self.label_pad_id),  # padding and first tokens
             "key_padding_mask": is_pad,
             "attention_mask": masks.attention_mask_from_is_pad(is_pad),
-            "position_ids": _positions(is_pad),
+            "position_ids": position_ids,
             "lengths": lengths_t,
             **self._passthrough(rows),
         }
@@ -283,12 +286,11 @@ class PackCollator(_Collator):
                 doc_lengths.append(len(ids))
                 start = stop
         is_pad = document_ids < 0
-        first_token = position_ids == 0
         cu_seqlens = torch.zeros(len(doc_lengths) + 1, dtype=torch.int32)
         cu_seqlens[1:] = torch.tensor(doc_lengths).cumsum(0)
         return {
             "input_ids": input_ids,
-            "labels": input_ids.masked_fill(is_pad | first_token, self.label_pad_id),
+            "labels": input_ids.masked_fill(position_ids == 0, self.label_pad_id),  # padding and document starts
             "key_padding_mask": is_pad,
             "attention_mask": masks.attention_mask_from_is_pad(is_pad),
             "position_ids": position_ids,

@@ -24,7 +24,7 @@ def test_pad_right_literal() -> None:
     batch = as_lists(PadCollator(pad_token_id=0)([[5, 6, 7], [8]]))
     assert batch == {
         "input_ids": [[5, 6, 7], [8, 0, 0]],
-        "labels": [[5, 6, 7], [8, -100, -100]],
+        "labels": [[-100, 6, 7], [-100, -100, -100]],
         "key_padding_mask": [[F, F, F], [F, T, T]],
         "attention_mask": [[1, 1, 1], [1, 0, 0]],
         "position_ids": [[0, 1, 2], [0, 0, 0]],
@@ -36,7 +36,7 @@ def test_pad_left_with_multiple_literal() -> None:
     batch = as_lists(PadCollator(pad_token_id=0, padding_side="left", pad_to_multiple_of=4)([[5, 6, 7], [8]]))
     assert batch == {
         "input_ids": [[0, 5, 6, 7], [0, 0, 0, 8]],
-        "labels": [[-100, 5, 6, 7], [-100, -100, -100, 8]],
+        "labels": [[-100, -100, 6, 7], [-100, -100, -100, -100]],
         "key_padding_mask": [[T, F, F, F], [T, T, T, F]],
         "attention_mask": [[0, 1, 1, 1], [0, 0, 0, 1]],
         "position_ids": [[0, 0, 1, 2], [0, 0, 0, 0]],
@@ -55,7 +55,7 @@ def test_labels_come_from_lengths_not_pad_id() -> None:
     """pad_token_id == EOS: the real EOS keeps its label, so the model still learns to stop."""
     eos = 1
     batch = PadCollator(pad_token_id=eos)([[7, 8, eos], [9, eos]])
-    assert batch["labels"].tolist() == [[7, 8, eos], [9, eos, -100]]
+    assert batch["labels"].tolist() == [[-100, 8, eos], [-100, eos, -100]]
 
 
 def test_max_length_error_and_truncate() -> None:
@@ -147,7 +147,7 @@ def test_property_masks_labels_positions_agree_with_lengths(lengths: list[int], 
     for b, row in enumerate(rows):
         real = ~is_pad[b]
         assert batch["input_ids"][b][real].tolist() == row
-        assert batch["labels"][b][real].tolist() == row
+        assert batch["labels"][b][real].tolist() == [-100] + row[1:]  # nothing predicts a first token
         assert (batch["labels"][b][~real] == -100).all() and (batch["input_ids"][b][~real] == 3).all()
         assert batch["position_ids"][b][real].tolist() == list(range(len(row)))
         assert (batch["position_ids"][b][~real] == 0).all()

@@ -109,7 +109,7 @@ def test_invalid_combinations_fail_before_training(tmp_path: Path, overrides: li
     with pytest.raises(SkipRun, match=message):
         validate(config(tmp_path, *overrides, "on_invalid=skip"))
     if runnable:
-        assert "causal_only ignores the padding mask" in validate(config(tmp_path, *overrides, "on_invalid=run"))
+        assert validate(config(tmp_path, *overrides, "on_invalid=run")).startswith(overrides[0].replace("=", "=", 1))
     else:
         with pytest.raises(SkipRun):
             validate(config(tmp_path, *overrides, "on_invalid=run"))
@@ -207,6 +207,7 @@ def test_ddp_on_two_cpu_processes_matches_one_process(tmp_path: Path) -> None:
     assert single.returncode == 0, single.stderr[-3000:]
     ddp = run_train(*common, "trainer=ddp", "trainer.accelerator=cpu", "trainer.devices=2", f"paths.output_dir={tmp_path / 'ddp'}")
     assert ddp.returncode == 0, ddp.stderr[-3000:]
+    assert "MEMBER: 2/2" in ddp.stdout + ddp.stderr  # two processes really ran
     one = json.loads((tmp_path / "single" / "summary.json").read_text())
     two = json.loads((tmp_path / "ddp" / "summary.json").read_text())
     assert one["steps"] == two["steps"] == 8
@@ -222,9 +223,11 @@ def test_quick_ablation_sweep_and_compare(tmp_path: Path) -> None:
     summaries = [json.loads(p.read_text()) for p in sweep_dir.rglob("summary.json")]
     skipped = list(sweep_dir.rglob("skipped.txt"))
     assert len(summaries) == 6 * 2 + 4  # padded: 6 strategies x 2 sides (one invalid, on purpose); packed: 4
+    assert [s["strategy"] + "/" + s["padding_side"] for s in summaries if not s["valid"]] == ["causal_only/left"]
     assert len(skipped) == 24 - 16
     compare = subprocess.run([sys.executable, "-m", "mhaplug.compare", str(sweep_dir), "--plot", str(tmp_path / "ablation.png")],
                              cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert compare.returncode == 0, compare.stdout + compare.stderr
     assert "expected divergence" in compare.stdout and "MISMATCH" not in compare.stdout
+    assert "equivalence: 2 group(s), 15 valid runs, all within 0.001" in compare.stdout  # padded 11, packed 4
     assert (tmp_path / "ablation.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
