@@ -231,7 +231,7 @@ def check_equivalence(runs: Sequence[Run], tolerance: float = 1e-3) -> list[Find
             ref = min(group, key=lambda o: (o.padding_side != run.padding_side, o.strategy != "reference", o.name))
             delta = _loss(run) - _loss(ref)
             if abs(delta) <= tolerance:
-                status, text = "invalid_equal", "invalid but equal (no left padding in the data?)"
+                status, text = "invalid_equal", "invalid but equal (the wrong mask changed nothing here)"
             else:
                 status, text = "divergence", f"expected divergence: {_fmt_delta(delta)} vs {ref.name}"
             findings.append(Finding(run.name, status, text, (ref.name,), (delta,), len(group)))

@@ -116,6 +116,16 @@ def invalid_combination(cfg: DictConfig) -> tuple[str, bool] | None:
             "data.padding_side=right",
             True,
         )
+    if strategy == "torch_mha" and (data.padding_side == "left" or data.layout == "packed"):
+        return (
+            "attention=torch_mha with "
+            + ("data.layout=packed" if data.layout == "packed" else "data.padding_side=left")
+            + ": some query rows have nothing to attend to (pads before the first real token, or a packed row's "
+            "padding tail), and torch's MultiheadAttention returns NaN for them on its evaluation fast path (and "
+            "with need_weights=True); the NaN spreads through the next layer into val/loss. Use an mhaplug "
+            "strategy: attention=causal_kpm (attention=merged_bool for packed rows)",
+            True,
+        )
     if strategy in ("causal_kpm", "causal_only") and data.layout == "packed":
         return (
             f"attention={strategy} applies a plain causal mask, so with data.layout=packed the documents of a row "

@@ -125,7 +125,7 @@ def test_invalid_run_that_does_not_diverge_says_so(tmp_path: Path) -> None:
     findings = compare.check_equivalence(compare.load_runs(tmp_path))
     assert [(f.status, f.message) for f in findings] == [
         ("alone", "-"),
-        ("invalid_equal", "invalid but equal (no left padding in the data?)"),
+        ("invalid_equal", "invalid but equal (the wrong mask changed nothing here)"),
         ("invalid_alone", "invalid (no valid run with its equivalence_key)"),
     ]
 

@@ -70,3 +70,25 @@ def test_mask_path_never_synchronises(strategy: str) -> None:
         finally:
             torch.cuda.set_sync_debug_mode("default")
     assert mha.last_dispatch in (strategy, "merged_bool")
+
+
+@pytest.mark.parametrize("packed", [False, True], ids=["padded", "packed"])
+def test_decoder_trains_with_flex_like_merged_bool(packed: bool) -> None:
+    """FlexAttention training (one BlockMask per batch, shared by the layers) = merged_bool, loss and grads."""
+    from mhaplug.collate import PackCollator, PadCollator
+    from mhaplug.model import DecoderConfig, DecoderLM, lm_loss_sum
+
+    rows = [list(range(3, 3 + n)) for n in (40, 7, 25, 1, 60, 12)]
+    batch = (PackCollator(max_length=64) if packed else PadCollator())(rows)
+    batch = {k: v.cuda() if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+    results = []
+    for strategy in ("merged_bool", "flex"):
+        torch.manual_seed(0)
+        model = DecoderLM(DecoderConfig(vocab_size=128, max_positions=64, strategy=strategy)).cuda()
+        logits = model(batch["input_ids"], key_padding_mask=batch["key_padding_mask"],
+                       position_ids=batch["position_ids"], document_ids=batch.get("document_ids"))
+        loss = lm_loss_sum(logits, batch["labels"])
+        loss.backward()
+        results.append([loss.detach(), *(p.grad for p in model.parameters())])
+    for got, expected in zip(results[1], results[0], strict=True):
+        torch.testing.assert_close(got, expected, atol=1e-3, rtol=1e-3)
