@@ -223,16 +223,19 @@ def profile_table(config: Config, args: argparse.Namespace, steps: int = 3, rows
     return prof.key_averages().table(sort_by=sort_by, row_limit=rows, max_name_column_width=50)
 
 
-def matmul_gflops(device: torch.device, size: int, repeats: int) -> float:
-    """Float32 (size x size) @ (size x size) throughput in GFLOP/s (2 size^3 FLOPs each)."""
+def matmul_gflops(device: torch.device, size: int, repeats: int, rounds: int = 5) -> float:
+    """Float32 (size x size) @ (size x size) GFLOP/s (2 size^3 FLOPs each): the best of ``rounds`` timed rounds."""
     a, b = torch.randn(size, size, device=device), torch.randn(size, size, device=device)
-    for i in range(repeats + 2):  # 2 untimed
-        if i == 2:
-            sync(device)
-            start = time.perf_counter()
-        a @ b
-    sync(device)
-    return 2 * size**3 * repeats / (time.perf_counter() - start) / 1e9
+    a @ b  # warm-up
+    best = 0.0
+    for _ in range(rounds):
+        sync(device)
+        start = time.perf_counter()
+        for _ in range(repeats):
+            a @ b
+        sync(device)
+        best = max(best, 2 * size**3 * repeats / (time.perf_counter() - start) / 1e9)
+    return best
 
 
 def device_slug(device: torch.device) -> str:
@@ -274,9 +277,9 @@ def summary(results: list[dict[str, Any]], n_params: dict[str, int], gflops: flo
     header = ["configuration", "layout", "batching", "strategy", "real tokens/s", "padded tokens/s", "pad fraction",
               "s / step", "data time", "peak MiB", "train loss (last 10)", "val loss", "vs A", "vs B"]
     rows = [[r["config"].name, r["config"].layout, r["config"].batching, r["config"].strategy,
-             f"{r['real_tps']:,.0f}", f"{r['padded_tps']:,.0f}", f"{r['pad']:.1%}", f"{r['step_s']:.3f}", f"{r['data']:.1%}",
-             f"{r['peak_mib']:.0f}", f"{r['train_loss']:.3f}", f"{r['val_loss']:.3f}", ratio(r, base_a),
-             ratio(r, base_b)] for r in results]
+             f"{r['real_tps']:,.0f}", f"{r['padded_tps']:,.0f}", f"{r['pad']:.1%}", f"{r['step_s']:.3f}",
+             f"{r['data']:.1%}", f"{r['peak_mib']:.0f}", f"{r['train_loss']:.3f}", f"{r['val_loss']:.3f}",
+             ratio(r, base_a), ratio(r, base_b)] for r in results]
     targets = {"A": (TARGET_VS_A, base_a), "B": (TARGET_VS_B, base_b)}
     verdicts = {k: "n/a" if b is None else "met" if best["real_tps"] >= g * b["real_tps"] else "NOT met"
                 for k, (g, b) in targets.items()}
@@ -288,7 +291,8 @@ def summary(results: list[dict[str, Any]], n_params: dict[str, int], gflops: flo
         f"{TARGET_VS_A:.0f}x: {verdicts['A']}) and {ratio(best, base_b)} baseline B (target >= {TARGET_VS_B:.0f}x: "
         f"{verdicts['B']}) in real tokens/s",
         f"MFU of the best configuration: {achieved:.1f} GFLOP/s of useful model FLOPs / {gflops:.1f} GFLOP/s "
-        f"(float32 {args.matmul}x{args.matmul} matmul, timed in this run) = **{achieved / gflops:.1%}**. FLOPs per real "
+        f"(float32 {args.matmul}^3 matmul, best of 5 rounds before and after the runs in this process: "
+        f"{args.ceilings}) = **{achieved / gflops:.1%}**. FLOPs per real "
         "token = 6 N + 12 n_layers d_model T_eff (PaLM appendix B, nanoGPT `estimate_mfu`; attention counted "
         f"non-causal): N = {n_flop:,}, all parameters but the position table ({n_flop - n_params['tok']:,} "
         f"non-embedding + {n_params['tok']:,} in the tied token table, i.e. the LM-head matmul); T_eff = sum(n^2) / "
@@ -321,8 +325,8 @@ def main(argv: list[str] | None = None) -> None:
     probe = DecoderLM(DecoderConfig(vocab_size=val_dm.vocab_size, max_positions=MAX_LENGTH, **MODEL))
     n_params = {"all": sum(p.numel() for p in probe.parameters()), "pos": probe.pos_emb.weight.numel(),
                 "tok": probe.tok_emb.weight.numel()}  # parameters() counts the tied table once
-    args.matmul = 1024 if args.quick else 2048
-    gflops = matmul_gflops(device, args.matmul, 50 if device.type == "cuda" else 3 if args.quick else 10)
+    args.matmul, repeats = (1024, 2) if args.quick else (2048, 20 if device.type == "cuda" else 3)
+    ceilings = [matmul_gflops(device, args.matmul, repeats)]  # and again after the runs: the best is the ceiling
     memory = "`torch.cuda.max_memory_allocated` (MiB)" if device.type == "cuda" else (
         "growth of the process peak RSS during the run, `ru_maxrss` after minus before (MiB), with the peak mark reset "
         "before each run (`malloc_trim`, `/proc/self/clear_refs` 5): activations, gradients, optimizer state and data")
@@ -348,7 +352,9 @@ def main(argv: list[str] | None = None) -> None:
         results.append(result := run(config, args, val_batches))
         print(f"  {config.name}: {result['real_tps']:,.0f} real tokens/s, pad {result['pad']:.1%}, "
               f"train loss {result['train_loss']:.3f}, val loss {result['val_loss']:.3f}", flush=True)
-    table, best, misses = summary(results, n_params, gflops, args)
+    ceilings.append(matmul_gflops(device, args.matmul, repeats))
+    args.ceilings = ", ".join(f"{c:.1f}" for c in ceilings)
+    table, best, misses = summary(results, n_params, max(ceilings), args)
     block = ["", "## Results", "", *table]
     if misses:
         block += ["", f"## Profile: {best['config'].name}, 3 training steps (target vs {' and '.join(misses)} missed)",

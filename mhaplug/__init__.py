@@ -5,10 +5,11 @@ from typing import Any
 from mhaplug.attention import STRATEGIES, MultiheadAttention
 from mhaplug.collate import PackCollator, PadCollator
 
-__all__ = ["STRATEGIES", "MultiheadAttention", "PackCollator", "PadCollator", "TextDataModule"]
+__all__ = ["STRATEGIES", "DecoderLM", "LitDecoderLM", "MultiheadAttention", "PackCollator", "PadCollator", "TextDataModule"]
 __version__ = "0.1.0"
 
-_LAZY = {"TextDataModule": "mhaplug.data"}  # pulls in Lightning and datasets: imported on first use
+# These pull in Lightning and datasets: imported on first use, so `import mhaplug` stays light.
+_LAZY = {"TextDataModule": "mhaplug.data", "LitDecoderLM": "mhaplug.lit", "DecoderLM": "mhaplug.model"}
 
 
 def __getattr__(name: str) -> Any:

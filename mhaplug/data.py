@@ -233,6 +233,7 @@ class TextDataModule(pl.LightningDataModule):
         self.tokenizer: Tokenizer | None = None
         self.splits: dict[str, datasets.Dataset] = {}
         self.stats: dict[str, int] = {}
+        self._datasets: dict[str, tuple[Dataset | datasets.Dataset, list[int]]] = {}  # per split, built once
         self._train_sampler: sampling.BaseBatchSampler | None = None
         self._pending_sampler_state: dict[str, Any] | None = None
 
@@ -276,6 +277,7 @@ class TextDataModule(pl.LightningDataModule):
         self.tokenizer = self._tokenizer(split["train"]["text"], data_key)
         token_key = _key(data_key, self.tokenizer.to_str(), hp.max_length)
         self.splits = {name: self._tokenise(split[part], f"{token_key}-{name}") for name, part in (("train", "train"), ("val", "test"))}
+        self._datasets = {}
         self.stats["train_tokens"] = sum(self.splits["train"]["length"])
         self.stats["val_tokens"] = sum(self.splits["val"]["length"])
 
@@ -336,15 +338,19 @@ class TextDataModule(pl.LightningDataModule):
         return PadCollator(pad_token_id=0, padding_side=hp.padding_side, pad_to_multiple_of=hp.pad_to_multiple_of, max_length=hp.max_length, vocab_size=self.vocab_size)
 
     def _dataset_and_lengths(self, name: str) -> tuple[Dataset | datasets.Dataset, list[int]]:
-        documents = self.splits[name]
-        lengths = documents["length"]
-        if self.hparams.layout == "padded":
-            return documents, lengths
-        # Whole documents packed once, first-fit decreasing after a seeded shuffle: rows nearly full.
-        order = list(range(len(lengths)))
-        random.Random(self.hparams.seed).shuffle(order)
-        rows = [[order[i] for i in row] for row in first_fit_pack([lengths[i] for i in order], self.hparams.max_length)]
-        return _PackedRows(documents, rows), [sum(lengths[i] for i in row) for row in rows]
+        if name not in self._datasets:
+            documents = self.splits[name]
+            lengths = documents["length"]
+            if self.hparams.layout == "padded":
+                self._datasets[name] = (documents, lengths)
+            else:
+                # Whole documents packed once, first-fit decreasing after a seeded shuffle: rows nearly full.
+                order = list(range(len(lengths)))
+                random.Random(self.hparams.seed).shuffle(order)
+                rows = first_fit_pack([lengths[i] for i in order], self.hparams.max_length)
+                rows = [[order[i] for i in row] for row in rows]
+                self._datasets[name] = (_PackedRows(documents, rows), [sum(lengths[i] for i in row) for row in rows])
+        return self._datasets[name]
 
     def batch_sampler(self, name: str, lengths: Sequence[int], *, shuffle: bool) -> sampling.BaseBatchSampler:
         hp = self.hparams

@@ -155,4 +155,8 @@ def test_public_names_are_importable_from_mhaplug() -> None:
     import mhaplug
 
     assert mhaplug.TextDataModule is TextDataModule
+    from mhaplug.lit import LitDecoderLM
+    from mhaplug.model import DecoderLM
+
+    assert mhaplug.LitDecoderLM is LitDecoderLM and mhaplug.DecoderLM is DecoderLM
     assert mhaplug.PadCollator is PadCollator and mhaplug.PackCollator is PackCollator
