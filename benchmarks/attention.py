@@ -20,8 +20,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import datetime
-import os
-import re
 import shlex
 import statistics
 import sys
@@ -39,6 +37,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
 import mhaplug
+from _report import device_slug, markdown_table, write_report  # benchmarks/_report.py
 
 BATCH, EMBED, HEADS, SEED, WARMUP = 8, 128, 4, 0, 2
 DEFAULT_ROW, BARE_ROW = "nn.MultiheadAttention default (need_weights=True)", "bare SDPA is_causal (no padding mask)"
@@ -233,17 +232,6 @@ def profile_table(fn: Forward, x: Tensor, kpm: Tensor, rows: int = 8) -> str:
     return prof.key_averages().table(sort_by=sort_by, row_limit=rows, max_name_column_width=60)
 
 
-def device_slug(device: torch.device) -> str:
-    if device.type == "cuda":
-        return re.sub(r"[^a-z0-9]+", "-", torch.cuda.get_device_name(device).lower()).strip("-")
-    return f"cpu-{os.cpu_count()}cores"
-
-
-def markdown_table(header: list[str], rows: list[list[str]]) -> str:
-    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
-    return "\n".join(lines + ["| " + " | ".join(r) + " |" for r in rows])
-
-
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--lengths", type=int, nargs="+", default=[128, 512, 1024], help="sequence lengths L (= S)")
@@ -307,9 +295,7 @@ def main(argv: list[str] | None = None) -> None:
              profile_table(fn, x, kpm).rstrip(), "```"]
     print("\n".join(block), flush=True)
     sections += block
-    out_path.parent.mkdir(parents=True, exist_ok=True)
-    out_path.write_text("\n".join(sections) + "\n")
-    print(f"\nwritten: {out_path}")
+    write_report(out_path, sections)
 
 
 if __name__ == "__main__":

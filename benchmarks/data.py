@@ -36,6 +36,7 @@ import numpy as np
 import torch
 
 import mhaplug
+from _report import device_slug, markdown_table, write_report  # benchmarks/_report.py
 from mhaplug.collate import PackCollator, PadCollator
 from mhaplug.data import PAD_TOKEN, TextDataModule
 
@@ -49,11 +50,6 @@ def version(package: str) -> str:
         return importlib.metadata.version(package)
     except importlib.metadata.PackageNotFoundError:
         return "not installed"
-
-
-def markdown_table(header: list[str], rows: list[list[str]]) -> str:
-    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
-    return "\n".join(lines + ["| " + " | ".join(r) + " |" for r in rows])
 
 
 def make_batches(dm: TextDataModule, count: int) -> list[Rows]:
@@ -185,7 +181,7 @@ def main(argv: list[str] | None = None) -> None:
     import datasets
 
     datasets.disable_progress_bars()
-    slug = f"cpu-{os.cpu_count()}cores"
+    slug = device_slug(torch.device("cpu"))
     name = f"data-{slug}{'-quick' if args.quick else ''}.md"
     out_path = args.out or Path(__file__).resolve().parent / "results" / name
     dm = TextDataModule()
@@ -211,9 +207,7 @@ def main(argv: list[str] | None = None) -> None:
         block = ["", title, "", *table, "", *(f"- {n}" for n in notes)]
         print("\n".join(block), flush=True)
         sections += block
-    out_path.parent.mkdir(parents=True, exist_ok=True)
-    out_path.write_text("\n".join(sections) + "\n")
-    print(f"\nwritten: {out_path}")
+    write_report(out_path, sections)
 
 
 if __name__ == "__main__":

@@ -24,8 +24,6 @@ import argparse
 import ctypes
 import datetime
 import gc
-import os
-import re
 import resource
 import shlex
 import sys
@@ -40,6 +38,7 @@ import torch
 from torch import Tensor, nn
 
 import mhaplug
+from _report import device_slug, markdown_table, write_report  # benchmarks/_report.py
 from mhaplug.data import TextDataModule
 from mhaplug.model import PACKED_STRATEGIES, DecoderConfig, DecoderLM, lm_loss_sum
 
@@ -238,17 +237,6 @@ def matmul_gflops(device: torch.device, size: int, repeats: int, rounds: int = 5
     return best
 
 
-def device_slug(device: torch.device) -> str:
-    if device.type == "cuda":
-        return re.sub(r"[^a-z0-9]+", "-", torch.cuda.get_device_name(device).lower()).strip("-")
-    return f"cpu-{os.cpu_count()}cores"
-
-
-def markdown_table(header: list[str], rows: list[list[str]]) -> str:
-    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
-    return "\n".join(lines + ["| " + " | ".join(r) + " |" for r in rows])
-
-
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--steps", type=int, default=60, help="timed optimizer steps per configuration")
@@ -360,9 +348,7 @@ def main(argv: list[str] | None = None) -> None:
         block += ["", f"## Profile: {best['config'].name}, 3 training steps (target vs {' and '.join(misses)} missed)",
                   "", "```", profile_table(best["config"], args).rstrip(), "```"]
     print("\n".join(block), flush=True)
-    out_path.parent.mkdir(parents=True, exist_ok=True)
-    out_path.write_text("\n".join(sections + block) + "\n")
-    print(f"\nwritten: {out_path}")
+    write_report(out_path, sections + block)
 
 
 if __name__ == "__main__":

@@ -109,12 +109,24 @@ def invalid_combination(cfg: DictConfig) -> tuple[str, bool] | None:
     """Why this strategy / layout / padding / device cannot train correctly, and whether it can run at all
     (``causal_only`` with left padding runs, and shows how wrong it is; the others cannot run), or None."""
     strategy, data = cfg.attention.strategy, cfg.data
+    if data.layout == "packed" and data.padding_side == "left":
+        return (
+            "data.padding_side=left has no effect with data.layout=packed (documents fill each row from the left, "
+            "padding only ends a row); drop the padding_side override",
+            False,
+        )
     if strategy == "causal_only" and data.padding_side == "left" and data.layout == "padded":
         return (
             "attention=causal_only ignores the padding mask, which is only correct with right padding; with "
             "data.padding_side=left real tokens would attend the pads before them. Use attention=causal_kpm, or "
             "data.padding_side=right",
             True,
+        )
+    if strategy in ("causal_kpm", "causal_only") and data.layout == "packed":
+        return (
+            f"attention={strategy} applies a plain causal mask, so with data.layout=packed the documents of a row "
+            f"would attend each other. Use attention=merged_bool (or attention=flex on CUDA), or data.layout=padded",
+            False,
         )
     if strategy == "torch_mha" and (data.padding_side == "left" or data.layout == "packed"):
         return (
@@ -125,18 +137,6 @@ def invalid_combination(cfg: DictConfig) -> tuple[str, bool] | None:
             "with need_weights=True); the NaN spreads through the next layer into val/loss. Use an mhaplug "
             "strategy: attention=causal_kpm (attention=merged_bool for packed rows)",
             True,
-        )
-    if strategy in ("causal_kpm", "causal_only") and data.layout == "packed":
-        return (
-            f"attention={strategy} applies a plain causal mask, so with data.layout=packed the documents of a row "
-            f"would attend each other. Use attention=merged_bool (or attention=flex on CUDA), or data.layout=padded",
-            False,
-        )
-    if data.layout == "packed" and data.padding_side == "left":
-        return (
-            "data.padding_side=left has no effect with data.layout=packed (documents fill each row from the left, "
-            "padding only ends a row); drop the padding_side override",
-            False,
         )
     if strategy == "flex" and not _cuda_training(cfg):
         return (
