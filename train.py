@@ -26,7 +26,7 @@ log = logging.getLogger("mhaplug.train")
 
 # Settings that do not change the computation when the masks are right: runs that differ only in these
 # must reach the same loss (mhaplug.compare checks it).
-_NOT_IN_EQUIVALENCE = {"attention", "paths", "logger", "callbacks", "hydra", "on_invalid", "task_name", "ckpt_path", "compare_tolerance"}
+_NOT_IN_EQUIVALENCE = {"attention", "paths", "logger", "callbacks", "hydra", "on_invalid", "task_name", "ckpt_path"}
 
 
 def equivalence_key(cfg: DictConfig) -> str:

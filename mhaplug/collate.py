@@ -107,6 +107,17 @@ class _Collator:
             raise ValueError("cannot collate an empty batch (rows == []); check the sampler and drop_last settings")
         return [_token_ids(row, i, self.vocab_size) for i, row in enumerate(rows)]
 
+    def _batch(self, input_ids: Tensor, is_pad: Tensor, position_ids: Tensor, lengths: Tensor) -> dict[str, Any]:
+        """The keys both collators emit, from the padded ids, padding mask and positions (all (B, L))."""
+        return {
+            "input_ids": input_ids,
+            "labels": input_ids.masked_fill(position_ids == 0, self.label_pad_id),  # padding and first tokens
+            "key_padding_mask": is_pad,
+            "attention_mask": masks.attention_mask_from_is_pad(is_pad),
+            "position_ids": position_ids,
+            "lengths": lengths,
+        }
+
     def _passthrough(self, rows: Sequence[Row]) -> dict[str, Any]:
         extra = {}
         for key in self.passthrough_keys:
@@ -158,16 +169,7 @@ class PadCollator(_Collator):
         is_pad = masks.is_pad_from_lengths(lengths_t, length, padding_side=self.padding_side)  # (B, L)
         input_ids = torch.full((len(lengths), length), self.pad_token_id, dtype=torch.int64)  # (B, L)
         input_ids[~is_pad] = torch.from_numpy(flat)  # row-major scatter: each row's tokens in order
-        position_ids = _positions(is_pad)
-        return {
-            "input_ids": input_ids,
-            "labels": input_ids.masked_fill(position_ids == 0, self.label_pad_id),  # padding and first tokens
-            "key_padding_mask": is_pad,
-            "attention_mask": masks.attention_mask_from_is_pad(is_pad),
-            "position_ids": position_ids,
-            "lengths": lengths_t,
-            **self._passthrough(rows),
-        }
+        return {**self._batch(input_ids, is_pad, _positions(is_pad), lengths_t), **self._passthrough(rows)}
 
     def _flat_ids(self, rows: Sequence[Row]) -> tuple[np.ndarray, np.ndarray]:
         """All rows' ids concatenated, and the row lengths, converted once for the whole batch.
@@ -289,12 +291,7 @@ class PackCollator(_Collator):
         cu_seqlens = torch.zeros(len(doc_lengths) + 1, dtype=torch.int32)
         cu_seqlens[1:] = torch.tensor(doc_lengths).cumsum(0)
         return {
-            "input_ids": input_ids,
-            "labels": input_ids.masked_fill(position_ids == 0, self.label_pad_id),  # padding and document starts
-            "key_padding_mask": is_pad,
-            "attention_mask": masks.attention_mask_from_is_pad(is_pad),
-            "position_ids": position_ids,
-            "lengths": (~is_pad).sum(-1),
+            **self._batch(input_ids, is_pad, position_ids, (~is_pad).sum(-1)),  # labels: -100 at document starts
             "document_ids": document_ids,
             "cu_seqlens": cu_seqlens,
             "max_seqlen": max(doc_lengths),

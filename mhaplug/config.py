@@ -88,7 +88,6 @@ class TrainConfig:
     seed: int = 0
     ckpt_path: Optional[str] = None
     on_invalid: str = "error"  # error | skip | run (run: train a wrong-but-runnable combination, for teaching)
-    compare_tolerance: float = 1e-3
 
 
 def register_configs() -> None:

@@ -324,6 +324,7 @@ class TextDataModule(pl.LightningDataModule):
 
     @property
     def pad_token_id(self) -> int:
+        """``<|pad|>`` is id 0 in every tokenizer this module trains or accepts."""
         return 0
 
     @property
@@ -334,8 +335,8 @@ class TextDataModule(pl.LightningDataModule):
     def collator(self) -> PadCollator | PackCollator:
         hp = self.hparams
         if hp.layout == "packed":
-            return PackCollator(max_length=hp.max_length, pad_token_id=0, pad_to_multiple_of=hp.pad_to_multiple_of, vocab_size=self.vocab_size)
-        return PadCollator(pad_token_id=0, padding_side=hp.padding_side, pad_to_multiple_of=hp.pad_to_multiple_of, max_length=hp.max_length, vocab_size=self.vocab_size)
+            return PackCollator(max_length=hp.max_length, pad_token_id=self.pad_token_id, pad_to_multiple_of=hp.pad_to_multiple_of, vocab_size=self.vocab_size)
+        return PadCollator(pad_token_id=self.pad_token_id, padding_side=hp.padding_side, pad_to_multiple_of=hp.pad_to_multiple_of, max_length=hp.max_length, vocab_size=self.vocab_size)
 
     def _dataset_and_lengths(self, name: str) -> tuple[Dataset | datasets.Dataset, list[int]]:
         if name not in self._datasets:
