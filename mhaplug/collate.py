@@ -14,9 +14,12 @@ Batch keys (B rows, L = padded length)::
                                       before it in the same sequence predicts (with left padding it would be
                                       predicted from a pad)
     key_padding_mask   bool  (B, L)   True = padding (torch MHA convention)
-    attention_mask     int64 (B, L)   1 = real token (Hugging Face convention)
-    position_ids       int64 (B, L)   0 on the first real token (also with left padding), 0 on padding
+    position_ids       int64 (B, L)   0 on the first real token (also with left padding), 0 on padding;
+                                      packed: restart at 0 on every document
     lengths            int64 (B,)     real tokens per row
+
+    padded only:
+    attention_mask     int64 (B, L)   1 = real token (Hugging Face convention)
 
     packed only:
     document_ids       int64 (B, L)   0, 1, ... per document within a row; -1 on padding
@@ -24,7 +27,21 @@ Batch keys (B rows, L = padded length)::
                                       (``input_ids[~key_padding_mask]``), as varlen attention kernels want
     max_seqlen         int            longest document (a Python int: reading it needs no device sync)
 
+    packed, with ``return_flash_attn_kwargs=True`` (transformers' flash-attention varlen keys):
+    cu_seq_lens_q/k    int32 (N + 1,) segment boundaries in all B * L tokens taken row by row (pads included):
+                                      the documents, and every pad token as a segment of its own
+    max_length_q/k     int            longest segment (= max_seqlen)
+
 Labels are not shifted: position t holds token t, and the loss compares logits at t - 1 with it.
+
+Packed batches carry no 2-D ``attention_mask``. Hugging Face models read one as padding only (1 = attend), so
+with it every token would attend to the earlier documents of its row. Without it, a transformers model finds the
+documents where ``position_ids`` restart (``transformers.masking_utils.find_packed_sequence_indices``, as for
+its own ``DataCollatorWithFlattening``), so ``model(**batch)`` gives the per-document loss; mhaplug's own model
+uses ``document_ids``. transformers looks at ``position_ids`` only when the model runs without a KV cache:
+pass ``use_cache=False`` (or set ``model.config.use_cache = False``; ``transformers.Trainer`` does so, from
+``TrainingArguments.use_cache``), otherwise the model attends across documents. Flash-attention models infer
+documents from ``position_ids`` only for a single row (B = 1); for B > 1 they need ``return_flash_attn_kwargs``.
 """
 
 from __future__ import annotations
@@ -107,16 +124,22 @@ class _Collator:
             raise ValueError("cannot collate an empty batch (rows == []); check the sampler and drop_last settings")
         return [_token_ids(row, i, self.vocab_size) for i, row in enumerate(rows)]
 
-    def _batch(self, input_ids: Tensor, is_pad: Tensor, position_ids: Tensor, lengths: Tensor) -> dict[str, Any]:
-        """The keys both collators emit, from the padded ids, padding mask and positions (all (B, L))."""
-        return {
+    def _batch(
+        self, input_ids: Tensor, is_pad: Tensor, position_ids: Tensor, lengths: Tensor, *, attention_mask: bool
+    ) -> dict[str, Any]:
+        """The keys both collators emit, from the padded ids, padding mask and positions (all (B, L)).
+
+        ``attention_mask`` adds the Hugging Face padding mask: padded batches only, since a transformers model reads
+        it as "attend to every real token of the row", across a packed row's documents.
+        """
+        batch = {
             "input_ids": input_ids,
             "labels": input_ids.masked_fill(position_ids == 0, self.label_pad_id),  # padding and first tokens
             "key_padding_mask": is_pad,
-            "attention_mask": masks.attention_mask_from_is_pad(is_pad),
-            "position_ids": position_ids,
-            "lengths": lengths,
         }
+        if attention_mask:
+            batch["attention_mask"] = masks.attention_mask_from_is_pad(is_pad)
+        return {**batch, "position_ids": position_ids, "lengths": lengths}
 
     def _passthrough(self, rows: Sequence[Row]) -> dict[str, Any]:
         extra = {}
@@ -169,7 +192,8 @@ class PadCollator(_Collator):
         is_pad = masks.is_pad_from_lengths(lengths_t, length, padding_side=self.padding_side)  # (B, L)
         input_ids = torch.full((len(lengths), length), self.pad_token_id, dtype=torch.int64)  # (B, L)
         input_ids[~is_pad] = torch.from_numpy(flat)  # row-major scatter: each row's tokens in order
-        return {**self._batch(input_ids, is_pad, _positions(is_pad), lengths_t), **self._passthrough(rows)}
+        batch = self._batch(input_ids, is_pad, _positions(is_pad), lengths_t, attention_mask=True)
+        return {**batch, **self._passthrough(rows)}
 
     def _flat_ids(self, rows: Sequence[Row]) -> tuple[np.ndarray, np.ndarray]:
         """All rows' ids concatenated, and the row lengths, converted once for the whole batch.
@@ -218,6 +242,17 @@ def _positions(is_pad: Tensor) -> Tensor:
     return (real.cumsum(-1) - 1).clamp_(min=0).masked_fill_(is_pad, 0)
 
 
+def _flat_segment_bounds(position_ids: Tensor) -> Tensor:
+    """Segment starts in the flattened (B * L,) tokens, and B * L: (B, L) int64 -> (N + 1,) int32.
+
+    A segment starts wherever the position is 0: at every document, and at every pad token (positions are 0 on
+    padding), so each pad is a segment of its own. A row always starts with a document, so no segment crosses rows.
+    """
+    flat = position_ids.reshape(-1)  # (B * L,)
+    starts = (flat == 0).nonzero().reshape(-1)  # (N,)
+    return torch.cat([starts, starts.new_tensor([flat.numel()])]).to(torch.int32)
+
+
 def first_fit_pack(lengths: Sequence[int], capacity: int) -> list[list[int]]:
     """Indices of documents per row, first-fit decreasing: longest first, each into the first row with room.
 
@@ -249,26 +284,43 @@ class PackCollator(_Collator):
     output row each. Otherwise the batch's documents are packed first-fit decreasing (:func:`first_fit_pack`),
     so B out may differ from B in.
 
+    A packed batch has no ``attention_mask``: a transformers model would read it as padding only and attend
+    across documents. Fed as ``model(**batch, use_cache=False)``, a transformers causal LM finds the documents
+    from ``position_ids`` and gives the per-document loss (see the module docstring; with a KV cache, which
+    ``use_cache=True`` creates, it ignores ``position_ids`` and attends across documents).
+
     Args:
         max_length: row length (positions restart per document, so it bounds the position table too).
         long_documents: a document longer than ``max_length``: ``"split"`` (default) into ``max_length``
             chunks, each a document of its own; ``"error"`` raises naming the row; ``"truncate"`` keeps the first
             ``max_length`` tokens.
+        return_flash_attn_kwargs: also emit transformers' flash-attention varlen keys ``cu_seq_lens_q``,
+            ``cu_seq_lens_k`` (int32) and ``max_length_q``, ``max_length_k`` (Python ints), as
+            ``transformers.DataCollatorWithFlattening`` does. transformers' flash path flattens the (B, L) batch
+            to B * L tokens and runs one varlen call over them, so the segments cover every token, row by row:
+            each document, and each pad token as a segment of length 1 (pads see only themselves, and carry
+            label -100). These are the segments transformers itself reads from these ``position_ids``
+            (``prepare_fa_kwargs_from_position_ids``), so flash, sdpa and eager models see the same documents.
+            Without them a flash-attention model separates documents only when B = 1.
 
     Example, ``max_length=6, pad_to_multiple_of=2`` (L = the fullest row, rounded up), documents [5, 6, 7], [8, 9]::
 
         input_ids     [5 6 7 8 9 0]      document_ids [0 0 0 1 1 -1]     position_ids [0 1 2 0 1 0]
         labels        [-100 6 7 -100 9 -100]                             cu_seqlens   [0 3 5]
+        with return_flash_attn_kwargs:   cu_seq_lens_q [0 3 5 6]         max_length_q 3
     """
 
     max_length: int = 0
     long_documents: Literal["split", "error", "truncate"] = "split"
+    return_flash_attn_kwargs: bool = False
 
     def __post_init__(self) -> None:
         super().__post_init__()
         _check_positive("max_length", self.max_length, optional=False)
         if self.long_documents not in ("split", "error", "truncate"):
             raise ValueError(f"long_documents must be 'split', 'error' or 'truncate', got {self.long_documents!r}")
+        if not isinstance(self.return_flash_attn_kwargs, bool):
+            raise TypeError(f"return_flash_attn_kwargs must be a bool, got {self.return_flash_attn_kwargs!r}")
 
     def __call__(self, rows: Sequence[Row]) -> dict[str, Any]:
         packed = self._packed_rows(rows)  # list of rows, each a list of documents (1-D tensors)
@@ -290,12 +342,18 @@ class PackCollator(_Collator):
         is_pad = document_ids < 0
         cu_seqlens = torch.zeros(len(doc_lengths) + 1, dtype=torch.int32)
         cu_seqlens[1:] = torch.tensor(doc_lengths).cumsum(0)
-        return {
-            **self._batch(input_ids, is_pad, position_ids, (~is_pad).sum(-1)),  # labels: -100 at document starts
+        out = {
+            # labels: -100 at document starts; no attention_mask (see the class docstring)
+            **self._batch(input_ids, is_pad, position_ids, (~is_pad).sum(-1), attention_mask=False),
             "document_ids": document_ids,
             "cu_seqlens": cu_seqlens,
             "max_seqlen": max(doc_lengths),
         }
+        if self.return_flash_attn_kwargs:
+            cu_seq_lens = _flat_segment_bounds(position_ids)  # (N + 1,) int32; documents are the longest segments
+            out.update(cu_seq_lens_q=cu_seq_lens, cu_seq_lens_k=cu_seq_lens)
+            out.update(max_length_q=out["max_seqlen"], max_length_k=out["max_seqlen"])
+        return out
 
     def _packed_rows(self, rows: Sequence[Row]) -> list[list[Tensor]]:
         sequences = self._sequences(rows)

@@ -166,12 +166,12 @@ def test_first_fit_pack_literal() -> None:
 
 
 def test_pack_literal_docstring_example() -> None:
+    """No attention_mask: Hugging Face models would read it as padding only and attend across documents."""
     batch = as_lists(PackCollator(max_length=6, pad_to_multiple_of=2)([[5, 6, 7], [8, 9]]))
     assert batch == {
         "input_ids": [[5, 6, 7, 8, 9, 0]],
         "labels": [[-100, 6, 7, -100, 9, -100]],
         "key_padding_mask": [[F, F, F, F, F, T]],
-        "attention_mask": [[1, 1, 1, 1, 1, 0]],
         "position_ids": [[0, 1, 2, 0, 1, 0]],
         "lengths": [5],
         "document_ids": [[0, 0, 0, 1, 1, -1]],
@@ -179,6 +179,33 @@ def test_pack_literal_docstring_example() -> None:
         "max_seqlen": 3,
     }
     assert PackCollator(max_length=6)([[5, 6, 7], [8, 9]])["cu_seqlens"].dtype == torch.int32
+
+
+def test_pack_flash_attn_kwargs_literal() -> None:
+    """transformers' varlen keys cover all B * L tokens row by row: documents, then each pad token on its own."""
+    collator = PackCollator(max_length=4, return_flash_attn_kwargs=True)
+    batch = collator([[1, 2, 3], [4, 5], [6, 7], [8], [9]])
+    assert batch["input_ids"].tolist() == [[1, 2, 3, 8], [4, 5, 6, 7], [9, 0, 0, 0]]
+    flash = {k: batch[k] for k in ("cu_seq_lens_q", "cu_seq_lens_k", "max_length_q", "max_length_k")}
+    assert as_lists(flash) == {
+        "cu_seq_lens_q": [0, 3, 4, 6, 8, 9, 10, 11, 12],
+        "cu_seq_lens_k": [0, 3, 4, 6, 8, 9, 10, 11, 12],
+        "max_length_q": 3,
+        "max_length_k": 3,
+    }
+    assert batch["cu_seq_lens_q"].dtype == batch["cu_seq_lens_k"].dtype == torch.int32
+    assert type(batch["max_length_q"]) is int and type(batch["max_length_k"]) is int  # no device sync to read
+    assert batch["cu_seqlens"].tolist() == [0, 3, 4, 6, 8, 9]  # mhaplug's own key: real tokens only
+    assert "cu_seq_lens_q" not in PackCollator(max_length=4)([[1, 2]])
+    with pytest.raises(TypeError, match="return_flash_attn_kwargs must be a bool, got 'yes'"):
+        PackCollator(max_length=4, return_flash_attn_kwargs="yes")  # type: ignore[arg-type]
+
+
+def reference_flash_segments(document_ids: torch.Tensor) -> torch.Tensor:
+    """cu_seq_lens from document_ids (B, L): a segment starts at each row, each document and each pad token."""
+    previous = torch.nn.functional.pad(document_ids, (1, 0), value=-2)[:, :-1]  # (B, L), -2 before each row
+    starts = ((document_ids != previous) | (document_ids < 0)).reshape(-1).nonzero().reshape(-1)
+    return torch.cat([starts, torch.tensor([document_ids.numel()])])
 
 
 def test_pack_boundaries_open_new_rows() -> None:
@@ -213,9 +240,13 @@ def test_pack_prepacked_rows_keep_their_documents() -> None:
 @given(lengths=st.lists(st.integers(1, 10), min_size=1, max_size=12), capacity=st.integers(10, 16))
 def test_property_packing_keeps_every_token_in_order(lengths: list[int], capacity: int) -> None:
     docs = [[1000 * (i + 1) + t for t in range(n)] for i, n in enumerate(lengths)]
-    batch = PackCollator(max_length=capacity)(docs)
+    batch = PackCollator(max_length=capacity, pad_to_multiple_of=4, return_flash_attn_kwargs=True)(docs)
     is_pad = batch["key_padding_mask"]
+    assert "attention_mask" not in batch
     assert (batch["lengths"] <= capacity).all()
+    cu_seq_lens = batch["cu_seq_lens_q"]
+    assert cu_seq_lens.tolist() == reference_flash_segments(batch["document_ids"]).tolist()
+    assert batch["max_length_q"] == int(cu_seq_lens.diff().max()) == max(lengths)
     seen = []
     for row, doc_ids, pos, labels in zip(batch["input_ids"], batch["document_ids"], batch["position_ids"], batch["labels"]):
         for d in doc_ids.unique().tolist():
