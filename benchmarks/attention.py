@@ -1,12 +1,27 @@
-"""Benchmark: forward + backward time and mask memory of each mhaplug strategy against nn.MultiheadAttention.
+"""Benchmark: forward + backward time and mask memory of mhaplug's strategies against nn.MultiheadAttention,
+in the calls users actually make.
 
-Causal self-attention, B=8, E=128, H=4 (D=32), right padding (~40% of tokens), one set of weights for every row:
-``nn.MultiheadAttention`` as users call it today (``need_weights=True`` by default, ``key_padding_mask`` plus a
-float causal ``attn_mask``), the same with ``need_weights=False``, bare ``F.scaled_dot_product_attention(
-is_causal=True)`` with no padding mask (same projections), and each strategy in ``mhaplug.STRATEGIES`` called as
-``mha(x, x, x, key_padding_mask=kpm, need_weights=False, is_causal=True)``. Mask memory is the storage (views
-count once) of the largest mask reaching an aten SDPA kernel op or ``aten.baddbmm`` in one forward, seen by a
-TorchDispatchMode, next to the mask handed to ``F.scaled_dot_product_attention`` (or the flex BlockMask).
+Causal self-attention, B=8, E=128, H=4 (D=32), right padding (~40% of tokens), one set of weights for every row.
+
+1. **Call patterns** (every row gets the same call; ``causal_kpm`` / ``causal_only`` also get ``is_causal=True``,
+   which they need):
+
+   - *torch default*: ``mha(x, x, x, key_padding_mask=kpm, attn_mask=causal)``, i.e. ``need_weights=True``;
+   - *need_weights=False*: the same with ``need_weights=False``;
+   - *nn.Transformer style*: ``attn_mask=causal, is_causal=True`` plus ``key_padding_mask``, ``need_weights=False``
+     (what ``nn.TransformerDecoderLayer`` passes with ``tgt_is_causal=True``).
+
+   ``causal`` is ``nn.Transformer.generate_square_subsequent_mask`` (float 0 / -inf), ``kpm`` a bool padding mask.
+2. **mhaplug's own call**: ``mha(x, x, x, key_padding_mask=kpm, is_causal=True, need_weights=False)`` for every
+   strategy, against ``nn.MultiheadAttention`` and bare ``F.scaled_dot_product_attention(is_causal=True)`` with no
+   padding mask (same projections).
+3. **A whole ``nn.TransformerDecoder``** (2 layers, self- and cross-attention) as torch builds it, and after
+   ``mhaplug.swap_attention(decoder, strategy)``, called with ``tgt_mask=causal, tgt_is_causal=True`` and both
+   padding masks.
+
+Mask memory is the storage (views count once) of the largest mask reaching an aten SDPA kernel op or
+``aten.baddbmm`` in one forward, seen by a TorchDispatchMode, next to the mask handed to
+``F.scaled_dot_product_attention`` (or the flex BlockMask).
 
 Run from the repository root::
 
@@ -20,6 +35,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import datetime
+import math
 import shlex
 import statistics
 import sys
@@ -39,7 +55,14 @@ from torch.utils._pytree import tree_leaves
 import mhaplug
 from _report import device_slug, markdown_table, write_report  # benchmarks/_report.py
 
-BATCH, EMBED, HEADS, SEED, WARMUP = 8, 128, 4, 0, 2
+BATCH, EMBED, HEADS, FFN, SEED, WARMUP = 8, 128, 4, 512, 0, 2
+GENERAL = ("auto", "merged_bool", "merged_additive")  # serve every call, for speed (reference: the ground truth)
+TORCH_ROW = "torch nn.MultiheadAttention"
+PATTERNS: dict[str, dict[str, object]] = {  # call pattern -> keyword arguments besides the padding and causal masks
+    "torch default": {},
+    "need_weights=False": {"need_weights": False},
+    "nn.Transformer style": {"need_weights": False, "is_causal": True},
+}
 DEFAULT_ROW, BARE_ROW = "nn.MultiheadAttention default (need_weights=True)", "bare SDPA is_causal (no padding mask)"
 NO_FLEX_BWD = "n/a (no Flex backward on CPU)"
 Forward = Callable[[Tensor], Tensor]  # x (B, L, E) -> out (B, L, E)
@@ -181,43 +204,125 @@ def time_round_robin(
 
 def bench_length(
     length: int, ref: nn.MultiheadAttention, mods: dict[str, mhaplug.MultiheadAttention], args: argparse.Namespace
-) -> tuple[list[list[str]], list[str], float]:
-    """Time and probe every configuration at one L; return table rows, notes and the pad fraction."""
+) -> tuple[list[list[str]], list[str], float, dict[str, float]]:
+    """Section 2 at one L: table rows, notes, the pad fraction and {row: row ms / bare SDPA ms}."""
     device = torch.device(args.device)
     x, kpm, causal = make_inputs(length, device)
     params = [p for m in (ref, *mods.values()) for p in m.parameters()]
-    results: dict[str, tuple[float | None, str, str, Tensor, str]] = {}  # ms, kernel, entry, out, peak MiB
-    notes: list[str] = []
-    rows = configurations(ref, mods, kpm, causal)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-    timings = time_round_robin(rows, x, kpm, params, args.repeats)
-    for name, fn in rows.items():
-        is_flex, (median_ms, with_backward), peak = name == "mhaplug flex", timings[name], ""
-        ms = median_ms if with_backward else None
-        if not with_backward:
-            notes.append(f"`{name}` forward only, under torch.no_grad() (eager Flex on CPU): {median_ms:.1f} ms median")
+    results = measure(configurations(ref, mods, kpm, causal), x, kpm, params, args.repeats)
+    base, bare = results[DEFAULT_ROW], results[BARE_ROW]
+    table, notes, over_bare = [], [], {}
+    for name, r in results.items():
+        timing = [NO_FLEX_BWD, "n/a", "n/a"]
+        if r["ms"] is None:
+            notes.append(f"`{name}` forward only, under torch.no_grad() (eager Flex on CPU): {r['forward_ms']:.1f} ms median")
+        else:
+            over_bare[name] = r["ms"] / bare["ms"]
+            timing = [f"{r['ms']:.1f}", f"{base['ms'] / r['ms']:.2f}x", f"{over_bare[name]:.2f}x"]
+        row = [name, *timing, str(r["kernel"]), str(r["entry"]), real_rows_diff(r["out"], base["out"], kpm)]
         if device.type == "cuda":
-            peak = f"{torch.cuda.max_memory_allocated(device) / 2**20:.0f} (all rows so far)"
+            row.append(f"{torch.cuda.max_memory_allocated(device) / 2**20:.0f} (all rows so far)")
+        table.append(row)
+    return table, notes, kpm.float().mean().item(), over_bare
+
+
+# ----------------------------------------------------------------------------------------------------------
+# 1. Call patterns: the same call for torch and for each strategy
+# ----------------------------------------------------------------------------------------------------------
+
+
+def pattern_rows(
+    pattern: str, ref: nn.MultiheadAttention, mods: dict[str, mhaplug.MultiheadAttention], kpm: Tensor, causal: Tensor
+) -> dict[str, Forward]:
+    call = {"key_padding_mask": kpm, "attn_mask": causal, **PATTERNS[pattern]}
+    rows: dict[str, Forward] = {TORCH_ROW: lambda x: ref(x, x, x, **call)[0]}  # type: ignore[arg-type]
+    for name, mha in mods.items():
+        if name == "flex":  # no backward on CPU; its forward is timed in section 2
+            continue
+        own = {**call, "is_causal": True} if mhaplug.attention.CAPABILITIES[name].needs_is_causal else call
+        rows[f"mhaplug {name}"] = lambda x, m=mha, c=own: m(x, x, x, **c)[0]  # type: ignore[arg-type]
+    return rows
+
+
+def measure(rows: dict[str, Forward], x: Tensor, kpm: Tensor, params: list[nn.Parameter], repeats: int) -> dict[str, dict]:
+    """Median ms (None without a backward), masks reaching the kernel and the F.sdpa entry, output, per row."""
+    timings = time_round_robin(rows, x, kpm, params, repeats)
+    results = {}
+    for name, fn in rows.items():
+        median_ms, with_backward = timings[name]
         # One more forward to see the masks. Flex goes through torch.compile even in eager mode, which refuses a
         # Python dispatch mode: for flex the BlockMask is what reaches the kernel.
+        is_flex = name == "mhaplug flex"
         entry, kernel = EntryMasks(), KernelMasks()
-        with torch.enable_grad() if ms is not None else torch.no_grad(), entry.watching():
+        with torch.enable_grad() if with_backward else torch.no_grad(), entry.watching():
             with contextlib.nullcontext() if is_flex else kernel:
                 out = fn(x).detach()
-        results[name] = (ms, str(entry if is_flex else kernel), str(entry), out, peak)
+        results[name] = {
+            "ms": median_ms if with_backward else None, "forward_ms": median_ms, "kernel": entry if is_flex else kernel,
+            "entry": entry, "out": out,
+        }
+    return results
 
-    base_ms, bare_ms, base_out = results[DEFAULT_ROW][0], results[BARE_ROW][0], results[DEFAULT_ROW][3]
-    assert base_ms is not None and bare_ms is not None
+
+def real_rows_diff(out: Tensor, base: Tensor, kpm: Tensor) -> str:
+    return f"{(out - base).abs().masked_fill(kpm[..., None], 0.0).max().item():.1e}"
+
+
+def bench_patterns(
+    length: int, ref: nn.MultiheadAttention, mods: dict[str, mhaplug.MultiheadAttention], args: argparse.Namespace
+) -> tuple[list[list[str]], dict[tuple[str, str], float]]:
+    """One table row per implementation: ms and speed vs torch for each pattern, and the nn.Transformer-style
+    call's kernel mask bytes and difference from torch. Also {(pattern, row): torch ms / row ms}."""
+    device = torch.device(args.device)
+    x, kpm, causal = make_inputs(length, device)
+    params = [p for m in (ref, *mods.values()) for p in m.parameters()]
+    per_pattern = {pattern: measure(pattern_rows(pattern, ref, mods, kpm, causal), x, kpm, params, args.repeats)
+                   for pattern in PATTERNS}
+    ratios: dict[tuple[str, str], float] = {}
     table = []
-    for name, (ms, kernel_bytes, entry_bytes, out, peak) in results.items():
-        diff = (out - base_out).abs().masked_fill(kpm[..., None], 0.0).max().item()
-        timing = [NO_FLEX_BWD, "n/a", "n/a"]
-        if ms is not None:
-            timing = [f"{ms:.1f}", f"{base_ms / ms:.2f}x", f"{ms / bare_ms:.2f}x"]
-        row = [name, *timing, kernel_bytes, entry_bytes, f"{diff:.1e}"]
-        table.append(row + ([peak] if device.type == "cuda" else []))
-    return table, notes, kpm.float().mean().item()
+    last = list(PATTERNS)[-1]
+    for name in per_pattern[last]:
+        row = [name]
+        for pattern, results in per_pattern.items():
+            ms, base = results[name]["ms"], results[TORCH_ROW]["ms"]
+            ratios[(pattern, name)] = base / ms
+            row += [f"{ms:.1f}", f"{base / ms:.2f}x"]
+        styled = per_pattern[last]
+        row += [str(styled[name]["kernel"]), real_rows_diff(styled[name]["out"], styled[TORCH_ROW]["out"], kpm)]
+        table.append(row)
+    return table, ratios
+
+
+# ----------------------------------------------------------------------------------------------------------
+# 3. A whole nn.TransformerDecoder, as torch builds it and after swap_attention
+# ----------------------------------------------------------------------------------------------------------
+
+
+def bench_decoder(length: int, args: argparse.Namespace) -> tuple[list[list[str]], dict[str, float]]:
+    device = torch.device(args.device)
+    x, kpm, causal = make_inputs(length, device)
+    torch.manual_seed(SEED)
+    layer = nn.TransformerDecoderLayer(EMBED, HEADS, dim_feedforward=FFN, dropout=0.0, batch_first=True, device=device)
+    decoders = {TORCH_ROW.replace("MultiheadAttention", "TransformerDecoder"): nn.TransformerDecoder(layer, num_layers=2)}
+    for strategy in GENERAL + ("reference",):
+        swapped = nn.TransformerDecoder(layer, num_layers=2)
+        swapped.load_state_dict(next(iter(decoders.values())).state_dict())
+        mhaplug.swap_attention(swapped, strategy)
+        decoders[f"swap_attention(decoder, {strategy!r})"] = swapped
+    call = {"tgt_mask": causal, "tgt_is_causal": True, "tgt_key_padding_mask": kpm, "memory_key_padding_mask": kpm}
+    rows: dict[str, Forward] = {name: (lambda x, d=d: d(x, x, **call)) for name, d in decoders.items()}
+    params = [p for d in decoders.values() for p in d.parameters()]
+    results = measure(rows, x, kpm, params, args.repeats)
+    base_name = next(iter(rows))
+    base = results[base_name]
+    table, ratios = [], {}
+    for name, r in results.items():
+        ratios[name] = base["ms"] / r["ms"]
+        table.append([name, f"{r['ms']:.1f}", f"{ratios[name]:.2f}x", str(r["kernel"]), str(r["entry"]),
+                      real_rows_diff(r["out"], base["out"], kpm)])
+    return table, ratios
 
 
 def profile_table(fn: Forward, x: Tensor, kpm: Tensor, rows: int = 8) -> str:
@@ -250,7 +355,8 @@ def main(argv: list[str] | None = None) -> None:
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         sys.exit("--device cuda asked for, but torch.cuda.is_available() is False")
-    warnings.filterwarnings("ignore", message=".*mismatched key_padding_mask and attn_mask")  # bool kpm + float mask
+    # Users' own calls mix a bool padding mask with nn.Transformer's float causal mask; torch warns on each.
+    warnings.filterwarnings("ignore", message=".*mismatched (key_padding_mask|tgt_key_padding_mask) and")
     warnings.filterwarnings("ignore", message="flex_attention called without torch.compile")  # eager flex on CPU
     torch.manual_seed(SEED)
     ref = nn.MultiheadAttention(EMBED, HEADS, batch_first=True, device=device)
@@ -261,11 +367,8 @@ def main(argv: list[str] | None = None) -> None:
     slug = device_slug(device)
     name = f"attention-{slug}{'-quick' if args.quick else ''}.md"
     out_path = args.out or Path(__file__).resolve().parent / "results" / name
-    header = ["configuration", "fwd+bwd ms (median)", "speed-up vs nn.MHA default", "time / bare SDPA is_causal"]
-    header += ["mask bytes reaching kernel", "mask bytes passed to F.sdpa / BlockMask"]
-    header += ["max abs diff vs nn.MHA (real rows)"] + (["peak MiB"] if device.type == "cuda" else [])
     sections = [
-        "# Attention benchmark: mask strategies, forward + backward",
+        "# Attention benchmark: mask strategies in the calls users make, forward + backward",
         "",
         f"- command: `python {' '.join(shlex.quote(a) for a in sys.argv)}`",
         f"- torch {torch.__version__}, mhaplug {mhaplug.__version__}, device `{slug}`, "
@@ -274,24 +377,61 @@ def main(argv: list[str] | None = None) -> None:
         f"- B={BATCH}, E={EMBED}, H={HEADS}, D={EMBED // HEADS}, causal self-attention, right padding, float32; "
         f"median of {args.repeats} after {WARMUP} warm-up, rows timed in turn within each repeat; "
         f"lengths round(L * linspace(0.2, 1, B)); loss = sum of outputs over non-pad rows",
-        "- speed-up = nn.MHA default ms / row ms (higher is faster); time / bare = row ms / bare SDPA ms",
+        "- `vs torch` = torch's ms / row ms in the same call pattern (higher is faster; >= 1.00x: at least as fast)",
         "- mask bytes reaching kernel: storage of the largest `attn_mask`/`attn_bias` of an aten SDPA kernel op, or "
         "bias of `aten.baddbmm`, in one forward (torch turns a bool SDPA mask into float before its CPU kernel); "
-        "`reference` applies its mask with `masked_fill`, not counted. Passed to F.sdpa: the mask before that "
-        "conversion; for flex, the BlockMask's tensors (eager Flex on CPU still materialises the scores)",
+        "`reference` and the `need_weights=True` path apply their mask with `masked_fill`, not counted. Passed to "
+        "F.sdpa: the mask before that conversion; for flex, the BlockMask's tensors (eager Flex on CPU still "
+        "materialises the scores)",
     ]
     print("\n".join(sections), flush=True)
+    pattern_header = ["configuration"]
+    for pattern in PATTERNS:
+        pattern_header += [f"{pattern} ms", "vs torch"]
+    pattern_header += ["mask bytes reaching kernel (nn.Transformer style)", "max abs diff vs torch (real rows)"]
+    own_header = ["configuration", "fwd+bwd ms (median)", "speed-up vs nn.MHA default", "time / bare SDPA is_causal"]
+    own_header += ["mask bytes reaching kernel", "mask bytes passed to F.sdpa / BlockMask"]
+    own_header += ["max abs diff vs nn.MHA (real rows)"] + (["peak MiB"] if device.type == "cuda" else [])
+    decoder_header = ["nn.TransformerDecoder, 2 layers", "fwd+bwd ms", "vs torch", "largest mask reaching kernel",
+                      "largest mask passed to F.sdpa", "max abs diff vs torch (real rows)"]
+    worst: dict[str, tuple[float, str]] = {}  # general strategy -> (lowest speed vs torch, where)
+    over_bare_auto: dict[int, float] = {}
     for length in args.lengths:
-        table, notes, pad = bench_length(length, ref, mods, args)
-        block = ["", f"## L = S = {length} (pad fraction {pad:.3f})", "", markdown_table(header, table)]
+        patterns, ratios = bench_patterns(length, ref, mods, args)
+        own, notes, pad, over_bare = bench_length(length, ref, mods, args)
+        decoder, decoder_ratios = bench_decoder(length, args)
+        for (pattern, row), ratio in ratios.items():
+            strategy = row.removeprefix("mhaplug ")
+            if strategy in GENERAL and ratio < worst.get(strategy, (math.inf, ""))[0]:
+                worst[strategy] = (ratio, f"{pattern}, L={length}")
+        for row, ratio in decoder_ratios.items():
+            strategy = next((s for s in GENERAL if f"{s!r}" in row), None)
+            if strategy and ratio < worst[strategy][0]:
+                worst[strategy] = (ratio, f"nn.TransformerDecoder, L={length}")
+        over_bare_auto[length] = over_bare["mhaplug auto"]
+        block = ["", f"## L = S = {length} (pad fraction {pad:.3f})", "", "### 1. Call patterns", "",
+                 markdown_table(pattern_header, patterns), "", "### 2. mhaplug's own call (`is_causal=True`, no "
+                 "`attn_mask`)", "", markdown_table(own_header, own)]
         block += ["", *(f"- {n}" for n in notes)] if notes else []
+        block += ["", "### 3. A whole nn.TransformerDecoder, torch's and after `swap_attention`", "",
+                  markdown_table(decoder_header, decoder)]
         print("\n".join(block), flush=True)
         sections += block
+    block = ["", "## Targets", ""]
+    for strategy, (ratio, where) in worst.items():
+        verdict = "met" if ratio >= 1.0 else "NOT met"
+        block.append(f"- `{strategy}` at least 1.0x torch in every pattern: {verdict} (lowest {ratio:.2f}x: {where})")
+    for length, ratio in over_bare_auto.items():
+        verdict = "met" if ratio <= 1.1 else "NOT met"
+        block.append(f"- causal self-attention with padding (`auto`) within 1.1x of bare SDPA is_causal at L={length}: "
+                     f"{verdict} ({ratio:.2f}x)")
+    print("\n".join(block), flush=True)
+    sections += block
     # Where the time goes for the fastest padded-mask strategy at the largest L: the attention kernel itself.
     length = max(args.lengths)
     x, kpm, causal = make_inputs(length, device)
-    fn = configurations(ref, mods, kpm, causal)["mhaplug causal_kpm"]
-    block = ["", f"## Profile: mhaplug causal_kpm, L = {length}, one forward + backward", "", "```",
+    fn = configurations(ref, mods, kpm, causal)["mhaplug auto"]
+    block = ["", f"## Profile: mhaplug auto (causal_kpm), L = {length}, one forward + backward", "", "```",
              profile_table(fn, x, kpm).rstrip(), "```"]
     print("\n".join(block), flush=True)
     sections += block

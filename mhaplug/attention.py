@@ -3,21 +3,14 @@
 ``torch.nn.MultiheadAttention`` expands ``key_padding_mask`` (B, S) to (B*H, 1, S), adds it to ``attn_mask``
 and runs one softmax; the (B*H, L, S) float mask it builds keeps the fast kernels out, and query rows with
 nothing to attend to come out NaN. :class:`MultiheadAttention` takes the same arguments and weights, and merges
-the masks on the tensors' own device by one of these strategies (one function each below)::
-
-    strategy          what reaches the kernel                                    mask memory
-    reference         explicit safe softmax(q k^T / sqrt(D) + mask) v            B*L*S (+ scores)
-    torch_mha         torch's own MultiheadAttention.forward (NaN rows kept)     B*H*L*S float
-    merged_bool       one (B, 1, L, S) bool keep-mask to SDPA                    B*L*S bytes
-    merged_additive   one (B, 1, L, S) 0/-inf float mask to SDPA                 4*B*L*S bytes
-    causal_kpm        SDPA is_causal=True + (B, 1, 1, S) keep-mask               B*S bytes
-                      (merged_bool where the backend cannot take both)
-    causal_only       SDPA is_causal=True, padding ignored (right padding only)  0
-    flex              FlexAttention BlockMask from causal & not-pad predicates   O(blocks)
+the masks on the tensors' own device by one of the strategies in :data:`CAPABILITIES` (one function each
+below, one dispatch table). :func:`swap_attention` puts it into any model, ``nn.Transformer*`` included.
 
 Every strategy but ``torch_mha`` outputs exactly 0, with zero and finite gradients, for a query row that may
-attend no key. ``is_causal=True`` means "also apply a causal mask" (top-left aligned when L != S, as
-SDPA's), built on the device, alone or with ``attn_mask``; torch's is only a hint.
+attend no key. ``is_causal=True`` means "apply a causal mask" (top-left aligned when L != S, as SDPA's),
+built on the device; with a 2-D ``attn_mask`` it is torch's hint that the mask is causal, which the causal
+strategies verify and then replace by the causal kernel (:func:`mhaplug.masks.check_causal_hint`), and the
+merged strategies intersect with the mask.
 
 Shapes: B batch, L target (query) length, S source (key) length, E embed dim, H heads, D = E / H.
 """
@@ -27,7 +20,7 @@ from __future__ import annotations
 import functools
 import logging
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, fields, replace
 
 import torch
 import torch.nn.functional as F
@@ -35,19 +28,88 @@ from torch import Tensor, nn
 
 from mhaplug import masks
 
-__all__ = ["STRATEGIES", "MultiheadAttention"]
+__all__ = ["CAPABILITIES", "STRATEGIES", "Capabilities", "MultiheadAttention", "capability_table", "swap_attention"]
 
 logger = logging.getLogger(__name__)
 
-STRATEGIES: tuple[str, ...] = (
-    "reference",
-    "torch_mha",
-    "merged_bool",
-    "merged_additive",
-    "causal_kpm",
-    "causal_only",
-    "flex",
-)
+
+# ----------------------------------------------------------------------------------------------------------
+# What each strategy can serve: the one table the model, the config checks, the tests and the README read
+# ----------------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Capabilities:
+    """What one strategy can serve, and what it hands the kernel.
+
+    Attributes:
+        kernel: what reaches the attention kernel.
+        mask_memory: bytes of mask per call (B batch, H heads, L queries, S keys).
+        needs_is_causal: serves causal calls only (``is_causal=True``); raises for any other call.
+        document_masks: takes a packed row's document-causal ``attn_mask`` (B, 1, L, L), so it can train
+            ``data.layout=packed``.
+        left_padding: correct with a ``key_padding_mask`` that has pads before real tokens (left padding).
+        trains_on_cpu: has a backward on the CPU.
+        dropout: supports attention dropout.
+        returns_weights: ``need_weights=True`` returns attention weights (from the explicit softmax).
+        empty_rows_zero: a query row that may attend nothing outputs 0 with finite gradients (not NaN).
+    """
+
+    kernel: str
+    mask_memory: str
+    needs_is_causal: bool = False
+    document_masks: bool = True
+    left_padding: bool = True
+    trains_on_cpu: bool = True
+    dropout: bool = True
+    returns_weights: bool = True
+    empty_rows_zero: bool = True
+
+
+CAPABILITIES: dict[str, Capabilities] = {
+    "auto": Capabilities(
+        kernel="causal_kpm for causal calls, merged_bool for the others (`last_dispatch` says which)",
+        mask_memory="as the one chosen",
+    ),
+    "reference": Capabilities(kernel="explicit safe softmax(q k^T / sqrt(D) + mask) v", mask_memory="B*L*S (+ scores)"),
+    "torch_mha": Capabilities(
+        kernel="torch's own MultiheadAttention.forward (NaN rows kept)", mask_memory="B*H*L*S float",
+        empty_rows_zero=False,
+    ),
+    "merged_bool": Capabilities(kernel="one (B, 1, L, S) bool keep-mask to SDPA", mask_memory="B*L*S bytes"),
+    "merged_additive": Capabilities(kernel="one (B, 1, L, S) 0/-inf float mask to SDPA", mask_memory="4*B*L*S bytes"),
+    "causal_kpm": Capabilities(
+        kernel="SDPA is_causal=True + (B, 1, 1, S) keep-mask (merged_bool where the backend cannot take both)",
+        mask_memory="B*S bytes", needs_is_causal=True, document_masks=False,
+    ),
+    "causal_only": Capabilities(
+        kernel="SDPA is_causal=True, padding ignored", mask_memory="0", needs_is_causal=True, document_masks=False,
+        left_padding=False,
+    ),
+    "flex": Capabilities(
+        kernel="FlexAttention BlockMask from causal & not-pad (or document) predicates", mask_memory="O(blocks)",
+        trains_on_cpu=False, dropout=False,
+    ),
+}
+STRATEGIES: tuple[str, ...] = tuple(CAPABILITIES)
+DEFAULT_STRATEGY = "auto"
+
+
+def strategies_where(**flags: bool) -> tuple[str, ...]:
+    """Strategies whose capabilities have the given values, e.g. ``strategies_where(document_masks=True)``."""
+    return tuple(name for name, caps in CAPABILITIES.items() if all(getattr(caps, k) == v for k, v in flags.items()))
+
+
+def capability_table() -> str:
+    """:data:`CAPABILITIES` as a Markdown table (the README shows it; a test keeps the two equal)."""
+    flags = [f.name for f in fields(Capabilities) if f.type in ("bool", bool)]
+    header = ["strategy", "what reaches the kernel", "mask memory", *flags]
+    rows = [
+        [f"`{name}`", caps.kernel, caps.mask_memory, *("yes" if getattr(caps, flag) else "no" for flag in flags)]
+        for name, caps in CAPABILITIES.items()
+    ]
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    return "\n".join(lines + ["| " + " | ".join(row) + " |" for row in rows])
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -61,7 +123,7 @@ class _Call:
     k: Tensor  # (B, H, S + extra_keys, D)
     v: Tensor  # (B, H, S + extra_keys, D)
     key_padding_mask: Tensor | None  # (B, S), bool True = pad, or float
-    attn_mask: object  # (L, S) | (B*H, L, S) bool True = masked, or float; a BlockMask for flex; or None
+    attn_mask: object  # (L, S) | (B*H, L, S) | (B, 1|H, L, S) bool True = masked, or float; a BlockMask; or None
     is_causal: bool
     dropout_p: float
     src_len: int  # S, the caller's keys (without add_bias_kv / add_zero_attn columns)
@@ -88,6 +150,16 @@ class _Call:
             extra_visible_keys=self.extra_keys,
         )
 
+    def taking_causal_hint(self, strategy: str) -> _Call:
+        """For the causal strategies: a causal 2-D ``attn_mask`` with ``is_causal=True`` (what
+        ``nn.TransformerDecoderLayer`` passes) is checked to be causal and dropped, so the kernel gets
+        ``is_causal=True`` and nothing of size L x S. Other calls are returned as they are."""
+        attn_mask = self.attn_mask
+        if not (self.is_causal and isinstance(attn_mask, Tensor) and attn_mask.dim() == 2):
+            return self
+        masks.check_causal_hint(attn_mask, strategy=strategy)
+        return replace(self, attn_mask=None)
+
 
 def _sdpa(call: _Call, mask: Tensor | None = None, *, is_causal: bool = False) -> Tensor:
     return F.scaled_dot_product_attention(call.q, call.k, call.v, attn_mask=mask, dropout_p=call.dropout_p, is_causal=is_causal)
@@ -103,27 +175,49 @@ def _sdpa_guarded(call: _Call, mask: Tensor | None, *, additive: bool) -> Tensor
     return _sdpa(call, safe).masked_fill(~row_has_key, 0.0)  # (B, H, L, D)
 
 
-def explicit_attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, *, dropout_p: float = 0.0) -> tuple[Tensor, Tensor]:
-    """softmax(q k^T / sqrt(D) + mask) v, written out, with fully masked rows giving 0.
+def explicit_attention(
+    q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, *, dropout_p: float = 0.0
+) -> tuple[Tensor, Tensor, Tensor | None]:
+    """softmax(q k^T / sqrt(D) + mask) v, written out, for the attention weights (and as the ground truth).
+
+    Laid out as torch's own path is (batched matmuls over B*H), with two differences that make returning
+    weights cheaper than ``nn.MultiheadAttention``'s: the mask stays broadcast (B, 1, L, S) instead of torch's
+    (B*H, L, S) float copy, and it is applied to the scores in place, outside autograd. That is exact: adding a
+    constant does not change a gradient, and where the mask is -inf the softmax is 0, so the gradient there is 0
+    with or without the fill. (A float mask that itself requires grad, a learned bias, is added out of place.)
 
     Args:
         q: (B, H, L, D). k, v: (B, H, S, D).
         mask: keep mask (bool, True = may attend) or additive float, broadcastable to (B, H, L, S).
 
     Returns:
-        ``(out, weights)``: (B, H, L, D) and (B, H, L, S), weights after dropout as torch returns them.
+        ``(out, weights, row_has_key)``: out (B, H, L, D), exactly 0 in rows that may attend nothing; weights
+        (B, H, L, S) after dropout, as torch returns them, *not yet zeroed* in those rows (zero them with
+        ``weights.masked_fill(~row_has_key, 0)`` after any averaging, which is cheaper); row_has_key
+        (B, H|1, L|1, 1) bool, or None when nothing is masked.
     """
-    scores = (q * q.shape[-1] ** -0.5) @ k.transpose(-2, -1)  # (B, H, L, S); q scaled first, as torch does
+    batch, heads, tgt_len, head_dim = q.shape
+    src_len = k.shape[-2]
+    q3 = (q * head_dim**-0.5).reshape(batch * heads, tgt_len, head_dim)  # (B*H, L, D); scaled first, as torch
+    k3 = k.reshape(batch * heads, src_len, head_dim)  # (B*H, S, D)
+    v3 = v.reshape(batch * heads, src_len, v.shape[-1])  # (B*H, S, D)
+    scores = torch.bmm(q3, k3.transpose(1, 2))  # (B*H, L, S)
     row_has_key = None
     if mask is not None:
         safe, row_has_key = masks.guard_empty_rows(mask)
-        scores = scores.masked_fill(~safe, masks.NEG_INF) if safe.dtype == torch.bool else scores + safe
+        if safe.requires_grad:
+            scores = (scores.view(batch, heads, tgt_len, src_len) + safe).view(batch * heads, tgt_len, src_len)
+        else:
+            with torch.no_grad():  # bmm's backward does not read its output; see the docstring for why this is exact
+                view = scores.view(batch, heads, tgt_len, src_len)  # (B, H, L, S)
+                view.masked_fill_(safe.logical_not(), masks.NEG_INF) if safe.dtype == torch.bool else view.add_(safe)
     weights = scores.softmax(dim=-1)
-    if row_has_key is not None:
-        weights = weights.masked_fill(~row_has_key, 0.0)
     if dropout_p > 0.0:
         weights = F.dropout(weights, p=dropout_p)
-    return weights @ v, weights  # (B, H, L, D), (B, H, L, S)
+    out = torch.bmm(weights, v3).view(batch, heads, tgt_len, -1)  # (B, H, L, D)
+    if row_has_key is not None:
+        out = out.masked_fill(~row_has_key, 0.0)  # also stops every gradient into the opened rows
+    return out, weights.view(batch, heads, tgt_len, src_len), row_has_key
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -132,7 +226,7 @@ def explicit_attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, *, 
 
 
 def _reference(call: _Call) -> tuple[Tensor, str]:
-    out, _ = explicit_attention(call.q, call.k, call.v, call.merged(), dropout_p=call.dropout_p)
+    out, _, _ = explicit_attention(call.q, call.k, call.v, call.merged(), dropout_p=call.dropout_p)
     return out, "reference"
 
 
@@ -145,18 +239,28 @@ def _merged_additive(call: _Call) -> tuple[Tensor, str]:
     return _sdpa_guarded(call, call.merged(), additive=True), "merged_additive"
 
 
+def _fused_sdp_choice(q: Tensor, k: Tensor, v: Tensor, mask: Tensor, dropout_p: float) -> int:
+    return int(torch._fused_sdp_choice(q, k, v, mask, dropout_p, True))
+
+
+# The backend choice depends on shapes, dtypes, devices and flags only, which torch.compile / torch.export
+# guard on: they may take the (Python int) result as a constant instead of tracing into it.
+_fused_sdp_choice_constant = torch.compiler.assume_constant_result(_fused_sdp_choice)
+
+
 def sdpa_takes_mask_with_causal(q: Tensor, k: Tensor, v: Tensor, mask: Tensor, dropout_p: float) -> bool:
     """Whether the SDPA backend torch would pick accepts ``attn_mask`` together with ``is_causal=True``.
 
-    The math backend refuses the pair ("Explicit attn_mask should not be set when is_causal=True"); on this
-    CPU it is picked when attention dropout is on. Decided from shapes, dtypes and flags only: no sync.
+    The math backend refuses the pair ("Explicit attn_mask should not be set when is_causal=True"); on the CPU
+    it is picked when attention dropout is on. Decided from shapes, dtypes and flags only: no sync.
     """
-    choice = torch._fused_sdp_choice(q, k, v, mask, dropout_p, True)
-    return choice > int(torch.nn.attention.SDPBackend.MATH.value)
+    choose = _fused_sdp_choice_constant if torch.compiler.is_compiling() else _fused_sdp_choice
+    return choose(q, k, v, mask, dropout_p) > int(torch.nn.attention.SDPBackend.MATH.value)
 
 
 def _causal_kpm(call: _Call) -> tuple[Tensor, str]:
     _require_causal(call, "causal_kpm")
+    call = call.taking_causal_hint("causal_kpm")
     if call.extra_keys:
         return _fall_back(call, "add_bias_kv / add_zero_attn keys lie beyond SDPA's causal diagonal")
     mask = call.merged(is_causal=False)  # (B, 1, 1, S) for padding alone: B*S bytes
@@ -170,19 +274,20 @@ def _causal_kpm(call: _Call) -> tuple[Tensor, str]:
 
 
 def _fall_back(call: _Call, reason: str) -> tuple[Tensor, str]:
-    logger.debug("causal_kpm falls back to merged_bool: %s", reason)
-    out, _ = _merged_bool(call)
-    return out, "merged_bool"
+    if not torch.compiler.is_compiling():
+        logger.debug("causal_kpm falls back to merged_bool: %s", reason)
+    return _merged_bool(call)
 
 
 def _causal_only(call: _Call) -> tuple[Tensor, str]:
-    _check_causal_only(call)
+    call = _check_causal_only(call)
     # key_padding_mask is ignored by design: with right padding no pad key precedes a real query.
     return _sdpa(call, is_causal=True), "causal_only"
 
 
-def _check_causal_only(call: _Call) -> None:
+def _check_causal_only(call: _Call) -> _Call:
     _require_causal(call, "causal_only")
+    call = call.taking_causal_hint("causal_only")
     if call.key_padding_mask is not None and masks.has_pad_before_real_token(call.key_padding_mask):
         raise ValueError(
             "strategy='causal_only' ignores key_padding_mask, which is only correct with right padding, but this "
@@ -193,6 +298,7 @@ def _check_causal_only(call: _Call) -> None:
             "strategy='causal_only' applies SDPA's causal mask and nothing else, but this call also has an "
             "attn_mask or add_bias_kv/add_zero_attn keys; use strategy='causal_kpm' or 'merged_bool'"
         )
+    return call
 
 
 def _flex(call: _Call) -> tuple[Tensor, str]:
@@ -203,7 +309,7 @@ def _flex(call: _Call) -> tuple[Tensor, str]:
     if call.q.device.type == "cpu" and torch.is_grad_enabled() and any(t.requires_grad for t in (call.q, call.k, call.v)):
         raise NotImplementedError(
             "strategy='flex' has no backward on CPU (FlexAttention is forward-only there); train on CPU with "
-            "strategy='merged_bool' or 'causal_kpm', or run flex under torch.no_grad()"
+            "strategy='auto' or 'merged_bool', or run flex under torch.no_grad()"
         )
     if call.extra_keys:
         raise NotImplementedError("strategy='flex' does not support add_bias_kv / add_zero_attn; use strategy='merged_bool'")
@@ -238,15 +344,24 @@ def _flex_attention(device_type: str) -> Callable[..., Tensor]:
     return flex_attention if device_type == "cpu" else torch.compile(flex_attention, dynamic=False)
 
 
+def _auto(call: _Call) -> tuple[Tensor, str]:
+    # The causal kernel path for causal calls (it falls back to merged_bool itself where it must).
+    if call.is_causal:
+        return _causal_kpm(call.taking_causal_hint("auto"))
+    return _merged_bool(call)
+
+
 def _require_causal(call: _Call, strategy: str) -> None:
     if not call.is_causal:
         raise ValueError(
             f"strategy={strategy!r} serves causal self-attention and needs is_causal=True; this call has "
-            f"is_causal=False. Pass is_causal=True, or use strategy='merged_bool' for any mask"
+            f"is_causal=False. Pass is_causal=True, or use strategy='auto' (which also serves the non-causal "
+            f"calls of a model, with merged_bool) or 'merged_bool' for any mask"
         )
 
 
 _DISPATCH: dict[str, Callable[[_Call], tuple[Tensor, str]]] = {
+    "auto": _auto,
     "reference": _reference,
     "merged_bool": _merged_bool,
     "merged_additive": _merged_additive,
@@ -254,11 +369,19 @@ _DISPATCH: dict[str, Callable[[_Call], tuple[Tensor, str]]] = {
     "causal_only": _causal_only,
     "flex": _flex,
 }
+assert set(_DISPATCH) | {"torch_mha"} == set(CAPABILITIES), "every strategy has one row and one function"
 
 
 # ----------------------------------------------------------------------------------------------------------
 # The module
 # ----------------------------------------------------------------------------------------------------------
+
+
+def _stay_out_of_torch_fast_paths(module: nn.Module, args: tuple[object, ...]) -> None:
+    """A forward pre-hook that does nothing. ``nn.TransformerEncoderLayer``'s inference fast path reads the
+    attention's weights and never calls its ``forward``, unless a module in the layer has a hook (torch's
+    ``why_not_sparsity_fast_path``): this hook keeps every call, in training and in eval, on mhaplug's path."""
+    return None
 
 
 class MultiheadAttention(nn.MultiheadAttention):
@@ -269,15 +392,18 @@ class MultiheadAttention(nn.MultiheadAttention):
 
     Args:
         strategy: how ``key_padding_mask``, ``attn_mask`` and ``is_causal`` reach the kernel; one of
-            :data:`STRATEGIES` (see the module docstring). ``merged_bool``, the default, serves every call.
+            :data:`STRATEGIES` (see :data:`CAPABILITIES`). ``"auto"``, the default, serves every call: the causal
+            kernel path for causal calls, ``merged_bool`` for the others.
 
-    ``need_weights=True`` (torch's default) needs the explicit softmax, as in torch; pass
-    ``need_weights=False`` to reach the strategy's kernel. After each call, :attr:`last_dispatch` names what
-    served it: a strategy name, ``"merged_bool"`` when ``causal_kpm`` fell back, or ``"explicit"`` for
-    ``need_weights=True``.
+    ``need_weights=True`` (torch's default) is served by the explicit softmax, as in torch, at no more cost;
+    pass ``need_weights=False`` to reach the strategy's kernel. After each call, :attr:`last_dispatch` names
+    what served it: a strategy name (``"causal_kpm"`` or ``"merged_bool"`` under ``auto``, or when
+    ``causal_kpm`` falls back), or ``"explicit"`` for ``need_weights=True`` (eager calls; compiled graphs do not
+    update it).
 
-    Note: ``torch.nn.TransformerEncoderLayer``'s own inference fast path reads ``in_proj_weight`` directly and
-    never calls this ``forward``; use mhaplug's decoder, or call the layer in training mode.
+    Inside ``nn.TransformerEncoderLayer`` the layer's inference fast path would skip this ``forward``; a no-op
+    forward pre-hook keeps it out (see :func:`swap_attention`, which also turns off ``nn.TransformerEncoder``'s
+    nested-tensor conversion). ``torch.compile`` and ``torch.export`` work; ``torch.jit.script`` does not.
     """
 
     def __init__(
@@ -294,7 +420,7 @@ class MultiheadAttention(nn.MultiheadAttention):
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
         *,
-        strategy: str = "merged_bool",
+        strategy: str = DEFAULT_STRATEGY,
     ) -> None:
         for name, value in (("embed_dim", embed_dim), ("num_heads", num_heads)):
             if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
@@ -311,6 +437,31 @@ class MultiheadAttention(nn.MultiheadAttention):
         )
         self.strategy = strategy
         self.last_dispatch: str | None = None
+        self.register_forward_pre_hook(_stay_out_of_torch_fast_paths)
+
+    @classmethod
+    def from_torch(cls, mha: nn.MultiheadAttention, *, strategy: str = DEFAULT_STRATEGY) -> MultiheadAttention:
+        """An mhaplug layer that shares ``mha``'s parameters (the same ``nn.Parameter`` objects, so an optimizer
+        built on ``mha`` keeps training it), configuration, device, dtype and training mode."""
+        if not isinstance(mha, nn.MultiheadAttention):
+            raise TypeError(f"mha must be a torch.nn.MultiheadAttention, got {type(mha).__name__}")
+        new = cls(
+            mha.embed_dim,
+            mha.num_heads,
+            dropout=mha.dropout,
+            bias=mha.in_proj_bias is not None,
+            add_bias_kv=mha.bias_k is not None,
+            add_zero_attn=mha.add_zero_attn,
+            kdim=mha.kdim,
+            vdim=mha.vdim,
+            batch_first=mha.batch_first,
+            device=torch.device("meta"),  # no memory, no initialisation: every parameter is replaced below
+            strategy=strategy,
+        )
+        for name in new._parameters:
+            new._parameters[name] = mha._parameters[name]
+        new.out_proj = mha.out_proj
+        return new.train(mha.training)
 
     @property
     def strategy(self) -> str:
@@ -318,12 +469,18 @@ class MultiheadAttention(nn.MultiheadAttention):
 
     @strategy.setter
     def strategy(self, value: str) -> None:
-        if value not in STRATEGIES:
+        if value not in CAPABILITIES:
             raise ValueError(f"strategy must be one of {', '.join(STRATEGIES)}; got {value!r}")
         self._strategy = value
 
     def extra_repr(self) -> str:
         return f"embed_dim={self.embed_dim}, num_heads={self.num_heads}, batch_first={self.batch_first}, strategy={self.strategy!r}"
+
+    def __prepare_scriptable__(self) -> nn.Module:
+        raise NotImplementedError(
+            "mhaplug.MultiheadAttention does not support torch.jit.script (its strategies dispatch in Python); "
+            "use torch.compile(model) or torch.export.export(model, args), which both work"
+        )
 
     def forward(
         self,
@@ -347,7 +504,8 @@ class MultiheadAttention(nn.MultiheadAttention):
                 added to the scores. mhaplug also takes (B, 1, L, S) or (B, H, L, S), so a per-sequence mask
                 (packed documents) need not be copied per head; with ``strategy="flex"`` also a ``BlockMask``.
             average_attn_weights: average the weights over heads.
-            is_causal: also hide key j from query i for j > i, built on the device.
+            is_causal: apply a causal mask, built on the device; with a 2-D ``attn_mask``, torch's hint that the
+                mask is causal (checked by the causal strategies, intersected by the others).
 
         Returns:
             ``(output, weights)``: output shaped like ``query`` with E features; weights (B, L, S') averaged
@@ -390,20 +548,25 @@ class MultiheadAttention(nn.MultiheadAttention):
         )
         weights = None
         if need_weights:
-            out, weights = explicit_attention(call.q, call.k, call.v, self._weights_mask(call), dropout_p=call.dropout_p)
-            self.last_dispatch = "explicit"
+            out, weights, row_has_key = explicit_attention(call.q, call.k, call.v, self._weights_mask(call), dropout_p=call.dropout_p)
+            weights = _finish_weights(weights, row_has_key, average=average_attn_weights)
+            self._record_dispatch("explicit")
         else:
-            out, self.last_dispatch = _DISPATCH[self.strategy](call)
+            out, dispatch = _DISPATCH[self.strategy](call)
+            self._record_dispatch(dispatch)
 
         out = out.transpose(1, 2).reshape(batch_size, tgt_len, self.embed_dim)  # (B, L, E)
         out = F.linear(out, self.out_proj.weight, self.out_proj.bias)
-        if weights is not None and average_attn_weights:
-            weights = weights.mean(dim=1)  # (B, L, S')
         if not is_batched:
             return out.squeeze(0), None if weights is None else weights.squeeze(0)
         if not self.batch_first:
             out = out.transpose(0, 1)  # (L, B, E)
         return out, weights
+
+    def _record_dispatch(self, dispatch: str) -> None:
+        # Eager calls only: a compiled or exported graph has no Python side effects to replay (and export warns).
+        if not torch.compiler.is_compiling():
+            self.last_dispatch = dispatch
 
     def _project(self, query: Tensor, key: Tensor, value: Tensor, self_attention: bool, same_kv: bool) -> tuple[Tensor, Tensor, Tensor]:
         """Input projections, packed where torch packs them (one matmul for self-attention)."""
@@ -430,12 +593,14 @@ class MultiheadAttention(nn.MultiheadAttention):
 
     def _weights_mask(self, call: _Call) -> Tensor | None:
         """The mask the strategy applies, for the explicit path that returns weights."""
-        if self.strategy == "causal_only":
-            _check_causal_only(call)
-            batch_size, num_heads, tgt_len = call.shape
-            return masks.causal_keep(tgt_len, call.src_len, device=call.q.device)  # (L, S): padding ignored
-        if self.strategy == "causal_kpm":
-            _require_causal(call, "causal_kpm")
+        strategy = self.strategy
+        if strategy == "causal_only":
+            call = _check_causal_only(call)
+            keep = masks.causal_keep(call.shape[2], call.src_len, device=call.q.device)  # padding ignored
+            return keep.view(1, 1, *keep.shape)  # (1, 1, L, S)
+        if strategy == "causal_kpm" or (strategy == "auto" and call.is_causal):
+            _require_causal(call, strategy)
+            call = call.taking_causal_hint(strategy)
         if not isinstance(call.attn_mask, (Tensor, type(None))):
             raise ValueError("need_weights=True cannot be served from a BlockMask; pass need_weights=False")
         return call.merged()
@@ -466,7 +631,7 @@ class MultiheadAttention(nn.MultiheadAttention):
                 device=query.device,
                 dtype=torch.bool if like is None else like.dtype,
             )
-        self.last_dispatch = "torch_mha"
+        self._record_dispatch("torch_mha")
         return super().forward(
             query,
             key,
@@ -477,6 +642,20 @@ class MultiheadAttention(nn.MultiheadAttention):
             average_attn_weights=average_attn_weights,
             is_causal=False,
         )
+
+
+def _finish_weights(weights: Tensor, row_has_key: Tensor | None, *, average: bool) -> Tensor:
+    """Weights (B, H, L, S) -> (B, L, S) averaged over heads or (B, H, L, S), 0 in rows that may attend nothing
+    (not NaN). Zeroing after the average touches H times less memory, unless emptiness differs per head."""
+    per_head_rows = row_has_key is not None and row_has_key.shape[1] > 1
+    if row_has_key is not None and (per_head_rows or not average):
+        weights = weights.masked_fill(~row_has_key, 0.0)
+    if not average:
+        return weights  # (B, H, L, S)
+    weights = weights.mean(dim=1)  # (B, L, S)
+    if row_has_key is not None and not per_head_rows:
+        weights = weights.masked_fill(~row_has_key[:, 0], 0.0)  # row_has_key[:, 0]: (B|1, L|1, 1)
+    return weights
 
 
 def _check_inputs(
@@ -492,7 +671,11 @@ def _check_inputs(
         if not isinstance(tensor, Tensor):
             raise TypeError(f"{name} must be a torch.Tensor, got {type(tensor).__name__}")
         if tensor.is_nested:
-            raise NotImplementedError(f"{name} is a nested tensor; mhaplug takes padded tensors with key_padding_mask")
+            raise NotImplementedError(
+                f"{name} is a nested tensor; mhaplug takes padded tensors with key_padding_mask. "
+                f"nn.TransformerEncoder makes nested tensors on its inference fast path: set "
+                f"encoder.use_nested_tensor = False, or use mhaplug.swap_attention(model), which does"
+            )
         if not tensor.is_floating_point():
             raise TypeError(f"{name} must be a floating point tensor, got dtype {tensor.dtype}")
     if query.dim() not in (2, 3):
@@ -518,7 +701,8 @@ def _check_inputs(
         expected = (batch_size, src_len) if is_batched else (src_len,)
         if tuple(key_padding_mask.shape) != expected:
             raise ValueError(
-                f"key_padding_mask must have shape {expected} (batch, source length), True = padding; "
+                f"key_padding_mask must have shape {expected} "
+                f"({'batch, source length' if is_batched else 'source length,'}), True = padding; "
                 f"got {tuple(key_padding_mask.shape)}"
             )
     if attn_mask is None:
@@ -544,3 +728,46 @@ def _check_inputs(
             + f"; got {tuple(attn_mask.shape)}"
         )
     return is_batched
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Into any model
+# ----------------------------------------------------------------------------------------------------------
+
+
+def swap_attention(model: nn.Module, strategy: str = DEFAULT_STRATEGY) -> dict[str, str]:
+    """Serve every ``torch.nn.MultiheadAttention`` in ``model`` with mhaplug's, in place; return what changed.
+
+    Each torch layer is replaced by :meth:`MultiheadAttention.from_torch`: the same parameters (the same
+    objects: an optimizer built before the swap keeps training them), device, dtype and training mode. mhaplug
+    layers already in the model get ``strategy``. ``nn.TransformerEncoder``'s inference fast path, which would
+    turn padded input into nested tensors and bypass the attention's ``forward``, is switched off
+    (``use_nested_tensor = False``), so that training and evaluation run the same strategy (no NaN rows in eval).
+
+    Returns:
+        ``{qualified module name: what was there before}``, e.g.
+        ``{"encoder.layers.0.self_attn": "torch.nn.MultiheadAttention", "encoder": "nested-tensor fast path off"}``.
+    """
+    if strategy not in CAPABILITIES:
+        raise ValueError(f"strategy must be one of {', '.join(STRATEGIES)}; got {strategy!r}")
+    if isinstance(model, nn.MultiheadAttention):
+        raise TypeError(
+            "swap_attention replaces the attention layers inside a model; for a bare nn.MultiheadAttention use "
+            "mhaplug.MultiheadAttention.from_torch(mha, strategy=...)"
+        )
+    changed: dict[str, str] = {}
+    for parent_name, parent in list(model.named_modules()):
+        prefix = f"{parent_name}." if parent_name else ""
+        for name, child in list(parent.named_children()):
+            if isinstance(child, MultiheadAttention):
+                if child.strategy != strategy:
+                    changed[prefix + name] = f"mhaplug.MultiheadAttention(strategy={child.strategy!r})"
+                    child.strategy = strategy
+            elif isinstance(child, nn.MultiheadAttention):
+                setattr(parent, name, MultiheadAttention.from_torch(child, strategy=strategy))
+                changed[prefix + name] = f"{type(child).__module__.replace('.modules.activation', '')}.{type(child).__name__}"
+        if isinstance(parent, nn.TransformerEncoder) and parent.use_nested_tensor:
+            parent.use_nested_tensor = False
+            changed[parent_name or "(model)"] = "nested-tensor fast path off"
+    logger.info("swap_attention(strategy=%r): %d change(s): %s", strategy, len(changed), changed)
+    return changed

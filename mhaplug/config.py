@@ -15,7 +15,7 @@ import torch
 from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig
 
-from mhaplug.attention import STRATEGIES
+from mhaplug.attention import CAPABILITIES, STRATEGIES, strategies_where
 from mhaplug.data import BATCHINGS, LAYOUTS, SOURCES
 
 __all__ = ["ConfigError", "SkipRun", "TrainConfig", "register_configs", "validate"]
@@ -72,7 +72,7 @@ class ModelConfig:
 
 @dataclass
 class AttentionConfig:
-    strategy: str = "causal_kpm"
+    strategy: str = "auto"
 
 
 @dataclass
@@ -106,46 +106,65 @@ def _choice(name: str, value: Any, allowed: tuple[str, ...], group: str | None =
 
 def invalid_combination(cfg: DictConfig) -> tuple[str, bool] | None:
     """Why this strategy / layout / padding / device cannot train correctly, and whether it can run at all
-    (``causal_only`` with left padding runs, and shows how wrong it is; the others cannot run), or None."""
+    (``causal_only`` with left padding runs, and shows how wrong it is; the others cannot run), or None.
+
+    Decided from the strategy's row in :data:`mhaplug.attention.CAPABILITIES`, so a new strategy needs no
+    change here."""
     strategy, data = cfg.attention.strategy, cfg.data
-    if data.layout == "packed" and data.padding_side == "left":
+    caps = CAPABILITIES[strategy]
+    packed, left = data.layout == "packed", data.padding_side == "left"
+    if packed and left:
         return (
             "data.padding_side=left has no effect with data.layout=packed (documents fill each row from the left, "
             "padding only ends a row); drop the padding_side override",
             False,
         )
-    if strategy == "causal_only" and data.padding_side == "left" and data.layout == "padded":
-        return (
-            "attention=causal_only ignores the padding mask, which is only correct with right padding; with "
-            "data.padding_side=left real tokens would attend the pads before them. Use attention=causal_kpm, or "
-            "data.padding_side=right",
-            True,
-        )
-    if strategy in ("causal_kpm", "causal_only") and data.layout == "packed":
+    if packed and not caps.document_masks:
         return (
             f"attention={strategy} applies a plain causal mask, so with data.layout=packed the documents of a row "
-            f"would attend each other. Use attention=merged_bool (or attention=flex on CUDA), or data.layout=padded",
+            f"would attend each other. Use attention={' or attention='.join(_usable(cfg, document_masks=True))}, "
+            f"or data.layout=padded",
             False,
         )
-    if strategy == "torch_mha" and (data.padding_side == "left" or data.layout == "packed"):
+    if left and not caps.left_padding:
         return (
-            "attention=torch_mha with "
-            + ("data.layout=packed" if data.layout == "packed" else "data.padding_side=left")
+            f"attention={strategy} ignores the padding mask, which is only correct with right padding; with "
+            f"data.padding_side=left real tokens would attend the pads before them. Use attention="
+            f"{' or attention='.join(_usable(cfg, left_padding=True, needs_is_causal=True))}, or data.padding_side=right",
+            True,
+        )
+    if (left or packed) and not caps.empty_rows_zero:
+        return (
+            f"attention={strategy} with "
+            + ("data.layout=packed" if packed else "data.padding_side=left")
             + ": some query rows have nothing to attend to (pads before the first real token, or a packed row's "
             "padding tail), and torch's MultiheadAttention returns NaN for them on its evaluation fast path (and "
             "with need_weights=True); the NaN spreads through the next layer into val/loss. Use an mhaplug "
-            "strategy: attention=causal_kpm (attention=merged_bool for packed rows)",
+            "strategy: attention=auto",
             True,
         )
-    if strategy == "flex" and not _cuda_training(cfg):
+    if not caps.trains_on_cpu and not _cuda_training(cfg):
         return (
-            "attention=flex trains on CUDA only (FlexAttention has no backward on CPU); this run has no CUDA "
-            "accelerator. Use attention=causal_kpm (or merged_bool for packed rows)",
+            f"attention={strategy} trains on CUDA only (no backward on CPU); this run has no CUDA accelerator. "
+            f"Use attention=auto",
             False,
         )
-    if strategy == "flex" and cfg.model.attn_dropout > 0:
-        return "attention=flex has no attention dropout; set model.attn_dropout=0 or use attention=merged_bool", False
+    if not caps.dropout and cfg.model.attn_dropout > 0:
+        return (
+            f"attention={strategy} has no attention dropout; set model.attn_dropout=0 or use attention=auto",
+            False,
+        )
     return None
+
+
+def _usable(cfg: DictConfig, **flags: bool) -> list[str]:
+    """Strategies with ``flags`` that also train here and are correct and finite everywhere, best first."""
+    cuda = _cuda_training(cfg)
+    return [
+        name
+        for name in strategies_where(**flags, empty_rows_zero=True)
+        if (cuda or CAPABILITIES[name].trains_on_cpu) and name != "reference" and CAPABILITIES[name].left_padding
+    ]
 
 
 def _cuda_training(cfg: DictConfig) -> bool:

@@ -23,6 +23,7 @@ import pytorch_lightning as pl
 import torch
 from torch import Tensor
 
+from mhaplug.attention import DEFAULT_STRATEGY
 from mhaplug.model import DecoderConfig, DecoderLM, lm_loss_sum
 
 __all__ = ["LitDecoderLM"]
@@ -52,7 +53,7 @@ class LitDecoderLM(pl.LightningModule):
         d_ff: int = 512,
         dropout: float = 0.0,
         attn_dropout: float = 0.0,
-        strategy: str = "causal_kpm",
+        strategy: str = DEFAULT_STRATEGY,
         tie_weights: bool = True,
         lr: float = 3e-3,
         weight_decay: float = 0.1,

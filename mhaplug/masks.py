@@ -28,8 +28,9 @@ Fully masked query rows are made safe with :func:`guard_empty_rows`: the kernel 
 backend can produce NaN for them) and the caller zeroes their output afterwards.
 
 No function on the merge path reads tensor values on the host: no ``.item()``, no data-dependent Python
-branch, so the merge never forces a host-device synchronisation. The NaN check of float masks runs only on
-CPU tensors (where it is free) or under ``torch.autograd.set_detect_anomaly(True)``.
+branch, so the merge never forces a host-device synchronisation and compiles without graph breaks. Input checks
+that need values (NaN in a float mask, left padding for ``causal_only``) run where :func:`host_read_is_free`;
+:func:`check_causal_hint` checks on the device (``torch._assert_async``) everywhere else.
 """
 
 from __future__ import annotations
@@ -40,6 +41,7 @@ from typing import Literal
 
 import torch
 from torch import Tensor
+from torch.utils.weak import WeakIdKeyDictionary
 
 __all__ = [
     "PaddingSide",
@@ -47,11 +49,14 @@ __all__ = [
     "add_causal_to_attn_mask",
     "attention_mask_from_is_pad",
     "causal_keep",
+    "check_causal_hint",
     "causal_row_has_key",
     "check_mask",
     "document_causal_keep",
     "guard_empty_rows",
     "has_pad_before_real_token",
+    "host_read_is_free",
+    "is_causal_attn_mask",
     "is_masked_from_keep",
     "is_pad_from_attention_mask",
     "is_pad_from_lengths",
@@ -69,6 +74,19 @@ NEG_INF = float("-inf")
 # ----------------------------------------------------------------------------------------------------------
 # Validation
 # ----------------------------------------------------------------------------------------------------------
+
+
+def host_read_is_free(tensor: Tensor) -> bool:
+    """Whether reading ``tensor``'s values on the host costs nothing worth avoiding: a CPU tensor in eager mode.
+
+    On an accelerator a read waits for the device (a host-device synchronisation); under ``torch.compile`` or
+    ``torch.export`` a Python branch on a value breaks the graph. Under ``torch.autograd.set_detect_anomaly``
+    the checks run anyway: that mode is for finding bugs, not for speed.
+    """
+    if torch.compiler.is_compiling():
+        return False
+    return tensor.device.type == "cpu" or torch.is_anomaly_enabled()
+
 
 
 def check_mask(mask: Tensor | None, *, name: str) -> None:
@@ -93,7 +111,7 @@ def check_mask(mask: Tensor | None, *, name: str) -> None:
             f"use {name}.bool(); for a Hugging Face attention_mask (1 = real token) use "
             f"mhaplug.masks.is_pad_from_attention_mask(attention_mask)."
         )
-    if mask.device.type == "cpu" or torch.is_anomaly_enabled():
+    if host_read_is_free(mask):
         if torch.isnan(mask).any():
             raise ValueError(
                 f"{name} contains NaN at {torch.isnan(mask).nonzero()[:4].tolist()} (first positions); "
@@ -170,10 +188,10 @@ def has_pad_before_real_token(is_pad: Tensor) -> bool:
     """Whether any row of a bool ``key_padding_mask`` (B, S) has a pad before a real token (left padding or a
     hole), where a causal mask alone would let real queries attend pads.
 
-    Checked on CPU tensors and under anomaly detection only (reading the answer on the host would force a
-    synchronisation on an accelerator); returns False otherwise.
+    Checked only where :func:`host_read_is_free` (reading the answer on the host would force a synchronisation
+    on an accelerator, and a graph break under a compiler); returns False otherwise.
     """
-    if is_pad.dtype != torch.bool or not (is_pad.device.type == "cpu" or torch.is_anomaly_enabled()):
+    if is_pad.dtype != torch.bool or not host_read_is_free(is_pad):
         return False
     return bool((is_pad[..., :-1] & ~is_pad[..., 1:]).any())
 
@@ -188,7 +206,6 @@ def lengths_from_is_pad(is_pad: Tensor) -> Tensor:
 # ----------------------------------------------------------------------------------------------------------
 
 
-@functools.lru_cache(maxsize=64)
 def causal_keep(tgt_len: int, src_len: int, *, device: torch.device | str | None = None) -> Tensor:
     """Causal keep mask (L, S), True = may attend, built on ``device`` and cached per (L, S, device).
 
@@ -201,10 +218,21 @@ def causal_keep(tgt_len: int, src_len: int, *, device: torch.device | str | None
         1 1 1 .           1 1
                           1 1
 
-    The tensor is shared by every caller: do not modify it in place.
+    The tensor is shared by every caller: do not modify it in place. Under ``torch.compile`` it is built in
+    the graph instead (a compiler folds it; a Python cache there would be traced through, with a warning).
     """
     device = torch.device(device) if device is not None else torch.device("cpu")
+    if torch.compiler.is_compiling():
+        return _build_causal_keep(tgt_len, src_len, device)
+    return _cached_causal_keep(tgt_len, src_len, device)
+
+
+def _build_causal_keep(tgt_len: int, src_len: int, device: torch.device) -> Tensor:
     return torch.ones(tgt_len, src_len, dtype=torch.bool, device=device).tril_()
+
+
+_cached_causal_keep = functools.lru_cache(maxsize=64)(_build_causal_keep)
+causal_keep.cache_clear = _cached_causal_keep.cache_clear  # type: ignore[attr-defined]  # as before, for tests
 
 
 def document_causal_keep(document_ids: Tensor) -> Tensor:
@@ -224,6 +252,58 @@ def document_causal_keep(document_ids: Tensor) -> Tensor:
     real_key = (document_ids >= 0)[:, None, :]  # (B, 1, L)
     causal = causal_keep(length, length, device=document_ids.device)
     return (same_doc & real_key & causal)[:, None]  # (B, 1, L, L)
+
+
+def is_causal_attn_mask(attn_mask: Tensor) -> Tensor:
+    """Whether an MHA ``attn_mask`` (L, S) is exactly the causal mask, as a 0-d bool tensor (no host read).
+
+    Causal means masked strictly above the diagonal (bool True, or float ``-inf``; ``finfo.min`` counts as masked,
+    as some libraries write it) and open on and below it (bool False, or float 0.0), top-left aligned as
+    :func:`causal_keep`. ``nn.Transformer.generate_square_subsequent_mask`` is causal::
+
+        causal (float)       not causal (a window)     not causal (a bias)
+        0 -inf -inf          0 -inf -inf              0   -inf -inf
+        0  0   -inf          0  0   -inf              0.5  0   -inf
+        0  0    0           -inf 0   0                0    0    0
+    """
+    tgt_len, src_len = attn_mask.shape
+    keep = causal_keep(tgt_len, src_len, device=attn_mask.device)  # (L, S)
+    if attn_mask.dtype == torch.bool:
+        return (attn_mask != keep).all()  # masked exactly where causal does not keep
+    masked = attn_mask <= torch.finfo(attn_mask.dtype).min  # -inf or finfo.min
+    return torch.where(keep, attn_mask == 0, masked).all()
+
+
+_CAUSAL_CHECKED: WeakIdKeyDictionary = WeakIdKeyDictionary()  # mask -> its _version when found causal
+
+
+def check_causal_hint(attn_mask: Tensor, *, strategy: str) -> None:
+    """Raise unless ``attn_mask`` (L, S) is the causal mask, for a call with ``is_causal=True``.
+
+    torch documents ``is_causal`` as a hint that ``attn_mask`` *is* the causal mask, and
+    ``nn.TransformerDecoderLayer`` passes both (``tgt_is_causal=True``). The causal strategies take the hint and
+    hand the kernel ``is_causal=True`` instead of the (L, S) mask, so the mask must really be causal: on the CPU
+    this raises a ``ValueError``; on an accelerator, or under a compiler, the check runs on the device
+    (``torch._assert_async``: no host-device synchronisation, the error surfaces asynchronously). A mask found
+    causal is remembered (per tensor and in-place version), so the layers of one model check it once.
+    """
+    if not host_read_is_free(attn_mask):
+        torch._assert_async(is_causal_attn_mask(attn_mask), _not_causal_message(strategy))
+        return
+    if _CAUSAL_CHECKED.get(attn_mask) == attn_mask._version:
+        return
+    if not bool(is_causal_attn_mask(attn_mask)):
+        raise ValueError(_not_causal_message(strategy))
+    _CAUSAL_CHECKED[attn_mask] = attn_mask._version
+
+
+def _not_causal_message(strategy: str) -> str:
+    return (
+        f"is_causal=True says attn_mask is the causal mask (torch's hint), and strategy={strategy!r} applies the "
+        f"causal kernel in its place, but this attn_mask is not causal (masked exactly above the diagonal: True or "
+        f"-inf there, False or 0.0 elsewhere). Pass is_causal=False to apply the mask as given, or use "
+        f"strategy='merged_bool' for the mask AND causal"
+    )
 
 
 def add_causal_to_attn_mask(

@@ -20,11 +20,11 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from mhaplug import masks
-from mhaplug.attention import STRATEGIES, MultiheadAttention
+from mhaplug.attention import DEFAULT_STRATEGY, STRATEGIES, MultiheadAttention, strategies_where
 
 __all__ = ["DecoderConfig", "DecoderLM", "PACKED_STRATEGIES"]
 
-PACKED_STRATEGIES = ("reference", "torch_mha", "merged_bool", "merged_additive", "flex")  # need a document mask
+PACKED_STRATEGIES = strategies_where(document_masks=True)  # packed rows need a document mask
 
 
 @dataclass
@@ -39,7 +39,7 @@ class DecoderConfig:
     d_ff: int = 512
     dropout: float = 0.0  # residual and MLP dropout
     attn_dropout: float = 0.0  # attention-weight dropout (not with flex)
-    strategy: str = "causal_kpm"
+    strategy: str = DEFAULT_STRATEGY
     tie_weights: bool = True
 
     def __post_init__(self) -> None:

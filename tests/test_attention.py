@@ -19,7 +19,8 @@ from mhaplug import attention as attention_module
 
 E, H = 16, 4
 INF = float("-inf")
-GENERAL = ("reference", "merged_bool", "merged_additive")  # serve any mask
+GENERAL = ("reference", "merged_bool", "merged_additive")  # serve any mask (is_causal + attn_mask: intersection)
+CAUSAL_HINT = ("auto", "causal_kpm", "causal_only")  # is_causal + 2-D attn_mask: the mask must be causal
 TORCH_EQUAL = ("reference", "torch_mha", "merged_bool", "merged_additive")
 
 
@@ -101,7 +102,7 @@ def make_case(kind: str, *, float_masks: bool, batch_first: bool, cross: bool, b
     return Case(query, key, value, kpm, attn, "causal" in kind, tgt, src)
 
 
-@pytest.mark.parametrize("strategy", GENERAL + ("torch_mha",))
+@pytest.mark.parametrize("strategy", ("auto", *GENERAL, "torch_mha"))
 @pytest.mark.parametrize("kind", MASK_KINDS)
 @pytest.mark.parametrize("float_masks", [False, True], ids=["bool", "float"])
 @pytest.mark.parametrize("batch_first", [True, False], ids=["bf", "lbe"])
@@ -112,6 +113,11 @@ def test_matches_torch(strategy: str, kind: str, float_masks: bool, batch_first:
     ours, ref = pair(strategy, batch_first=batch_first, **extra)
     case = make_case(kind, float_masks=float_masks, batch_first=batch_first, cross=cross)
     inputs = [case.query] if not cross else [case.query, case.key, case.value]
+    if strategy == "auto" and "attn2d" in kind and case.is_causal:  # a random 2-D mask is no causal mask
+        with pytest.raises(ValueError, match="this attn_mask is not causal"):
+            ours(case.query, case.key, case.value, key_padding_mask=case.kpm, attn_mask=case.attn, is_causal=True,
+                 need_weights=need_weights)
+        return
 
     out, weights = ours(case.query, case.key, case.value, key_padding_mask=case.kpm, attn_mask=case.attn,
                         is_causal=case.is_causal, need_weights=need_weights)
@@ -131,7 +137,8 @@ def test_matches_torch(strategy: str, kind: str, float_masks: bool, batch_first:
         assert weights is None and weights_ref is None
     for g, g_ref in zip(got, expected, strict=True):
         torch.testing.assert_close(g, g_ref, atol=1e-4, rtol=1e-4)
-    assert ours.last_dispatch == ("explicit" if need_weights and strategy != "torch_mha" else strategy)
+    served = {"auto": "causal_kpm" if case.is_causal else "merged_bool"}.get(strategy, strategy)
+    assert ours.last_dispatch == ("explicit" if need_weights and strategy != "torch_mha" else served)
 
 
 @pytest.mark.parametrize("strategy", TORCH_EQUAL)
@@ -241,8 +248,11 @@ def left_padded_batch(length: int = 6) -> tuple[Tensor, Tensor]:
     return torch.randn(4, length, E, requires_grad=True), kpm
 
 
-def valid_strategies(*, causal: bool) -> list[str]:
-    return list(GENERAL) + (["causal_kpm"] if causal else [])
+def valid_strategies(*, causal: bool, attn_2d: bool = False) -> list[str]:
+    """Strategies that serve a call; with is_causal and a 2-D attn_mask the causal ones need that mask causal."""
+    if causal and attn_2d:
+        return list(GENERAL)
+    return ["auto", *GENERAL] + (["causal_kpm"] if causal else [])
 
 
 @pytest.mark.parametrize("is_causal", [True, False], ids=["causal", "padding_only"])
@@ -360,7 +370,7 @@ def test_property_every_strategy_matches_reference_and_torch(
             attn = torch.randn(shape, generator=gen).masked_fill(attn, INF)
     x = torch.randn(batch, length, E, generator=gen)
     call = {"key_padding_mask": kpm, "attn_mask": attn, "is_causal": is_causal}
-    for strategy in valid_strategies(causal=is_causal):
+    for strategy in valid_strategies(causal=is_causal, attn_2d=mask_kind.endswith("2d")):
         compare_with_reference(strategy, x, **call)
 
     # torch agrees wherever it is finite (its SDPA path, training mode, no dropout).
@@ -468,7 +478,7 @@ def test_flex_takes_a_prebuilt_block_mask() -> None:
 def test_constructor_errors() -> None:
     with pytest.raises(ValueError, match=r"num_heads must divide embed_dim, got embed_dim=10 and num_heads=4; pick num_heads among \[1, 2, 5, 10\]"):
         MultiheadAttention(10, 4)
-    with pytest.raises(ValueError, match="strategy must be one of reference, torch_mha, merged_bool, merged_additive, causal_kpm, causal_only, flex; got 'fast'"):
+    with pytest.raises(ValueError, match="strategy must be one of auto, reference, torch_mha, merged_bool, merged_additive, causal_kpm, causal_only, flex; got 'fast'"):
         MultiheadAttention(E, H, strategy="fast")
     with pytest.raises(ValueError, match=r"dropout must be in \[0, 1\), got 1.5"):
         MultiheadAttention(E, H, dropout=1.5)
@@ -509,7 +519,8 @@ def test_forward_rejects_bad_shapes() -> None:
     [
         ("causal_only", {}, r"strategy='causal_only' serves causal self-attention and needs is_causal=True.*merged_bool"),
         ("causal_kpm", {}, r"strategy='causal_kpm' serves causal self-attention and needs is_causal=True.*merged_bool"),
-        ("causal_only", {"is_causal": True, "attn_mask": torch.zeros(5, 5, dtype=torch.bool)}, r"use strategy='causal_kpm' or 'merged_bool'"),
+        ("causal_kpm", {}, r"or use strategy='auto' \(which also serves the non-causal calls"),
+        ("causal_only", {"is_causal": True, "attn_mask": torch.zeros(2 * H, 5, 5, dtype=torch.bool)}, r"use strategy='causal_kpm' or 'merged_bool'"),
     ],
 )
 def test_strategy_that_cannot_serve_a_call_says_which_would(strategy: str, call: dict, message: str) -> None:
@@ -521,7 +532,7 @@ def test_strategy_that_cannot_serve_a_call_says_which_would(strategy: str, call:
 
 def test_flex_errors_name_a_working_strategy() -> None:
     x = torch.randn(2, 5, E, requires_grad=True)
-    with pytest.raises(NotImplementedError, match=r"strategy='flex' has no backward on CPU.*strategy='merged_bool'"):
+    with pytest.raises(NotImplementedError, match=r"strategy='flex' has no backward on CPU.*strategy='auto' or 'merged_bool'"):
         MultiheadAttention(E, H, batch_first=True, strategy="flex")(x, x, x, need_weights=False, is_causal=True)
     with pytest.raises(ValueError, match=r"strategy='flex' has no attention dropout; set dropout=0.0 or use strategy='merged_bool'"):
         MultiheadAttention(E, H, dropout=0.1, batch_first=True, strategy="flex")(X, X, X, need_weights=False)
@@ -529,11 +540,12 @@ def test_flex_errors_name_a_working_strategy() -> None:
 
 def test_public_names() -> None:
     assert mhaplug.MultiheadAttention is attention_module.MultiheadAttention
-    assert mhaplug.STRATEGIES == ("reference", "torch_mha", "merged_bool", "merged_additive", "causal_kpm", "causal_only", "flex")
+    assert mhaplug.STRATEGIES == ("auto", "reference", "torch_mha", "merged_bool", "merged_additive", "causal_kpm", "causal_only", "flex")
+    assert MultiheadAttention(E, H).strategy == "auto"
     assert isinstance(MultiheadAttention(E, H), nn.MultiheadAttention)
 
 
-@pytest.mark.parametrize("strategy", ["reference", "merged_bool", "merged_additive", "causal_kpm", "causal_only"])
+@pytest.mark.parametrize("strategy", ["auto", "reference", "merged_bool", "merged_additive", "causal_kpm", "causal_only"])
 def test_forward_and_backward_never_read_tensor_values(strategy: str) -> None:
     """On the meta device any host read of a value (.item(), ``if tensor:``) raises, and like an accelerator it
     is not CPU (so the CPU-only input checks stay off): passing proves the whole path, masks included, forward
@@ -545,6 +557,6 @@ def test_forward_and_backward_never_read_tensor_values(strategy: str) -> None:
     out, _ = mha(x, x, x, key_padding_mask=kpm, need_weights=False, is_causal=True)
     out.sum().backward()
     assert out.shape == (2, 5, E) and x.grad is not None and x.grad.shape == (2, 5, E)
-    assert mha.last_dispatch == ("merged_bool" if strategy == "causal_kpm" else strategy)
+    assert mha.last_dispatch == ("merged_bool" if strategy in ("auto", "causal_kpm") else strategy)
     with pytest.raises(RuntimeError, match="cannot be called on meta tensors"):
         bool(kpm.any())  # the premise: reading a value here fails
