@@ -20,6 +20,7 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
+from mhaplug.callbacks import MaskAudit
 from mhaplug.config import SkipRun, register_configs, validate
 
 log = logging.getLogger("mhaplug.train")
@@ -75,6 +76,9 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         betas=tuple(cfg.model.betas),
     )
     callbacks = [instantiate(c) for c in (cfg.callbacks or {}).values() if c is not None]
+    for callback in callbacks:
+        if isinstance(callback, MaskAudit):
+            callback.expected_failure = invalid_reason  # a run wrong on purpose records its failure, never raises
     logger = instantiate(cfg.logger) if cfg.logger else False
     trainer: pl.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=logger)
 
@@ -120,7 +124,14 @@ def _summary(cfg: DictConfig, trainer: pl.Trainer, model: Any, datamodule: Any, 
         "metrics_csv": metrics_csv,
         "checkpoint_dir": str(Path(checkpoint.dirpath)) if checkpoint is not None and checkpoint.dirpath else None,
         "data": dict(datamodule.stats),
+        "audit": _audit(trainer),
     }
+
+
+def _audit(trainer: pl.Trainer) -> dict[str, Any] | None:
+    """The step-0 mask audit of the run (``MaskAudit.report.as_dict()``), or None without the callback."""
+    report = next((c.report for c in trainer.callbacks if isinstance(c, MaskAudit)), None)
+    return None if report is None else report.as_dict()
 
 
 def _print_summary(summary: dict[str, Any], output_dir: Path) -> None:
@@ -136,12 +147,22 @@ def _print_summary(summary: dict[str, Any], output_dir: Path) -> None:
         f"train/loss {fmt(summary['final_train_loss'], '.4f')}",
         f"  real tokens/s {summary['real_tokens_per_sec']:,.0f}, pad fraction {summary['pad_fraction']:.1%}, "
         f"peak memory {fmt(summary['peak_memory_mb'], ',.0f')} MB",
+        f"  {_audit_line(summary['audit'], valid=summary['valid'])}",
         f"  logs: {output_dir}  checkpoints: {summary['checkpoint_dir']}",
         f"  compare runs: python -m mhaplug.compare {output_dir.parent if summary['run_name'] != 'default' else output_dir}",
     ]
     if not summary["valid"]:
         lines.insert(2, f"  INVALID on purpose: {summary['invalid_reason']}")
     print("\n".join(lines), flush=True)
+
+
+def _audit_line(audit: dict[str, Any] | None, *, valid: bool) -> str:
+    if audit is None:
+        return "mask audit: not run (no MaskAudit callback)"
+    if audit["passed"]:
+        checks = ", ".join(audit["checks"])
+        return f"mask audit: passed ({checks}; {audit['forwards']} forwards, {audit['seconds'] * 1e3:.0f} ms)"
+    return f"mask audit: FAILED {', '.join(audit['failed'])}" + ("" if valid else " (as expected: invalid on purpose)")
 
 
 register_configs()

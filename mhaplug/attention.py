@@ -165,6 +165,18 @@ def _sdpa(call: _Call, mask: Tensor | None = None, *, is_causal: bool = False) -
     return F.scaled_dot_product_attention(call.q, call.k, call.v, attn_mask=mask, dropout_p=call.dropout_p, is_causal=is_causal)
 
 
+def zero_rows(out: Tensor, row_has_key: Tensor) -> Tensor:
+    """``out`` (B, H, L, D) with the rows that may attend nothing set to 0 (row_has_key (B, H|1, L|1, 1)).
+
+    Filled in the (B, L, H, D) order that SDPA's output has in memory and the output projection reads: filling
+    (B, H, L, D) directly makes a (B, H, L, D)-contiguous copy, which costs a transposing copy after it and one
+    more in the backward.
+    """
+    if masks.host_read_is_free(row_has_key) and bool(row_has_key.all()):
+        return out  # every row sees a key (right padding, the common case): nothing to fill, checked for free
+    return out.transpose(1, 2).masked_fill(~row_has_key.transpose(1, 2), 0.0).transpose(1, 2)
+
+
 def _sdpa_guarded(call: _Call, mask: Tensor | None, *, additive: bool) -> Tensor:
     """SDPA with one merged mask; rows that may attend nothing are opened for the kernel, then zeroed."""
     if mask is None:
@@ -172,7 +184,7 @@ def _sdpa_guarded(call: _Call, mask: Tensor | None, *, additive: bool) -> Tensor
     safe, row_has_key = masks.guard_empty_rows(mask)
     if additive and safe.dtype == torch.bool:
         safe = masks.additive_from_keep(safe, call.q.dtype)
-    return _sdpa(call, safe).masked_fill(~row_has_key, 0.0)  # (B, H, L, D)
+    return zero_rows(_sdpa(call, safe), row_has_key)  # (B, H, L, D)
 
 
 def explicit_attention(
@@ -216,7 +228,7 @@ def explicit_attention(
         weights = F.dropout(weights, p=dropout_p)
     out = torch.bmm(weights, v3).view(batch, heads, tgt_len, -1)  # (B, H, L, D)
     if row_has_key is not None:
-        out = out.masked_fill(~row_has_key, 0.0)  # also stops every gradient into the opened rows
+        out = zero_rows(out, row_has_key)  # also stops every gradient into the opened rows
     return out, weights.view(batch, heads, tgt_len, src_len), row_has_key
 
 
@@ -270,7 +282,7 @@ def _causal_kpm(call: _Call) -> tuple[Tensor, str]:
         return _fall_back(call, "the SDPA backend for this call cannot take is_causal=True with attn_mask")
     batch_size, num_heads, tgt_len = call.shape
     row_has_key = masks.causal_row_has_key(mask, tgt_len, call.src_len, device=call.q.device)  # (B, 1, L, 1)
-    return _sdpa(call, mask, is_causal=True).masked_fill(~row_has_key, 0.0), "causal_kpm"
+    return zero_rows(_sdpa(call, mask, is_causal=True), row_has_key), "causal_kpm"
 
 
 def _fall_back(call: _Call, reason: str) -> tuple[Tensor, str]:
@@ -332,7 +344,7 @@ def _flex(call: _Call) -> tuple[Tensor, str]:
                 else masks.guard_empty_rows(keep)[1]
             )
     out = _flex_attention(call.q.device.type)(call.q, call.k, call.v, block_mask=block_mask)
-    return (out if row_has_key is None else out.masked_fill(~row_has_key, 0.0)), "flex"
+    return (out if row_has_key is None else zero_rows(out, row_has_key)), "flex"
 
 
 @functools.cache
@@ -572,6 +584,8 @@ class MultiheadAttention(nn.MultiheadAttention):
         """Input projections, packed where torch packs them (one matmul for self-attention)."""
         embed_dim = self.embed_dim
         bias = self.in_proj_bias
+        if self_attention and self._qkv_same_embed_dim:
+            return F.linear(query, self.in_proj_weight, bias).chunk(3, dim=-1)  # type: ignore[return-value]
         b_q, b_k, b_v = (None, None, None) if bias is None else bias.chunk(3)
         if not self._qkv_same_embed_dim:
             return (
@@ -580,8 +594,6 @@ class MultiheadAttention(nn.MultiheadAttention):
                 F.linear(value, self.v_proj_weight, b_v),
             )
         weight = self.in_proj_weight  # (3E, E)
-        if self_attention:
-            return F.linear(query, weight, bias).chunk(3, dim=-1)  # type: ignore[return-value]
         w_q, w_kv = weight.split([embed_dim, 2 * embed_dim])
         q = F.linear(query, w_q, b_q)
         if same_kv:
@@ -652,9 +664,9 @@ def _finish_weights(weights: Tensor, row_has_key: Tensor | None, *, average: boo
         weights = weights.masked_fill(~row_has_key, 0.0)
     if not average:
         return weights  # (B, H, L, S)
-    weights = weights.mean(dim=1)  # (B, L, S)
+    weights = weights.mean(dim=1)  # (B, L, S), a fresh tensor: filled in place (autograd records it)
     if row_has_key is not None and not per_head_rows:
-        weights = weights.masked_fill(~row_has_key[:, 0], 0.0)  # row_has_key[:, 0]: (B|1, L|1, 1)
+        weights.masked_fill_(~row_has_key[:, 0], 0.0)  # row_has_key[:, 0]: (B|1, L|1, 1)
     return weights
 
 

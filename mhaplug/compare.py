@@ -15,7 +15,11 @@ computation (same data, model, seed, steps, layout and batching): a correct mask
 cannot change the result, so valid runs of one key whose final val loss differs by more than ``--tolerance``
 reveal a mask bug, and the exit code is 1. Invalid runs (``valid: false``, kept to teach, such as
 ``causal_only`` with left padding, where real queries attend to pad keys) are expected to diverge: their
-difference is shown and never fails. Exit codes: 0 fine, 1 mismatch, 2 bad input.
+difference is shown and never fails.
+
+The ``audit`` column is the run's step-0 mask audit (:mod:`mhaplug.audit`, in ``summary.json``): ``pass``, or the
+checks that failed. A valid run that failed it has a mask bug (exit code 1); invalid runs are expected to fail it
+(``expected FAIL``). Exit codes: 0 fine, 1 mismatch or a valid run that failed the audit, 2 bad input.
 """
 
 from __future__ import annotations
@@ -35,8 +39,8 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal
 
-__all__ = ["Finding", "Run", "check_equivalence", "choose_baseline", "format_table", "load_runs", "main", "plot",
-           "read_curve", "summary_lines"]
+__all__ = ["Finding", "Run", "audit_cell", "audit_failures", "check_equivalence", "choose_baseline", "format_table",
+           "load_runs", "main", "plot", "read_curve", "summary_lines"]
 
 SUMMARY_FILE = "summary.json"
 METRICS_FILE = "metrics.csv"
@@ -72,6 +76,8 @@ class Run:
     wall_time_s: float | None = None
     steps: int | None = None
     metrics_csv: Path | None = None
+    audit_passed: bool | None = None  # None: no audit in summary.json (an older run, or no MaskAudit callback)
+    audit_failed: tuple[str, ...] = ()  # the audit's failed checks
     summary: dict[str, Any] = field(default_factory=dict, repr=False, compare=False)
 
 
@@ -161,10 +167,17 @@ def _load_summary(path: Path, root: Path) -> Run:
     numbers: dict[str, Any] = {key: None if data.get(key) is None else float(data[key]) for key in NUMBER_KEYS}
     numbers["steps"] = None if numbers["steps"] is None else int(numbers["steps"])
     texts = {key: str(data[key]) for key in ("strategy", "layout", "padding_side", "batching", "equivalence_key")}
+    audit = data.get("audit")
+    if audit is not None and not (isinstance(audit, dict) and isinstance(audit.get("passed"), bool)
+                                  and isinstance(audit.get("failed", []), list)):
+        raise ValueError(f"{path}: key 'audit' must be null or an object with 'passed': true|false and a list "
+                         f"'failed', got {audit!r}")
     run_dir = path.parent
     metrics = run_dir / data["metrics_csv"] if data.get("metrics_csv") else _find_metrics(run_dir)
     return Run(name=str(data["run_name"]) or _rel(run_dir, root), path=run_dir, valid=data["valid"], **texts,
-               **numbers, metrics_csv=metrics, summary=data)
+               **numbers, metrics_csv=metrics, summary=data,
+               audit_passed=None if audit is None else audit["passed"],
+               audit_failed=() if audit is None else tuple(map(str, audit.get("failed", []))))
 
 
 def _incomplete_run(run_dir: Path, root: Path) -> Run:
@@ -255,6 +268,21 @@ def choose_baseline(runs: Sequence[Run], name: str | None = None) -> Run | None:
     return min(pool, key=lambda r: r.real_tokens_per_sec or 0.0, default=None)
 
 
+def audit_cell(run: Run) -> str:
+    """The ``audit`` column: ``pass``, ``FAIL: <checks>`` (a valid run: a mask bug), ``expected FAIL: <checks>`` (an
+    invalid run, wrong on purpose), ``pass (invalid run)`` (its wrong mask changed nothing here), or ``-``."""
+    if run.audit_passed is None:
+        return "-"
+    if run.audit_passed:
+        return "pass" if run.valid else "pass (invalid run)"
+    return ("FAIL: " if run.valid else "expected FAIL: ") + ", ".join(run.audit_failed)
+
+
+def audit_failures(runs: Sequence[Run]) -> list[Run]:
+    """Valid runs that failed the mask audit: each has a mask bug."""
+    return [r for r in runs if r.complete and r.valid and r.audit_passed is False]
+
+
 def _loss(run: Run) -> float:
     return math.nan if run.final_val_loss is None else run.final_val_loss
 
@@ -265,7 +293,7 @@ def _fmt_delta(delta: float) -> str:
 
 
 HEADER = ("run", "strategy", "layout", "padding", "batching", "final val", "best val", "real tok/s", "speed-up",
-          "pad", "peak MB", "wall s", "check")
+          "pad", "peak MB", "wall s", "audit", "check")
 NUMERIC = range(5, 12)  # right-aligned columns
 
 
@@ -288,7 +316,7 @@ def format_table(runs: Sequence[Run], findings: Sequence[Finding], *, baseline: 
             r.name, r.strategy or "-", r.layout or "-", r.padding_side or "-", r.batching or "-",
             _num(r.final_val_loss, "{:.4f}"), _num(r.best_val_loss, "{:.4f}"), _num(r.real_tokens_per_sec, "{:,.0f}"),
             _num(speed_up, "{:.2f}x"), _num(None if r.pad_fraction is None else 100 * r.pad_fraction, "{:.1f}%"),
-            _num(r.peak_memory_mb, "{:.1f}"), _num(r.wall_time_s, "{:.1f}"), checks.get(r.name, "-"),
+            _num(r.peak_memory_mb, "{:.1f}"), _num(r.wall_time_s, "{:.1f}"), audit_cell(r), checks.get(r.name, "-"),
         ))
     if markdown:
         rows = [tuple(cell.replace("|", "\\|") for cell in row) for row in rows]
@@ -323,6 +351,17 @@ def summary_lines(runs: Sequence[Run], findings: Sequence[Finding], *, tolerance
         lines.append(f"equivalence: {len(keys)} group(s), {len(groups)} valid runs, all within {tolerance:g}")
     else:
         lines.append("equivalence: no two valid runs share an equivalence_key; nothing to compare")
+    failed = audit_failures(runs)
+    if failed:
+        lines.append(f"AUDIT FAILED: {len(failed)} valid run(s) failed the step-0 mask audit: "
+                     + "; ".join(f"{r.name} ({', '.join(r.audit_failed)})" for r in failed)
+                     + ". Pads, later tokens or other documents reach real positions: a mask bug.")
+    audited = [r for r in runs if r.complete and r.audit_passed is not None]
+    if audited and not failed:
+        passed = sum(r.valid and bool(r.audit_passed) for r in audited)
+        expected = sum(not r.valid and not r.audit_passed for r in audited)
+        lines.append(f"mask audit: {passed} valid run(s) passed"
+                     + (f", {expected} invalid run(s) failed as expected" if expected else ""))
     invalid = [f.run for f in findings if f.status in ("divergence", "invalid_equal", "invalid_alone")]
     if invalid:
         lines.append(f"{len(invalid)} invalid run(s) kept for teaching (valid=false), never a failure: "
@@ -423,7 +462,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (OSError, ValueError) as err:
         print(f"mhaplug.compare: error: {err}", file=sys.stderr)
         return 2
-    return 1 if any(f.status == "mismatch" for f in findings) else 0
+    return 1 if any(f.status == "mismatch" for f in findings) or audit_failures(runs) else 0
 
 
 if __name__ == "__main__":

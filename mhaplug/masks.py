@@ -448,6 +448,8 @@ def causal_row_has_key(mask: Tensor | None, tgt_len: int, src_len: int, *, devic
     keep = mask if mask.dtype == torch.bool else keep_from_additive(mask)
     if keep.shape[-2] == 1:
         seen_key = keep.cumsum(dim=-1) > 0  # (B, H|1, 1, S)
+        if tgt_len <= src_len:  # query i's last visible key is i
+            return seen_key[..., 0, :tgt_len].unsqueeze(-1)  # (B, H|1, L, 1)
         last_visible = torch.arange(tgt_len, device=device).clamp_(max=src_len - 1)  # (L,)
         return seen_key[..., 0, last_visible].unsqueeze(-1)  # (B, H|1, L, 1)
     return (keep & causal_keep(tgt_len, src_len, device=device)).any(dim=-1, keepdim=True)  # (B, H|1, L, 1)

@@ -19,9 +19,10 @@ CSV_HEADER = "epoch,step,train/loss,train/pad_fraction,train/real_tokens_per_sec
 
 def make_run(runs_dir: Path, rel: str, *, strategy: str = "merged_bool", final: float = 5.0, key: str = "k1",
              valid: bool = True, padding_side: str = "right", tokens: float | None = 1000.0, summary: bool = True,
-             hydra_overrides: list[str] | None = None, **extra: Any) -> Path:
+             hydra_overrides: list[str] | None = None, audit_failed: list[str] | None = None, **extra: Any) -> Path:
     """One run directory as training writes it: metrics.csv (train and val on separate rows, like Lightning's
-    CSVLogger) and, unless ``summary=False`` (a crashed run), summary.json."""
+    CSVLogger) and, unless ``summary=False`` (a crashed run), summary.json, with a mask audit that passed (failed
+    ``audit_failed`` checks if given; ``audit=None`` in ``extra``: a run without one)."""
     run_dir = runs_dir / rel
     metrics = run_dir / "csv" / "version_0" / "metrics.csv"
     metrics.parent.mkdir(parents=True)
@@ -36,9 +37,18 @@ def make_run(runs_dir: Path, rel: str, *, strategy: str = "merged_bool", final: 
                 "equivalence_key": key, "final_val_loss": final, "best_val_loss": final - 0.01,
                 "final_train_loss": 5.2, "real_tokens_per_sec": tokens, "padded_tokens_per_sec": 2000.0,
                 "pad_fraction": 0.375, "peak_memory_mb": 512.3, "wall_time_s": 61.2, "steps": 100,
-                "metrics_csv": "csv/version_0/metrics.csv", **extra}
+                "metrics_csv": "csv/version_0/metrics.csv", "audit": audit_summary(audit_failed or []), **extra}
         (run_dir / "summary.json").write_text(json.dumps(data))
     return run_dir
+
+
+def audit_summary(failed: list[str]) -> dict[str, Any]:
+    """The ``audit`` entry of summary.json as MaskAudit writes it (fewer checks)."""
+    checks = {name: {"passed": name not in failed, "max_change": 0.5 if name in failed else 0.0, "threshold": 1e-5,
+                     "positions": 40, "moved": 12 if name in failed else 0, "detail": "pad ids"}
+              for name in ("padding", "causality")}
+    return {"passed": not failed, "failed": failed, "checks": checks, "skipped": {}, "call": "LitDecoderLM(batch)",
+            "tolerance": 1e-4, "forwards": 3, "seconds": 0.01}
 
 
 @pytest.fixture
@@ -56,15 +66,15 @@ def test_table_has_every_run_and_value(equivalent: Path) -> None:
     table = compare.format_table(runs, findings, baseline=compare.choose_baseline(runs))
     assert table.splitlines() == [
         "run                                            strategy     layout  padding  batching  final val  best val"
-        "  real tok/s  speed-up    pad  peak MB  wall s  check",
+        "  real tok/s  speed-up    pad  peak MB  wall s  audit  check",
         "---------------------------------------------  -----------  ------  -------  --------  ---------  --------"
-        "  ----------  --------  -----  -------  ------  ----------------------",
+        "  ----------  --------  -----  -------  ------  -----  ----------------------",
         "attention=causal_kpm,data.padding_side=left    causal_kpm   padded  left     random       5.0008    4.9908"
-        "       2,500     2.50x  37.5%    512.3    61.2  ok (3 equivalent runs)",
+        "       2,500     2.50x  37.5%    512.3    61.2  pass   ok (3 equivalent runs)",
         "attention=merged_bool,data.padding_side=right  merged_bool  padded  right    random       5.0004    4.9904"
-        "       1,500     1.50x  37.5%    512.3    61.2  ok (3 equivalent runs)",
+        "       1,500     1.50x  37.5%    512.3    61.2  pass   ok (3 equivalent runs)",
         "attention=torch_mha,data.padding_side=right    torch_mha    padded  right    random       5.0000    4.9900"
-        "       1,000     1.00x  37.5%    512.3    61.2  ok (3 equivalent runs)",
+        "       1,000     1.00x  37.5%    512.3    61.2  pass   ok (3 equivalent runs)",
     ]
 
 
@@ -72,9 +82,10 @@ def test_equivalent_runs_within_tolerance_pass(equivalent: Path, capsys: pytest.
     assert compare.main([str(equivalent)]) == 0
     out = capsys.readouterr().out
     assert out.count("ok (3 equivalent runs)") == 3
-    assert out.splitlines()[-2:] == [
+    assert out.splitlines()[-3:] == [
         "speed-up: real tokens/s relative to attention=torch_mha,data.padding_side=right (1,000)",
         "equivalence: 1 group(s), 3 valid runs, all within 0.001",
+        "mask audit: 3 valid run(s) passed",
     ]
     # The same runs fail a tighter tolerance: 0.0008 apart at the extremes.
     assert compare.main([str(equivalent), "--tolerance", "5e-4"]) == 1
@@ -176,7 +187,7 @@ def test_markdown_and_sort_by_tokens(equivalent: Path, capsys: pytest.CaptureFix
         "| attention=torch_mha,data.padding_side=right  ",
     ]
     assert [line.split(" | ")[8] for line in lines[2:5]] == ["   1.00x", "   0.60x", "   0.40x"]
-    assert lines[-1] == "- equivalence: 1 group(s), 3 valid runs, all within 0.001"
+    assert lines[-2:] == ["- equivalence: 1 group(s), 3 valid runs, all within 0.001", "- mask audit: 3 valid run(s) passed"]
 
 
 def test_read_curve_skips_train_rows(equivalent: Path) -> None:
@@ -251,6 +262,45 @@ def test_module_runs_as_a_command(tmp_path: Path) -> None:
     assert result.stderr == ""
     lines = result.stdout.splitlines()
     assert lines[0].split() == ["run", "strategy", "layout", "padding", "batching", "final", "val", "best", "val",
-                                "real", "tok/s", "speed-up", "pad", "peak", "MB", "wall", "s", "check"]
+                                "real", "tok/s", "speed-up", "pad", "peak", "MB", "wall", "s", "audit", "check"]
     assert lines[2].endswith("MISMATCH vs attention=torch_mha,data.padding_side=right (+0.010)")
-    assert lines[-1].startswith("MISMATCH: 1 pair(s) of equivalent valid runs differ")
+    assert lines[-2].startswith("MISMATCH: 1 pair(s) of equivalent valid runs differ")
+    assert lines[-1] == "mask audit: 2 valid run(s) passed"
+
+
+def test_audit_column_shows_pass_expected_failures_and_runs_without_an_audit(equivalent: Path,
+                                                                           capsys: pytest.CaptureFixture[str]) -> None:
+    make_run(equivalent, "3", strategy="causal_only", final=5.25, valid=False, padding_side="left",
+             audit_failed=["padding", "loss"])
+    make_run(equivalent, "4", strategy="torch_mha", final=5.25, valid=False, audit=None)  # an older summary
+    make_run(equivalent, "5", strategy="causal_only", final=5.0, valid=False)  # wrong mask, changed nothing here
+    assert compare.main([str(equivalent), "--markdown"]) == 0
+    out = capsys.readouterr().out
+    rows = [[cell.strip() for cell in line.strip("| ").split(" | ")] for line in out.splitlines()[2:8]]
+    assert {row[0]: row[-2] for row in rows} == {
+        "attention=causal_kpm,data.padding_side=left": "pass",
+        "attention=merged_bool,data.padding_side=right": "pass",
+        "attention=torch_mha,data.padding_side=right (0)": "pass",
+        "attention=causal_only,data.padding_side=left": "expected FAIL: padding, loss",
+        "attention=torch_mha,data.padding_side=right (4)": "-",
+        "attention=causal_only,data.padding_side=right": "pass (invalid run)",
+    }
+    assert "mask audit: 3 valid run(s) passed, 1 invalid run(s) failed as expected" in out
+
+
+def test_a_valid_run_that_failed_the_audit_is_a_mask_bug(equivalent: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    make_run(equivalent, "3", strategy="flex", final=5.0, audit_failed=["documents"])  # only the audit sees it
+    assert compare.main([str(equivalent)]) == 1
+    out = capsys.readouterr().out
+    row = next(line for line in out.splitlines() if line.startswith("attention=flex"))
+    assert row.endswith("FAIL: documents  ok (4 equivalent runs)")
+    assert out.splitlines()[-1] == (
+        "AUDIT FAILED: 1 valid run(s) failed the step-0 mask audit: attention=flex,data.padding_side=right "
+        "(documents). Pads, later tokens or other documents reach real positions: a mask bug."
+    )
+
+
+def test_malformed_audit_entry_names_file_and_key(tmp_path: Path) -> None:
+    make_run(tmp_path, "0", audit="passed")
+    with pytest.raises(ValueError, match=r"0/summary.json: key 'audit' must be null or an object with 'passed'"):
+        compare.load_runs(tmp_path)

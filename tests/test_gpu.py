@@ -16,7 +16,7 @@ pytestmark = [
 ]
 
 E, H = 128, 4  # head dim 32: every CUDA SDPA backend takes it
-CUDA_STRATEGIES = ("merged_bool", "merged_additive", "causal_kpm")
+CUDA_STRATEGIES = ("auto", "merged_bool", "merged_additive", "causal_kpm")
 
 
 def batch(padding_side: str, dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, torch.Tensor]:
@@ -69,7 +69,45 @@ def test_mask_path_never_synchronises(strategy: str) -> None:
             out.sum().backward()
         finally:
             torch.cuda.set_sync_debug_mode("default")
-    assert mha.last_dispatch in (strategy, "merged_bool")
+    assert mha.last_dispatch in (strategy, "causal_kpm", "merged_bool")
+
+
+@pytest.mark.parametrize("strategy", ("auto", "causal_kpm"))
+def test_causal_hint_is_checked_on_the_device_without_a_sync(strategy: str) -> None:
+    """nn.TransformerDecoderLayer's call (a float causal attn_mask with is_causal=True): the causal strategies
+    check the mask with an asynchronous device assert, never read it on the host, and equal reference."""
+    x, kpm = batch("left")
+    causal = torch.nn.Transformer.generate_square_subsequent_mask(64, device="cuda")
+    expected, ref = run("reference", x, kpm)
+    mha = MultiheadAttention(E, H, batch_first=True, strategy=strategy, device="cuda")
+    mha.load_state_dict(ref.state_dict())
+    x = x.detach().clone().requires_grad_()
+    for sync_mode in ("default", "error"):
+        x.grad = None
+        mha.zero_grad()
+        torch.cuda.synchronize()
+        torch.cuda.set_sync_debug_mode(sync_mode)
+        try:
+            out, _ = mha(x, x, x, key_padding_mask=kpm, attn_mask=causal, is_causal=True, need_weights=False)
+            out.float().square().sum().backward()
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    torch.testing.assert_close(out, expected[0], atol=2e-4, rtol=2e-4)
+    torch.testing.assert_close(x.grad, expected[1], atol=2e-4, rtol=2e-4)
+    assert mha.last_dispatch in ("causal_kpm", "merged_bool")
+
+
+def test_audit_passes_on_cuda_in_bfloat16() -> None:
+    from mhaplug.audit import audit
+    from mhaplug.collate import PadCollator
+    from mhaplug.model import DecoderConfig, DecoderLM
+
+    rows = [list(range(3, 3 + n)) for n in (40, 7, 25, 1, 60, 12)]
+    batch_ = {k: v.cuda() if isinstance(v, torch.Tensor) else v for k, v in PadCollator(padding_side="left")(rows).items()}
+    model = DecoderLM(DecoderConfig(vocab_size=128, max_positions=64)).cuda()
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        report = audit(model, batch_)
+    assert report.passed, str(report)
 
 
 @pytest.mark.parametrize("packed", [False, True], ids=["padded", "packed"])

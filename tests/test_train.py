@@ -21,6 +21,7 @@ from hydra.errors import ConfigCompositionException, MissingConfigException
 from omegaconf import DictConfig
 
 import train as train_script
+from mhaplug.attention import STRATEGIES
 from mhaplug.config import ConfigError, SkipRun, validate
 from mhaplug.lit import LitDecoderLM
 
@@ -83,7 +84,8 @@ def test_a_misspelt_key_fails_when_the_config_is_composed(tmp_path: Path) -> Non
 
 
 def test_an_unknown_strategy_lists_the_allowed_ones(tmp_path: Path) -> None:
-    with pytest.raises(ConfigError, match="attention.strategy='fast' is not valid; allowed: reference, torch_mha, merged_bool, merged_additive, causal_kpm, causal_only, flex"):
+    allowed = ", ".join(STRATEGIES)  # the one list of strategies (mhaplug.attention), in its order
+    with pytest.raises(ConfigError, match=f"attention.strategy='fast' is not valid; allowed: {allowed} "):
         validate(config(tmp_path, "attention.strategy=fast"))
     with pytest.raises(MissingConfigException, match="attention/fast"):
         config(tmp_path, "attention=fast")
@@ -95,7 +97,7 @@ INVALID = [
     (["attention=torch_mha", "data.padding_side=left"], "attention=torch_mha with data.padding_side=left: .*returns NaN", True),
     (["attention=torch_mha", "data.layout=packed"], "attention=torch_mha with data.layout=packed: .*returns NaN", True),
     (["attention=causal_only", "data.padding_side=left"], "attention=causal_only ignores the padding mask.*Use attention=causal_kpm, or data.padding_side=right", True),
-    (["attention=causal_kpm", "data.layout=packed"], "attention=causal_kpm applies a plain causal mask.*Use attention=merged_bool", False),
+    (["attention=causal_kpm", "data.layout=packed"], "attention=causal_kpm applies a plain causal mask.*Use attention=.*merged_bool", False),
     (["attention=causal_only", "data.layout=packed"], "attention=causal_only applies a plain causal mask", False),
     (["data.layout=packed", "data.padding_side=left", "attention=merged_bool"], "data.padding_side=left has no effect with data.layout=packed", False),
     (["data.batching=token_budget"], r"data.batching=token_budget needs data.max_tokens .* data.max_tokens=4096", None),
@@ -128,7 +130,7 @@ def test_train_debug_run_writes_logs_checkpoints_and_summary(tmp_path: Path, cap
     cfg = config(tmp_path, "debug=fast", *FAST)
     summary = train_script.train(cfg)
     assert json.loads((tmp_path / "summary.json").read_text()) == summary
-    assert summary["steps"] == 6 and summary["strategy"] == "causal_kpm" and summary["valid"] is True
+    assert summary["steps"] == 6 and summary["strategy"] == cfg.attention.strategy and summary["valid"] is True
     assert math.log(512) * 0.8 < summary["final_val_loss"] < math.log(512) * 1.05  # near uniform after 6 steps
     assert summary["best_val_loss"] <= summary["final_val_loss"]
     assert 0.0 < summary["pad_fraction"] < 1.0 and summary["real_tokens_per_sec"] > 0
@@ -138,9 +140,26 @@ def test_train_debug_run_writes_logs_checkpoints_and_summary(tmp_path: Path, cap
         assert column(rows, name), name
     assert column(rows, "val/ppl")[-1] == pytest.approx(math.exp(column(rows, "val/loss")[-1]), rel=1e-5)
     restored = LitDecoderLM.load_from_checkpoint(tmp_path / "checkpoints" / "last.ckpt")
-    assert restored.hparams.strategy == "causal_kpm" and restored.hparams.vocab_size == 512
+    assert restored.hparams.strategy == cfg.attention.strategy and restored.hparams.vocab_size == 512
     out = capsys.readouterr().out
     assert "mhaplug run finished: 6 steps" in out and "pad fraction" in out and str(tmp_path) in out
+    audit = summary["audit"]  # step 0, by the MaskAudit callback of configs/callbacks/default.yaml
+    assert audit["passed"] is True and audit["failed"] == [] and audit["call"] == "LitDecoderLM(batch)"
+    assert list(audit["checks"]) == ["finite", "padding", "loss", "causality"] and "documents" in audit["skipped"]
+    assert column(rows, "audit/passed") == [1.0]
+    assert re.search(r"\n  mask audit: passed \(finite, padding, loss, causality; 3 forwards, \d+ ms\)\n", out)
+
+
+def test_a_teaching_run_records_its_audit_failure_and_trains(tmp_path: Path,
+                                                            capsys: pytest.CaptureFixture[str]) -> None:
+    """causal_only with left padding (on_invalid=run): the audit fails at step 0, as it should, and the run goes on."""
+    cfg = config(tmp_path, "debug=fast", *FAST, "attention=causal_only", "data.padding_side=left", "on_invalid=run",
+                 "trainer.max_steps=2", "trainer.val_check_interval=2")
+    summary = train_script.train(cfg)
+    assert summary["valid"] is False and summary["steps"] == 2
+    assert summary["audit"]["passed"] is False and summary["audit"]["failed"] == ["padding", "loss"]
+    assert summary["audit"]["checks"]["causality"]["passed"] is True  # causal_only is causal: only padding leaks
+    assert "  mask audit: FAILED padding, loss (as expected: invalid on purpose)\n" in capsys.readouterr().out
 
 
 def test_loss_is_normalised_by_the_tokens_of_the_whole_step(tmp_path: Path) -> None:
@@ -235,4 +254,15 @@ def test_quick_ablation_sweep_and_compare(tmp_path: Path) -> None:
     assert compare.returncode == 0, compare.stdout + compare.stderr
     assert "expected divergence" in compare.stdout and "MISMATCH" not in compare.stdout
     assert "equivalence: 2 group(s), 13 valid runs, all within 0.001" in compare.stdout  # padded 10, packed 3
+    # The step-0 mask audit: every valid run passed it, every teaching run failed it (and compare says so). The
+    # quick model has one layer, so torch_mha's NaN stays in the pad rows (its val loss is right) and only "finite"
+    # fails; with two layers it spreads to every check (tests/test_audit.py).
+    assert all(s["audit"]["passed"] for s in summaries if s["valid"])
+    failed = {f"{s['strategy']}/{s['layout']}/{s['padding_side']}": s["audit"]["failed"] for s in summaries}
+    assert {run: checks for run, checks in failed.items() if checks} == {
+        "causal_only/padded/left": ["padding", "loss"],
+        "torch_mha/packed/right": ["finite"],
+        "torch_mha/padded/left": ["finite"],
+    }
+    assert "mask audit: 13 valid run(s) passed, 3 invalid run(s) failed as expected" in compare.stdout
     assert (tmp_path / "ablation.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
