@@ -255,9 +255,13 @@ def _fused_sdp_choice(q: Tensor, k: Tensor, v: Tensor, mask: Tensor, dropout_p: 
     return int(torch._fused_sdp_choice(q, k, v, mask, dropout_p, True))
 
 
-# The backend choice depends on shapes, dtypes, devices and flags only, which torch.compile / torch.export
-# guard on: they may take the (Python int) result as a constant instead of tracing into it.
-_fused_sdp_choice_constant = torch.compiler.assume_constant_result(_fused_sdp_choice)
+@functools.cache
+def _mark_compile_constants() -> None:
+    """Tell torch.compile / torch.export that the SDPA backend choice is a constant of the traced graph: it
+    depends on shapes, dtypes, devices and flags only, which they guard on (a Python int from a torch op would
+    otherwise break the graph). Done when the first layer is built, not at import: it imports torch._dynamo
+    (about a second), which users of the collators alone need not pay."""
+    torch.compiler.assume_constant_result(_fused_sdp_choice)
 
 
 def sdpa_takes_mask_with_causal(q: Tensor, k: Tensor, v: Tensor, mask: Tensor, dropout_p: float) -> bool:
@@ -266,8 +270,7 @@ def sdpa_takes_mask_with_causal(q: Tensor, k: Tensor, v: Tensor, mask: Tensor, d
     The math backend refuses the pair ("Explicit attn_mask should not be set when is_causal=True"); on the CPU
     it is picked when attention dropout is on. Decided from shapes, dtypes and flags only: no sync.
     """
-    choose = _fused_sdp_choice_constant if torch.compiler.is_compiling() else _fused_sdp_choice
-    return choose(q, k, v, mask, dropout_p) > int(torch.nn.attention.SDPBackend.MATH.value)
+    return _fused_sdp_choice(q, k, v, mask, dropout_p) > int(torch.nn.attention.SDPBackend.MATH.value)
 
 
 def _causal_kpm(call: _Call) -> tuple[Tensor, str]:
@@ -450,6 +453,11 @@ class MultiheadAttention(nn.MultiheadAttention):
         self.strategy = strategy
         self.last_dispatch: str | None = None
         self.register_forward_pre_hook(_stay_out_of_torch_fast_paths)
+        _mark_compile_constants()
+
+    def __setstate__(self, state: dict[str, object]) -> None:  # torch.load of a whole module skips __init__
+        super().__setstate__(state)
+        _mark_compile_constants()
 
     @classmethod
     def from_torch(cls, mha: nn.MultiheadAttention, *, strategy: str = DEFAULT_STRATEGY) -> MultiheadAttention:

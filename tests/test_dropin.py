@@ -4,6 +4,8 @@
 from __future__ import annotations
 
 import dataclasses
+import subprocess
+import sys
 import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -554,3 +556,10 @@ def test_causal_only_weights_across_lengths(average: bool) -> None:
     _, expected = twin("reference", ours)(q, kv, kv, attn_mask=~masks.causal_keep(3, 5), average_attn_weights=average)
     assert weights is not None and weights.shape == ((1, 3, 5) if average else (1, H, 3, 5))
     torch.testing.assert_close(weights, expected, atol=1e-6, rtol=1e-6)
+
+
+def test_importing_mhaplug_stays_light() -> None:
+    """Collator users do not pay for torch.compile's machinery: torch._dynamo loads with the first layer."""
+    code = "import sys, mhaplug; assert 'torch._dynamo' not in sys.modules; mhaplug.MultiheadAttention(8, 2)"
+    code += "; assert 'torch._dynamo' in sys.modules"
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=120)

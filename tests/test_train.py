@@ -245,15 +245,15 @@ def test_quick_ablation_sweep_and_compare(tmp_path: Path) -> None:
     assert result.returncode == 0, result.stderr[-3000:]
     summaries = [json.loads(p.read_text()) for p in sweep_dir.rglob("summary.json")]
     skipped = list(sweep_dir.rglob("skipped.txt"))
-    assert len(summaries) == 6 * 2 + 4  # padded: 6 strategies x 2 sides (one invalid, on purpose); packed: 4
+    assert len(summaries) == 7 * 2 + 5  # padded: 7 strategies x 2 sides (two invalid, on purpose); packed: 5
     invalid = sorted(f"{s['strategy']}/{s['layout']}/{s['padding_side']}" for s in summaries if not s["valid"])
     assert invalid == ["causal_only/padded/left", "torch_mha/packed/right", "torch_mha/padded/left"]
-    assert len(skipped) == 24 - 16
+    assert len(skipped) == 7 * 2 * 2 - 19  # left padding of packed rows, and causal strategies on packed rows
     compare = subprocess.run([sys.executable, "-m", "mhaplug.compare", str(sweep_dir), "--plot", str(tmp_path / "ablation.png")],
                              cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert compare.returncode == 0, compare.stdout + compare.stderr
     assert "expected divergence" in compare.stdout and "MISMATCH" not in compare.stdout
-    assert "equivalence: 2 group(s), 13 valid runs, all within 0.001" in compare.stdout  # padded 10, packed 3
+    assert "equivalence: 2 group(s), 16 valid runs, all within 0.001" in compare.stdout  # padded 12, packed 4
     # The step-0 mask audit: every valid run passed it, every teaching run failed it (and compare says so). The
     # quick model has one layer, so torch_mha's NaN stays in the pad rows (its val loss is right) and only "finite"
     # fails; with two layers it spreads to every check (tests/test_audit.py).
@@ -264,5 +264,5 @@ def test_quick_ablation_sweep_and_compare(tmp_path: Path) -> None:
         "torch_mha/packed/right": ["finite"],
         "torch_mha/padded/left": ["finite"],
     }
-    assert "mask audit: 13 valid run(s) passed, 3 invalid run(s) failed as expected" in compare.stdout
+    assert "mask audit: 16 valid run(s) passed, 3 invalid run(s) failed as expected" in compare.stdout
     assert (tmp_path / "ablation.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
