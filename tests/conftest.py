@@ -1,5 +1,8 @@
 from __future__ import annotations
 
+from collections.abc import Iterator
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -15,3 +18,15 @@ def pytest_configure(config: pytest.Config) -> None:
 
     settings.register_profile("mhaplug", deadline=None, print_blob=True)
     settings.load_profile("mhaplug")
+
+
+@pytest.fixture(autouse=True)
+def _nothing_written_into_the_repository() -> Iterator[None]:
+    """Tests write under temporary folders only: a test that leaves a run folder in the repository's
+    outputs/ (Hydra's default run dir) fails here."""
+    outputs = Path(__file__).resolve().parents[1] / "outputs"
+    before = set(outputs.rglob("*")) if outputs.exists() else set()
+    yield
+    after = set(outputs.rglob("*")) if outputs.exists() else set()
+    new = sorted(str(p.relative_to(outputs.parent)) for p in after - before)
+    assert not new, f"the test wrote into the repository: {new[:5]}; write under tmp_path (hydra.run.dir=...)"

@@ -34,7 +34,7 @@ def config(tmp_path: Path, *overrides: str) -> DictConfig:
     with initialize_config_dir(config_dir=str(CONFIGS), version_base="1.3"):
         return compose(
             config_name="train",
-            overrides=[f"paths.output_dir={tmp_path}", f"data.cache_dir={tmp_path.parent / 'cache'}", *overrides],
+            overrides=[f"hydra.run.dir={tmp_path}", f"data.cache_dir={tmp_path.parent / 'cache'}", *overrides],
         )
 
 
@@ -190,12 +190,12 @@ def run_train(*overrides: str, timeout: float = 300) -> subprocess.CompletedProc
 def test_sigkill_mid_epoch_and_resume_matches_an_uninterrupted_run(tmp_path: Path) -> None:
     common = [*FAST, "data.synthetic_documents=400", "trainer.max_steps=40", "trainer.val_check_interval=10",
               f"data.cache_dir={tmp_path / 'cache'}", "+callbacks.batch_log._target_=mhaplug.callbacks.BatchLog"]
-    full = run_train(*common, f"paths.output_dir={tmp_path / 'full'}", f"+callbacks.batch_log.path={tmp_path / 'full.jsonl'}")
+    full = run_train(*common, f"hydra.run.dir={tmp_path / 'full'}", f"+callbacks.batch_log.path={tmp_path / 'full.jsonl'}")
     assert full.returncode == 0, full.stderr[-3000:]
 
     run_dir = tmp_path / "killed"
     process = subprocess.Popen(
-        [sys.executable, "train.py", *common, f"paths.output_dir={run_dir}", f"+callbacks.batch_log.path={tmp_path / 'killed.jsonl'}",
+        [sys.executable, "train.py", *common, f"hydra.run.dir={run_dir}", f"+callbacks.batch_log.path={tmp_path / 'killed.jsonl'}",
          "+trainer.limit_val_batches=1.0"],
         cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
     )
@@ -208,7 +208,7 @@ def test_sigkill_mid_epoch_and_resume_matches_an_uninterrupted_run(tmp_path: Pat
     step = torch.load(last, weights_only=False)["global_step"]
     assert 20 <= step < 40, step  # killed mid-run (and mid-epoch: an epoch here is 46 batches)
 
-    resumed = run_train(*common, f"paths.output_dir={run_dir}", f"ckpt_path={last}", f"+callbacks.batch_log.path={tmp_path / 'resumed.jsonl'}")
+    resumed = run_train(*common, f"hydra.run.dir={run_dir}", f"ckpt_path={last}", f"+callbacks.batch_log.path={tmp_path / 'resumed.jsonl'}")
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     full_summary = json.loads((tmp_path / "full" / "summary.json").read_text())
     resumed_summary = json.loads((run_dir / "summary.json").read_text())
@@ -226,9 +226,9 @@ def test_sigkill_mid_epoch_and_resume_matches_an_uninterrupted_run(tmp_path: Pat
 def test_ddp_on_two_cpu_processes_matches_one_process(tmp_path: Path) -> None:
     """Two ranks of batch 4 vs. one process accumulating two batches of 4: the same global step."""
     common = [*FAST, "data.batch_size=4", "trainer.max_steps=8", "trainer.val_check_interval=8", f"data.cache_dir={tmp_path / 'cache'}"]
-    single = run_train(*common, "model.accumulate_grad_batches=2", "trainer.val_check_interval=16", f"paths.output_dir={tmp_path / 'single'}")
+    single = run_train(*common, "model.accumulate_grad_batches=2", "trainer.val_check_interval=16", f"hydra.run.dir={tmp_path / 'single'}")
     assert single.returncode == 0, single.stderr[-3000:]
-    ddp = run_train(*common, "trainer=ddp", "trainer.accelerator=cpu", "trainer.devices=2", f"paths.output_dir={tmp_path / 'ddp'}")
+    ddp = run_train(*common, "trainer=ddp", "trainer.accelerator=cpu", "trainer.devices=2", f"hydra.run.dir={tmp_path / 'ddp'}")
     assert ddp.returncode == 0, ddp.stderr[-3000:]
     assert "MEMBER: 2/2" in ddp.stdout + ddp.stderr  # two processes really ran
     one = json.loads((tmp_path / "single" / "summary.json").read_text())
