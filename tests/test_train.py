@@ -34,7 +34,7 @@ def config(tmp_path: Path, *overrides: str) -> DictConfig:
     with initialize_config_dir(config_dir=str(CONFIGS), version_base="1.3"):
         return compose(
             config_name="train",
-            overrides=[f"hydra.run.dir={tmp_path}", f"data.cache_dir={tmp_path.parent / 'cache'}", *overrides],
+            overrides=[f"paths.output_dir={tmp_path}", f"data.cache_dir={tmp_path.parent / 'cache'}", *overrides],
         )
 
 
