@@ -15,7 +15,7 @@ import torch
 from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig
 
-from mhaplug.attention import CAPABILITIES, STRATEGIES, strategies_where
+from mhaplug.attention import CAPABILITIES, DEFAULT_STRATEGY, STRATEGIES, strategies_where
 from mhaplug.data import BATCHINGS, LAYOUTS, SOURCES
 
 __all__ = ["ConfigError", "SkipRun", "TrainConfig", "register_configs", "validate"]
@@ -72,7 +72,7 @@ class ModelConfig:
 
 @dataclass
 class AttentionConfig:
-    strategy: str = "auto"
+    strategy: str = DEFAULT_STRATEGY
 
 
 @dataclass
