@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import functools
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, fields, replace
 
 import torch
@@ -27,6 +27,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from mhaplug import masks
+from mhaplug.unpad import TokenLayout
 
 __all__ = ["CAPABILITIES", "STRATEGIES", "Capabilities", "MultiheadAttention", "capability_table", "swap_attention"]
 
@@ -583,6 +584,55 @@ class MultiheadAttention(nn.MultiheadAttention):
             out = out.transpose(0, 1)  # (L, B, E)
         return out, weights
 
+    def forward_tokens(
+        self, x: Tensor, layouts: Sequence[TokenLayout], *, attn_mask: object = None, is_causal: bool = False
+    ) -> Tensor:
+        """Self-attention of the real tokens of a batch, given flat as (N, E): projections on the N tokens only.
+
+        Each :class:`mhaplug.unpad.TokenLayout` places a slice of ``x`` in the padded layout one kernel call sees,
+        with its ``key_padding_mask``; ``attn_mask`` and ``is_causal`` are as :meth:`forward`'s (batch first; an
+        ``attn_mask`` needs a single layout, the batch's own). Pads enter the kernel as zero vectors, which the
+        masks keep away from every real query. :func:`mhaplug.unpad.plan_tokens` makes ``x``'s order and the
+        layouts; a model of variable-length rows then pays for padding in attention only.
+
+        Returns:
+            (N, E): each token's output, equal to :meth:`forward`'s at its position.
+        """
+        if x.dim() != 2 or x.shape[1] != self.embed_dim:
+            raise ValueError(f"x must be (N, embed_dim={self.embed_dim}), got shape {tuple(x.shape)}")
+        if attn_mask is not None and len(layouts) != 1:
+            raise ValueError(f"an attn_mask describes one (B, L) layout; got {len(layouts)} layouts")
+        if self.strategy == "torch_mha" or not self._qkv_same_embed_dim or self.bias_k is not None or self.add_zero_attn:
+            outs = [self._forward_layout_padded(x[lay.start : lay.stop], lay, attn_mask, is_causal) for lay in layouts]
+            return outs[0] if len(outs) == 1 else torch.cat(outs)
+        qkv = F.linear(x, self.in_proj_weight, self.in_proj_bias)  # (N, 3E)
+        outs = []
+        heads, head_dim = self.num_heads, self.head_dim
+        for lay in layouts:
+            rows, length = lay.batch_size, lay.seq_len
+            padded = _scatter_rows(qkv[lay.start : lay.stop], lay.index, rows * length)  # (rows * length, 3E)
+            q, k, v = padded.view(rows, length, 3, heads, head_dim).permute(2, 0, 3, 1, 4)  # 3 x (rows, H, length, D)
+            call = _Call(
+                q=q, k=k, v=v, key_padding_mask=lay.key_padding_mask, attn_mask=attn_mask, is_causal=is_causal,
+                dropout_p=self.dropout if self.training else 0.0, src_len=length, extra_keys=0,
+            )  # fmt: skip
+            out, dispatch = _DISPATCH[self.strategy](call)  # (rows, H, length, D)
+            self._record_dispatch(dispatch)
+            outs.append(_gather_rows(out.transpose(1, 2).reshape(rows * length, self.embed_dim), lay.index))
+        out = outs[0] if len(outs) == 1 else torch.cat(outs)  # (N, E)
+        return F.linear(out, self.out_proj.weight, self.out_proj.bias)
+
+    def _forward_layout_padded(self, x: Tensor, lay: TokenLayout, attn_mask: object, is_causal: bool) -> Tensor:
+        """forward_tokens through :meth:`forward` on the padded layout (torch_mha, and layers torch packs
+        differently: separate q/k/v weights, add_bias_kv, add_zero_attn)."""
+        padded = _scatter_rows(x, lay.index, lay.batch_size * lay.seq_len).view(lay.batch_size, lay.seq_len, -1)
+        if not self.batch_first:
+            padded = padded.transpose(0, 1)  # (L, B, E)
+        out, _ = self(padded, padded, padded, key_padding_mask=lay.key_padding_mask, need_weights=False,
+                      attn_mask=attn_mask, is_causal=is_causal)  # fmt: skip
+        out = out if self.batch_first else out.transpose(0, 1)  # (B, L, E)
+        return _gather_rows(out.reshape(lay.batch_size * lay.seq_len, -1), lay.index)
+
     def _record_dispatch(self, dispatch: str) -> None:
         # Eager calls only: a compiled or exported graph has no Python side effects to replay (and export warns).
         if not torch.compiler.is_compiling():
@@ -662,6 +712,18 @@ class MultiheadAttention(nn.MultiheadAttention):
             average_attn_weights=average_attn_weights,
             is_causal=False,
         )
+
+
+def _scatter_rows(rows: Tensor, index: Tensor | None, total: int) -> Tensor:
+    """(N, F) rows -> (total, F), each at its ``index``, zeros elsewhere (``index`` None: the rows as they are)."""
+    if index is None:
+        return rows
+    return rows.new_zeros(total, rows.shape[1]).index_copy(0, index, rows)
+
+
+def _gather_rows(rows: Tensor, index: Tensor | None) -> Tensor:
+    """(total, F) -> (N, F) the rows at ``index`` (None: all)."""
+    return rows if index is None else rows.index_select(0, index)
 
 
 def _finish_weights(weights: Tensor, row_has_key: Tensor | None, *, average: bool) -> Tensor:

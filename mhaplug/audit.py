@@ -29,12 +29,15 @@ submodule.
 
 Models it knows how to call (``forward=`` overrides; it gets ``(model, batch)`` and returns logits (B, L, V)):
 
-- :class:`mhaplug.model.DecoderLM`: ``model(input_ids, key_padding_mask=, position_ids=, document_ids=)``;
+- :class:`mhaplug.model.DecoderLM`, or a module holding one as ``.model`` (:class:`mhaplug.lit.LitDecoderLM`):
+  ``model(input_ids, key_padding_mask=, position_ids=, document_ids=, token_index=)`` with every position
+  computed (DecoderLM trains on real tokens only, and pads reach its attention as zeros: computed, they carry
+  the perturbations into attention, where only a correct mask keeps them out);
 - a transformers ``PreTrainedModel``: ``model(input_ids=, attention_mask=, position_ids=, use_cache=False).logits``,
   with the batch's ``attention_mask`` (derived from ``key_padding_mask`` for padded batches that lack one; a packed
   batch that carries one is audited as it is, and transformers then attends across its documents), and its
   flash-attention keys if present. ``use_cache=False``: with a KV cache transformers ignores packed positions;
-- anything else, :class:`mhaplug.lit.LitDecoderLM` included: ``model(batch)``, returning logits, or an object or
+- anything else: ``model(batch)``, returning logits, or an object or
   mapping with ``logits``.
 
 Shapes: B batch, L length, V vocabulary, E embedding width.
@@ -305,17 +308,24 @@ def _resolve_forward(model: nn.Module, forward: ForwardFn | None) -> tuple[Forwa
         return lambda m, b: _logits_of(forward(m, b)), "forward="
     if isinstance(model, DecoderLM):
         return _decoder_lm_forward, "DecoderLM"
+    if isinstance(getattr(model, "model", None), DecoderLM):  # LitDecoderLM, or any wrapper that holds one
+        return lambda m, b: _decoder_lm_forward(m.model, b), f"{type(model).__name__}.model (DecoderLM)"
     if _is_transformers_model(model):
         return _transformers_forward, f"transformers {type(model).__name__}"
     return lambda m, b: _logits_of(m(b)), f"{type(model).__name__}(batch)"
 
 
 def _decoder_lm_forward(model: nn.Module, batch: dict[str, Any]) -> Tensor:
+    # Every position computed (a token_index over all B * L), pads included. DecoderLM computes real tokens
+    # only and hands the kernel zeros at pads, so pad content could not move anything there; computed, pads
+    # carry their ids and noise into attention, where only a correct mask keeps them out.
+    input_ids = batch["input_ids"]
     return model(
-        batch["input_ids"],
+        input_ids,
         key_padding_mask=_is_pad(batch),
         position_ids=batch.get("position_ids"),
         document_ids=batch.get("document_ids"),
+        token_index=torch.arange(input_ids.numel(), device=input_ids.device),
     )
 
 
@@ -424,14 +434,15 @@ def _append_pad_columns(batch: dict[str, Any], count: int) -> tuple[dict[str, An
 
 @contextmanager
 def _noise_on(embedding: nn.Module | None, noise: Tensor | None) -> Iterator[None]:
-    """Add ``noise`` (B, L, E) to ``embedding``'s output while the block runs (calls of another shape untouched)."""
+    """Add ``noise`` (B, L, E) to ``embedding``'s output while the block runs: output (B, L, E), or (B * L, E)
+    flat (mhaplug's DecoderLM); calls of another shape are untouched."""
     if embedding is None or noise is None:
         yield
         return
 
     def hook(module: nn.Module, args: tuple[Any, ...], output: Any) -> Any:
-        if isinstance(output, Tensor) and output.shape == noise.shape:
-            return output + noise.to(output.dtype)  # + 0.0 at real positions: bit-identical there
+        if isinstance(output, Tensor) and output.shape in (noise.shape, noise.flatten(0, 1).shape):
+            return output + noise.to(output.dtype).view_as(output)  # + 0.0 at real positions: bit-identical there
         return None
 
     handle = embedding.register_forward_hook(hook)

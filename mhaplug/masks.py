@@ -65,6 +65,7 @@ __all__ = [
     "keep_mask_mod",
     "lengths_from_is_pad",
     "merge_masks",
+    "token_index_from_is_pad",
 ]
 
 PaddingSide = Literal["right", "left"]
@@ -194,6 +195,14 @@ def has_pad_before_real_token(is_pad: Tensor) -> bool:
     if is_pad.dtype != torch.bool or not host_read_is_free(is_pad):
         return False
     return bool((is_pad[..., :-1] & ~is_pad[..., 1:]).any())
+
+
+def token_index_from_is_pad(is_pad: Tensor) -> Tensor | None:
+    """(B, L) bool True = pad -> (N,) int64 flat positions ``b * L + t`` of the real tokens, row by row; None
+    when every position is real. Its size is the number of real tokens, so on an accelerator this reads the
+    device (a sync): build it on the CPU with the batch (:func:`mhaplug.collate.add_token_counts` does)."""
+    index = is_pad.logical_not().flatten().nonzero().squeeze(1)  # (N,)
+    return None if index.numel() == is_pad.numel() else index
 
 
 def lengths_from_is_pad(is_pad: Tensor) -> Tensor:

@@ -1,5 +1,10 @@
 """A small GPT-style decoder whose attention is ``mhaplug.MultiheadAttention`` with a chosen mask strategy.
 
+Only the real tokens are computed: embeddings, norms, projections, MLP, output layer and loss run on the N real
+tokens of a batch, taken out of the (B, L) layout once (``token_index``); only the attention kernel sees the
+padded (or packed) layout, with its masks. Padding then costs attention and nothing else, and the loss never
+builds the (N, V) logits (:func:`mhaplug.loss.linear_cross_entropy`).
+
 One forward builds the masks once for all layers, on the batch's device:
 
 - padded rows: ``key_padding_mask`` from the batch plus ``is_causal=True`` (each strategy merges them its way;
@@ -8,12 +13,13 @@ One forward builds the masks once for all layers, on the batch's device:
   onto padding), handed to every layer as one broadcast ``attn_mask``;
 - ``flex``: one FlexAttention ``BlockMask`` per batch (padding or documents, and causality), shared by the layers.
 
-Shapes: B batch, L length, E = d_model, V vocabulary.
+Shapes: B batch, L length, N real tokens, E = d_model, V vocabulary.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, replace
 
 import torch
 import torch.nn.functional as F
@@ -21,6 +27,8 @@ from torch import Tensor, nn
 
 from mhaplug import masks
 from mhaplug.attention import DEFAULT_STRATEGY, STRATEGIES, MultiheadAttention, strategies_where
+from mhaplug.loss import IGNORE_INDEX, linear_cross_entropy, next_token_targets
+from mhaplug.unpad import TokenLayout, plan_tokens
 
 __all__ = ["DecoderConfig", "DecoderLM", "PACKED_STRATEGIES"]
 
@@ -71,12 +79,9 @@ class Block(nn.Module):
         )
         self.dropout = nn.Dropout(config.dropout)
 
-    def forward(self, x: Tensor, *, key_padding_mask: Tensor | None, attn_mask: object, is_causal: bool) -> Tensor:
-        h = self.ln_1(x)
-        attended, _ = self.attn(
-            h, h, h, key_padding_mask=key_padding_mask, attn_mask=attn_mask, is_causal=is_causal, need_weights=False
-        )
-        x = x + self.dropout(attended)
+    def forward(self, x: Tensor, layouts: tuple[TokenLayout, ...], *, attn_mask: object, is_causal: bool) -> Tensor:
+        """(N, E) real tokens -> (N, E); attention sees them in ``layouts`` (:mod:`mhaplug.unpad`)."""
+        x = x + self.dropout(self.attn.forward_tokens(self.ln_1(x), layouts, attn_mask=attn_mask, is_causal=is_causal))
         return x + self.mlp(self.ln_2(x))
 
 
@@ -110,19 +115,76 @@ class DecoderLM(nn.Module):
         key_padding_mask: Tensor | None = None,
         position_ids: Tensor | None = None,
         document_ids: Tensor | None = None,
+        token_index: Tensor | None = None,
     ) -> Tensor:
         """Logits (B, L, V) for ``input_ids`` (B, L); masks and positions as the collators emit them.
 
-        ``position_ids`` must stay below ``max_positions`` (the collators keep them below ``max_length``).
+        Padding positions get logits 0: they are not computed (see the module docstring). To train, use
+        :meth:`loss_sum`, which never builds the logits. ``position_ids`` must stay below ``max_positions``
+        (the collators keep them below ``max_length``).
+        """
+        hidden, token_index = self.hidden_states(
+            input_ids, key_padding_mask=key_padding_mask, position_ids=position_ids, document_ids=document_ids,
+            token_index=token_index,
+        )  # fmt: skip
+        logits = self.lm_head(hidden)  # (N, V)
+        batch, length = input_ids.shape
+        if token_index is not None:
+            logits = logits.new_zeros(batch * length, logits.shape[1]).index_copy(0, token_index, logits)
+        return logits.view(batch, length, -1)  # (B, L, V)
+
+    def loss_sum(self, batch: Mapping[str, Tensor], *, ignore_index: int = IGNORE_INDEX) -> Tensor:
+        """Sum of the next-token cross-entropies of a collated batch (``input_ids``, ``labels`` and the masks, as
+        :class:`mhaplug.PadCollator` / :class:`mhaplug.PackCollator` emit them; ``token_index`` if present):
+        the token at t is trained to predict ``labels[t + 1]``; ``ignore_index`` labels take no loss.
+
+        Equal to :func:`lm_loss_sum` of :meth:`forward`'s logits, but computed on the real tokens with the fused
+        output layer + cross-entropy: no (B, L, V) logits, no copy of them.
+        """
+        hidden, token_index = self.hidden_states(
+            batch["input_ids"], key_padding_mask=batch.get("key_padding_mask"),
+            position_ids=batch.get("position_ids"), document_ids=batch.get("document_ids"),
+            token_index=batch.get("token_index"),
+        )  # fmt: skip
+        targets = next_token_targets(batch["labels"], ignore_index=ignore_index).flatten()  # (B * L,)
+        if token_index is not None:
+            targets = targets.index_select(0, token_index)  # (N,)
+        return linear_cross_entropy(hidden, self.lm_head.weight, targets, ignore_index=ignore_index)
+
+    def hidden_states(
+        self,
+        input_ids: Tensor,
+        *,
+        key_padding_mask: Tensor | None = None,
+        position_ids: Tensor | None = None,
+        document_ids: Tensor | None = None,
+        token_index: Tensor | None = None,
+    ) -> tuple[Tensor, Tensor | None]:
+        """The final (normed) hidden states of the real tokens, (N, E), and ``token_index`` (N,): their flat
+        positions ``b * L + t`` (None when every position is real; built from ``key_padding_mask`` when not given).
         """
         batch, length = input_ids.shape
         if position_ids is None:
             position_ids = torch.arange(length, device=input_ids.device).expand(batch, length)  # (B, L)
-        x = self.drop(self.tok_emb(input_ids) + self.pos_emb(position_ids))  # (B, L, E)
-        key_padding_mask, attn_mask, is_causal = self._masks(key_padding_mask, document_ids, batch, length)
+        is_pad = key_padding_mask
+        key_padding_mask, attn_mask, is_causal = self._masks(is_pad, document_ids, batch, length)
+        if token_index is not None:
+            layouts = (TokenLayout(0, token_index.numel(), token_index, batch, length, key_padding_mask),)
+        elif document_ids is not None and self.config.strategy == "auto" and masks.host_read_is_free(document_ids):
+            # each document a row of its own: the causal kernel with padding gives document-causal attention
+            token_index, layouts = plan_tokens(is_pad, batch, length, document_ids=document_ids)
+            attn_mask, is_causal = None, True
+        else:  # length buckets for padded rows only: a document mask or a BlockMask spans the whole batch
+            token_index, layouts = plan_tokens(is_pad, batch, length, buckets=attn_mask is None)
+            if key_padding_mask is None:  # the strategy takes no padding mask (causal_only, packed, flex)
+                layouts = tuple(replace(layout, key_padding_mask=None) for layout in layouts)
+        ids, positions = input_ids.flatten(), position_ids.flatten()  # (B * L,)
+        if token_index is not None:
+            ids, positions = ids.index_select(0, token_index), positions.index_select(0, token_index)  # (N,)
+        x = self.drop(self.tok_emb(ids) + self.pos_emb(positions))  # (N, E)
         for block in self.blocks:
-            x = block(x, key_padding_mask=key_padding_mask, attn_mask=attn_mask, is_causal=is_causal)
-        return self.lm_head(self.ln_f(x))  # (B, L, V)
+            x = block(x, layouts, attn_mask=attn_mask, is_causal=is_causal)
+        return self.ln_f(x), token_index
 
     def _masks(
         self, key_padding_mask: Tensor | None, document_ids: Tensor | None, batch: int, length: int
@@ -154,11 +216,12 @@ def _block_mask(keep: Tensor, batch: int, length: int, *, is_causal: bool = Fals
     return create_block_mask(mask_mod, batch, None, length, length, device=keep.device)
 
 
-def lm_loss_sum(logits: Tensor, labels: Tensor) -> Tensor:
-    """Sum of next-token cross-entropies: logits at t predict labels at t + 1; -100 labels take no loss."""
+def lm_loss_sum(logits: Tensor, labels: Tensor, *, ignore_index: int = IGNORE_INDEX) -> Tensor:
+    """Sum of next-token cross-entropies of logits (B, L, V): logits at t predict ``labels`` at t + 1;
+    ``ignore_index`` labels take no loss. (The labels are shifted, not the logits: no copy of the logits.)"""
     return F.cross_entropy(
-        logits[:, :-1].reshape(-1, logits.shape[-1]),  # (B * (L - 1), V)
-        labels[:, 1:].reshape(-1),  # (B * (L - 1),)
-        ignore_index=-100,
+        logits.flatten(0, 1),  # (B * L, V)
+        next_token_targets(labels, ignore_index=ignore_index).flatten(),  # (B * L,)
+        ignore_index=ignore_index,
         reduction="sum",
     )

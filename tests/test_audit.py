@@ -171,13 +171,13 @@ def test_audit_leaves_the_batch_and_the_training_modes_as_they_were() -> None:
     assert all(torch.equal(batch[k], v) if isinstance(v, Tensor) else batch[k] == v for k, v in before.items())
 
 
-def test_lightning_module_is_called_with_the_batch_and_audits_like_its_model() -> None:
+def test_lightning_module_is_audited_through_its_decoder_like_the_decoder() -> None:
     torch.manual_seed(0)
     lit = LitDecoderLM(vocab_size=VOCAB, max_positions=32, d_model=32, num_heads=2, num_layers=2, d_ff=64,
                        strategy="causal_kpm")
     batch = make_batch("left")
     report, inner = audit(lit, batch), audit(lit.model, batch)
-    assert report.call == "LitDecoderLM(batch)" and report.passed
+    assert report.call == "LitDecoderLM.model (DecoderLM)" and report.passed
     assert [(c.name, c.max_change, c.threshold, c.moved) for c in report.checks] == [
         (c.name, c.max_change, c.threshold, c.moved) for c in inner.checks]
     assert report["padding"].detail == "pad ids and pad embeddings (model.tok_emb)"

@@ -47,7 +47,7 @@ def audit_summary(failed: list[str]) -> dict[str, Any]:
     checks = {name: {"passed": name not in failed, "max_change": 0.5 if name in failed else 0.0, "threshold": 1e-5,
                      "positions": 40, "moved": 12 if name in failed else 0, "detail": "pad ids"}
               for name in ("padding", "causality")}
-    return {"passed": not failed, "failed": failed, "checks": checks, "skipped": {}, "call": "LitDecoderLM(batch)",
+    return {"passed": not failed, "failed": failed, "checks": checks, "skipped": {}, "call": "LitDecoderLM.model (DecoderLM)",
             "tolerance": 1e-4, "forwards": 3, "seconds": 0.01}
 
 

@@ -144,7 +144,7 @@ def test_train_debug_run_writes_logs_checkpoints_and_summary(tmp_path: Path, cap
     out = capsys.readouterr().out
     assert "mhaplug run finished: 6 steps" in out and "pad fraction" in out and str(tmp_path) in out
     audit = summary["audit"]  # step 0, by the MaskAudit callback of configs/callbacks/default.yaml
-    assert audit["passed"] is True and audit["failed"] == [] and audit["call"] == "LitDecoderLM(batch)"
+    assert audit["passed"] is True and audit["failed"] == [] and audit["call"] == "LitDecoderLM.model (DecoderLM)"
     assert list(audit["checks"]) == ["finite", "padding", "loss", "causality"] and "documents" in audit["skipped"]
     assert column(rows, "audit/passed") == [1.0]
     assert re.search(r"\n  mask audit: passed \(finite, padding, loss, causality; 3 forwards, \d+ ms\)\n", out)
