@@ -10,12 +10,12 @@ without changing what any row attends to: each bucket keeps its rows' ``key_padd
 alignment (the columns cut away are padding in every row of the bucket, and queries and keys are cut alike).
 
 Tokens are ordered bucket by bucket (within a bucket, row by row, left to right), so each bucket's tokens are a
-contiguous slice of the flat tensor and nothing is gathered per bucket::
+contiguous slice of the flat tensor and nothing is gathered per bucket. Right padding, a call costing 2 pairs::
 
-    batch (B=3, L=6), right padding          buckets          flat tokens (N=9), token_index
-    row 0   a a . . . .                      [row 1]  L=6     b b b b b b | c . | a a      (ids)
-    row 1   b b b b b b                      [row 2, row 0]   6 7 8 9 10 11 12 0 1         (b * L + t)
-    row 2   c . . . . .                        L=2
+    batch (B=3, L=6)        buckets (longest first)          flat tokens (N=9)   b b b b b b | a a | c
+    row 0   a a . . . .     1: row 1           (1 x 6)       token_index         6 7 8 9 10 11 0 1 12
+    row 1   b b b b b b     2: row 0, row 2    (2 x 2)       bucket 2's layout   a a
+    row 2   c . . . . .                                      (index 0 1 2)       c .
 
 Shapes: B batch, L length, N real tokens, E features.
 """
@@ -29,11 +29,11 @@ from torch import Tensor
 
 from mhaplug import masks
 
-__all__ = ["TokenLayout", "plan_tokens"]
+__all__ = ["BUCKET_COST", "TokenLayout", "plan_tokens"]
 
 # Attention-call overhead in units of (query, key) pairs: about what one more SDPA call per layer costs (forward
 # and backward, scatter and gather) on a CPU, so a bucket is split off only when it saves more than that.
-_BUCKET_COST = 8192
+BUCKET_COST = 8192
 
 
 @dataclass(frozen=True)
@@ -63,6 +63,7 @@ def plan_tokens(
     *,
     buckets: bool = True,
     document_ids: Tensor | None = None,
+    bucket_cost: float | None = None,
 ) -> tuple[Tensor | None, tuple[TokenLayout, ...]]:
     """(token_index (N,), layouts) for a batch: the flat positions ``b * L + t`` of its real tokens, in the
     order the layouts take them, and one :class:`TokenLayout` per attention call.
@@ -74,9 +75,12 @@ def plan_tokens(
         document_ids: (B, L) packed rows' documents (-1 on padding): with buckets, each document becomes a row
             of its own, left-aligned, so that a causal kernel with the layouts' padding masks gives exactly the
             document-causal attention, at the cost of the documents' lengths rather than the rows'.
+        bucket_cost: what one more attention call costs, in (query, key) pairs; a bucket is split off where it
+            saves more (0: one bucket per distinct length); default :data:`BUCKET_COST`.
 
     ``token_index`` is None when every position is real and the tokens keep their order.
     """
+    bucket_cost = BUCKET_COST if bucket_cost is None else bucket_cost
     if is_pad is None and document_ids is None:
         return None, (TokenLayout(0, batch_size * seq_len, None, batch_size, seq_len, None),)
     on_host = masks.host_read_is_free(is_pad if is_pad is not None else document_ids)
@@ -85,9 +89,9 @@ def plan_tokens(
         total = batch_size * seq_len if token_index is None else token_index.numel()
         return token_index, (TokenLayout(0, total, token_index, batch_size, seq_len, is_pad),)
     if document_ids is not None:
-        return _bucketed(*_document_rows(document_ids), batch_size * seq_len)
+        return _bucketed(*_document_rows(document_ids), batch_size * seq_len, bucket_cost)
     positions = torch.arange(batch_size * seq_len).view(batch_size, seq_len)  # (B, L)
-    return _bucketed(is_pad, positions, batch_size * seq_len)
+    return _bucketed(is_pad, positions, batch_size * seq_len, bucket_cost)
 
 
 def _document_rows(document_ids: Tensor) -> tuple[Tensor, Tensor]:
@@ -107,7 +111,9 @@ def _document_rows(document_ids: Tensor) -> tuple[Tensor, Tensor]:
     return positions < 0, positions
 
 
-def _bucketed(is_pad: Tensor, positions: Tensor, total: int) -> tuple[Tensor | None, tuple[TokenLayout, ...]]:
+def _bucketed(
+    is_pad: Tensor, positions: Tensor, total: int, bucket_cost: float
+) -> tuple[Tensor | None, tuple[TokenLayout, ...]]:
     """Rows (is_pad (R, W), their flat positions (R, W)) grouped into length buckets, longest first."""
     width = is_pad.shape[1]
     real = is_pad.logical_not()  # (R, W)
@@ -117,7 +123,7 @@ def _bucketed(is_pad: Tensor, positions: Tensor, total: int) -> tuple[Tensor | N
     extent = torch.where(has_real, stop - first, 0)
     order = [r for r in torch.argsort(extent, descending=True, stable=True).tolist() if has_real[r]]
     pieces, layouts, start = [], [], 0
-    for lo, hi in _groups([int(extent[r]) for r in order]):
+    for lo, hi in _groups([int(extent[r]) for r in order], bucket_cost):
         rows = torch.tensor(order[lo:hi])  # (n,)
         c0, c1 = int(first[rows].min()), int(stop[rows].max())
         sub_pad = is_pad[rows, c0:c1]  # (n, c1 - c0)
@@ -135,14 +141,14 @@ def _bucketed(is_pad: Tensor, positions: Tensor, total: int) -> tuple[Tensor | N
     return token_index, tuple(layouts)
 
 
-def _groups(extents: list[int]) -> list[tuple[int, int]]:
+def _groups(extents: list[int], bucket_cost: float) -> list[tuple[int, int]]:
     """Split extents sorted longest first into contiguous groups [lo, hi) minimising the attention cost
-    sum(rows * extent[lo]^2 / 2) + _BUCKET_COST per group (dynamic programming, O(B^2) on B ints)."""
+    sum(rows * extent[lo]^2 / 2 + bucket_cost) over groups (dynamic programming, O(B^2) on B ints)."""
     n = len(extents)
     best, cut = [0.0] * (n + 1), [0] * (n + 1)
     for hi in range(1, n + 1):
         best[hi], cut[hi] = min(
-            (best[lo] + (hi - lo) * extents[lo] ** 2 / 2 + _BUCKET_COST, lo) for lo in range(hi)
+            (best[lo] + (hi - lo) * extents[lo] ** 2 / 2 + bucket_cost, lo) for lo in range(hi)
         )
     groups, hi = [], n
     while hi > 0:

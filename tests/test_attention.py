@@ -560,3 +560,38 @@ def test_forward_and_backward_never_read_tensor_values(strategy: str) -> None:
     assert mha.last_dispatch == ("merged_bool" if strategy in ("auto", "causal_kpm") else strategy)
     with pytest.raises(RuntimeError, match="cannot be called on meta tensors"):
         bool(kpm.any())  # the premise: reading a value here fails
+
+
+# ----------------------------------------------------------------------------------------------------------
+# forward_tokens: the real tokens flat, projections on them only, the same outputs as forward
+# ----------------------------------------------------------------------------------------------------------
+
+
+TOKENS_CASES = [(s, {}) for s in ("auto", "reference", "merged_bool", "merged_additive", "causal_kpm", "torch_mha")]
+TOKENS_CASES += [(s, {"add_bias_kv": True}) for s in ("reference", "merged_bool", "torch_mha")]  # through forward
+
+
+@pytest.mark.parametrize(("strategy", "module_kwargs"), TOKENS_CASES)
+@pytest.mark.parametrize("bucket_cost", [None, 0])
+def test_forward_tokens_equals_forward_at_the_real_positions(strategy: str, module_kwargs: dict, bucket_cost: int | None) -> None:
+    from mhaplug.unpad import plan_tokens
+
+    torch.manual_seed(0)
+    ours, _ = pair(strategy, batch_first=True, **module_kwargs)
+    is_pad = masks.is_pad_from_lengths(torch.tensor([5, 1, 3]), 6, padding_side="left")  # (3, 6)
+    x = torch.randn(3, 6, E)
+    expected, _ = ours(x, x, x, key_padding_mask=is_pad, need_weights=False, is_causal=True)
+    token_index, layouts = plan_tokens(is_pad, 3, 6, bucket_cost=bucket_cost)
+    got = ours.forward_tokens(x.flatten(0, 1)[token_index], layouts, is_causal=True)
+    torch.testing.assert_close(got, expected.flatten(0, 1)[token_index], rtol=1e-5, atol=1e-6)
+
+
+def test_forward_tokens_errors() -> None:
+    from mhaplug.unpad import plan_tokens
+
+    ours = MultiheadAttention(E, H, batch_first=True)
+    token_index, layouts = plan_tokens(torch.tensor([[False, True], [False, False]]), 2, 2, bucket_cost=0)
+    with pytest.raises(ValueError, match=r"x must be \(N, embed_dim=16\), got shape \(3, 8\)"):
+        ours.forward_tokens(torch.zeros(3, 8), layouts)
+    with pytest.raises(ValueError, match="an attn_mask describes one \\(B, L\\) layout; got 2 layouts"):
+        ours.forward_tokens(torch.zeros(3, E), layouts, attn_mask=torch.zeros(2, 2, dtype=torch.bool))

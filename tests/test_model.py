@@ -1,0 +1,114 @@
+"""mhaplug.model.DecoderLM: real tokens only, the fused loss and the length buckets give exactly what each
+sequence gives alone (no padding, no neighbours), for every strategy and layout that can train it."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from mhaplug import unpad
+from mhaplug.collate import PackCollator, PadCollator
+from mhaplug.model import DecoderConfig, DecoderLM, lm_loss_sum
+
+VOCAB, MAX_LENGTH = 50, 32
+LENGTHS = (5, 17, 9, 30, 2, 1, 12, 30)
+PADDED = ("auto", "reference", "merged_bool", "merged_additive", "causal_kpm")
+CASES = [(s, "right") for s in (*PADDED, "causal_only", "torch_mha")] + [(s, "left") for s in PADDED]
+CASES += [(s, "packed") for s in ("auto", "reference", "merged_bool", "merged_additive")]
+
+
+def documents() -> list[list[int]]:
+    generator = torch.Generator().manual_seed(0)
+    return [torch.randint(1, VOCAB, (n,), generator=generator).tolist() for n in LENGTHS]
+
+
+def model(strategy: str) -> DecoderLM:
+    torch.manual_seed(0)
+    config = DecoderConfig(vocab_size=VOCAB, max_positions=MAX_LENGTH, d_model=16, num_heads=2, d_ff=32, strategy=strategy)
+    return DecoderLM(config).double()
+
+
+def batch_for(layout: str) -> dict:
+    rows = [{"input_ids": ids} for ids in documents()]
+    if layout == "packed":
+        return PackCollator(max_length=MAX_LENGTH)(rows)
+    return PadCollator(padding_side=layout)(rows)
+
+
+def alone(decoder: DecoderLM) -> tuple[Tensor, list[Tensor]]:
+    """The reference: each document by itself (B = 1, no mask but causality): summed loss, per-document logits."""
+    total, logits = torch.zeros((), dtype=torch.float64), []
+    for ids in documents():
+        out = decoder(torch.tensor([ids]))[0]  # (n, V)
+        total = total + F.cross_entropy(out[:-1], torch.tensor(ids[1:], dtype=torch.int64), reduction="sum")
+        logits.append(out)
+    return total, logits
+
+
+def in_batch_order(batch: dict, per_document: list[Tensor]) -> Tensor:
+    """Per-document rows (n, V) in the order the batch holds the documents' tokens, row by row."""
+    by_ids = {tuple(ids): out for ids, out in zip(documents(), per_document)}
+    document_ids = batch.get("document_ids", (~batch["key_padding_mask"]).long() - 1)  # padded: one document a row
+    pieces = []
+    for ids, docs in zip(batch["input_ids"], document_ids):
+        for d in docs[docs >= 0].unique_consecutive():
+            pieces.append(by_ids[tuple(ids[docs == d].tolist())])
+    return torch.cat(pieces)
+
+
+@pytest.mark.parametrize(("strategy", "layout"), CASES)
+@pytest.mark.parametrize("bucket_cost", [None, 0])
+def test_loss_gradients_and_logits_equal_each_document_alone(strategy: str, layout: str, bucket_cost: int | None,
+                                                             monkeypatch: pytest.MonkeyPatch) -> None:  # fmt: skip
+    if bucket_cost is not None:
+        monkeypatch.setattr(unpad, "BUCKET_COST", bucket_cost)  # a bucket per distinct length
+    decoder, batch = model(strategy), batch_for(layout)
+    expected, expected_logits = alone(decoder)
+    expected_grads = torch.autograd.grad(expected, list(decoder.parameters()))
+
+    loss = decoder.loss_sum(batch)
+    torch.testing.assert_close(loss, expected, rtol=1e-10, atol=1e-10)
+    for got, want in zip(torch.autograd.grad(loss, list(decoder.parameters())), expected_grads):
+        torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-10)
+
+    with torch.no_grad():
+        logits = decoder(batch["input_ids"], key_padding_mask=batch["key_padding_mask"],
+                         position_ids=batch["position_ids"], document_ids=batch.get("document_ids"))  # fmt: skip
+    real = ~batch["key_padding_mask"]
+    torch.testing.assert_close(logits[real], in_batch_order(batch, expected_logits), rtol=1e-10, atol=1e-10)
+    assert logits[~real].abs().max() == 0.0  # pads are not computed
+    torch.testing.assert_close(lm_loss_sum(logits, batch["labels"]), expected.detach(), rtol=1e-10, atol=1e-10)
+
+
+def test_auto_takes_packed_documents_as_rows_and_merged_bool_uses_one_document_mask() -> None:
+    batch = batch_for("packed")
+    seen: dict[str, list] = {"auto": [], "merged_bool": []}
+    for strategy, calls in seen.items():
+        decoder = model(strategy)
+        attention = decoder.blocks[0].attn
+        forward_tokens = attention.forward_tokens
+
+        def spy(x: Tensor, layouts: tuple, *, attn_mask: object, is_causal: bool, calls: list = calls) -> Tensor:
+            calls.append([(lay.batch_size, lay.seq_len) for lay in layouts] + [attn_mask is not None, is_causal])
+            return forward_tokens(x, layouts, attn_mask=attn_mask, is_causal=is_causal)
+
+        attention.forward_tokens = spy  # the block calls self.attn.forward_tokens: this instance's spy
+        with torch.no_grad():
+            decoder.loss_sum(batch)
+    batch_size, length = batch["input_ids"].shape
+    assert seen["merged_bool"] == [[(batch_size, length), True, False]]  # (B, 1, L, L) document mask, no causal flag
+    assert seen["auto"] == [[(len(LENGTHS), max(LENGTHS)), False, True]]  # 8 documents as rows, causal kernel
+
+
+def test_token_index_given_computes_exactly_those_positions() -> None:
+    """What mhaplug.audit does: every position computed, pads included, with the same real logits."""
+    decoder, batch = model("auto"), batch_for("right")
+    everything = torch.arange(batch["input_ids"].numel())
+    with torch.no_grad():
+        full = decoder(batch["input_ids"], key_padding_mask=batch["key_padding_mask"], token_index=everything)
+        real_only = decoder(batch["input_ids"], key_padding_mask=batch["key_padding_mask"])
+    real = ~batch["key_padding_mask"]
+    torch.testing.assert_close(full[real], real_only[real], rtol=1e-10, atol=1e-10)
+    assert full[~real].abs().min() > 0.0  # pads computed this time
