@@ -85,13 +85,10 @@ class _LinearCrossEntropy(torch.autograd.Function):
                 has_target = target != ignore_index  # (C,)
                 safe_target = target.masked_fill(~has_target, 0)[:, None]  # (C, 1): any class; weighted 0 below
                 logits = (h @ w.T).to(softmax_dtype)  # (C, V)
-                target_logit = logits.gather(1, safe_target)  # (C, 1)
-                row_max, argmax = logits.max(dim=1, keepdim=True)  # (C, 1)
                 probs = torch.softmax(logits, dim=-1)  # (C, V); one exp per logit (log_softmax + exp take two)
+                token_loss = _token_loss(logits, probs, safe_target, has_target)  # (C,)
                 del logits
-                # log-sum-exp = max - log p(argmax): p(argmax) >= 1 / V never underflows, unlike p(target)
-                log_sum_exp = row_max - probs.gather(1, argmax).log()  # (C, 1)
-                loss += (log_sum_exp - target_logit).squeeze(1).masked_fill(~has_target, 0.0).sum()
+                loss += token_loss.masked_fill(~has_target, 0.0).sum()
                 if not (need_hidden or need_weight):
                     continue
                 grad_logits = probs  # (C, V): softmax - one_hot(target) is d loss / d logits
@@ -116,6 +113,24 @@ class _LinearCrossEntropy(torch.autograd.Function):
             None,
             None,
         )
+
+
+def _token_loss(logits: Tensor, probs: Tensor, target: Tensor, has_target: Tensor) -> Tensor:
+    """-log p(target) per row (C,), from the softmax already computed for the gradient. Where p(target)
+    underflows (a loss above about 87 in float32) it is recomputed exactly from the logits as
+    log-sum-exp - logit(target); on an accelerator, where finding those rows would read the device, every row
+    takes log-sum-exp = max - log p(argmax) (p(argmax) >= 1 / V never underflows) at the cost of a max pass."""
+    if not masks.host_read_is_free(probs):
+        row_max, argmax = logits.max(dim=1, keepdim=True)  # (C, 1)
+        return (row_max - probs.gather(1, argmax).log() - logits.gather(1, target)).squeeze(1)
+    target_prob = probs.gather(1, target).squeeze(1)  # (C,)
+    token_loss = target_prob.log().neg_()
+    # below the smallest normal float the softmax's exp was subnormal (few significant bits) or 0
+    underflow = ((target_prob < torch.finfo(probs.dtype).tiny) & has_target).nonzero().squeeze(1)
+    if underflow.numel():
+        rows = logits.index_select(0, underflow)  # (k, V)
+        token_loss[underflow] = torch.logsumexp(rows, dim=1) - rows.gather(1, target[underflow]).squeeze(1)
+    return token_loss
 
 
 def _zero_rows_without_target(grad_logits: Tensor, has_target: Tensor) -> None:

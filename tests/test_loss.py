@@ -65,8 +65,8 @@ def test_every_target_ignored_gives_zero_loss_and_zero_gradients() -> None:
 
 
 def test_a_target_far_below_the_max_keeps_its_exact_loss() -> None:
-    """The log-sum-exp comes from p(argmax) >= 1 / V: a target whose probability underflows to 0 in float32
-    (loss about 400 here) still gets its exact loss, not inf."""
+    """A target whose probability underflows in float32 (losses up to about 400 here) gets its exact loss from
+    the logits, not inf and not the few bits of a subnormal probability."""
     hidden, weight, targets = inputs(torch.float32, scale=40.0)
     loss = linear_cross_entropy(hidden, weight, targets)
     expected = reference(hidden.double(), weight.double(), targets)
@@ -108,3 +108,16 @@ def test_bad_input_is_named(kwargs: dict, message: str) -> None:
     chunk = kwargs.pop("chunk_size", None)
     with pytest.raises(ValueError, match=message):
         linear_cross_entropy(**{**args, **kwargs}, chunk_size=chunk)
+
+
+def test_off_the_host_the_loss_takes_log_sum_exp_from_the_argmax(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The branch an accelerator takes (no host read to find underflowing rows) gives the same loss."""
+    from mhaplug import loss as loss_module
+
+    hidden, weight, targets = inputs(torch.float32, scale=40.0)
+    on_host = linear_cross_entropy(hidden, weight, targets)
+    monkeypatch.setattr(loss_module.masks, "host_read_is_free", lambda tensor: False)
+    off_host = linear_cross_entropy(hidden, weight, targets)
+    assert off_host.item() == pytest.approx(on_host.item(), rel=1e-6)
+    expected = reference(hidden.double(), weight.double(), targets)
+    assert off_host.item() == pytest.approx(expected.item(), rel=1e-5)
