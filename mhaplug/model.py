@@ -49,6 +49,8 @@ class DecoderConfig:
     attn_dropout: float = 0.0  # attention-weight dropout (not with flex)
     strategy: str = DEFAULT_STRATEGY
     tie_weights: bool = True
+    compile: bool = False  # torch.compile the per-token modules (norms, MLP): fused elementwise kernels
+
 
     def __post_init__(self) -> None:
         for name in ("vocab_size", "max_positions", "d_model", "num_heads", "num_layers", "d_ff"):
@@ -82,7 +84,15 @@ class Block(nn.Module):
     def forward(self, x: Tensor, layouts: tuple[TokenLayout, ...], *, attn_mask: object, is_causal: bool) -> Tensor:
         """(N, E) real tokens -> (N, E); attention sees them in ``layouts`` (:mod:`mhaplug.unpad`)."""
         x = x + self.dropout(self.attn.forward_tokens(self.ln_1(x), layouts, attn_mask=attn_mask, is_causal=is_causal))
+        return self._feed_forward(x)
+
+    def _feed_forward(self, x: Tensor) -> Tensor:
         return x + self.mlp(self.ln_2(x))
+
+    def compile_feed_forward(self) -> None:
+        """``torch.compile`` the norm + MLP + residual (per-token work: one graph whatever the batch, with N
+        dynamic). Attention's per-batch layouts and the chunked loss stay eager: they would recompile per shape."""
+        self._feed_forward = torch.compile(self._feed_forward, dynamic=True)  # an attribute: state_dict unchanged
 
 
 class DecoderLM(nn.Module):
@@ -100,6 +110,9 @@ class DecoderLM(nn.Module):
         if config.tie_weights:
             self.lm_head.weight = self.tok_emb.weight  # GPT-2's tying: fewer parameters, better small models
         self.apply(self._init_weights)
+        if config.compile:
+            for block in self.blocks:
+                block.compile_feed_forward()
 
     @staticmethod
     def _init_weights(module: nn.Module) -> None:

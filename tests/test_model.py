@@ -112,3 +112,21 @@ def test_token_index_given_computes_exactly_those_positions() -> None:
     real = ~batch["key_padding_mask"]
     torch.testing.assert_close(full[real], real_only[real], rtol=1e-10, atol=1e-10)
     assert full[~real].abs().min() > 0.0  # pads computed this time
+
+
+def test_compile_switch_compiles_the_feed_forward_and_keeps_loss_gradients_and_state_dict() -> None:
+    from torch._dynamo.utils import counters
+
+    batch = batch_for("right")
+    eager = model("auto")
+    torch.manual_seed(0)
+    config = DecoderConfig(vocab_size=VOCAB, max_positions=MAX_LENGTH, d_model=16, num_heads=2, d_ff=32, compile=True)
+    compiled = DecoderLM(config).double()
+    assert list(compiled.state_dict()) == list(eager.state_dict())
+    compiled.load_state_dict(eager.state_dict())
+    captured = counters["stats"]["calls_captured"]
+    expected, got = eager.loss_sum(batch), compiled.loss_sum(batch)
+    assert counters["stats"]["calls_captured"] > captured  # Dynamo traced the blocks' feed-forward
+    torch.testing.assert_close(got, expected, rtol=1e-10, atol=1e-10)
+    for a, b in zip(torch.autograd.grad(got, list(compiled.parameters())), torch.autograd.grad(expected, list(eager.parameters()))):
+        torch.testing.assert_close(a, b, rtol=1e-8, atol=1e-10)
