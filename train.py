@@ -20,7 +20,7 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
-from mhaplug.callbacks import MaskAudit
+from mhaplug.callbacks import MaskAudit, ThroughputMonitor
 from mhaplug.config import SkipRun, register_configs, validate
 
 log = logging.getLogger("mhaplug.train")
@@ -86,7 +86,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     trainer.fit(model, datamodule=datamodule, ckpt_path=cfg.ckpt_path)
     wall = time.perf_counter() - start
 
-    summary = _summary(cfg, trainer, model, datamodule, wall, invalid_reason)
+    summary = _summary(cfg, trainer, datamodule, wall, invalid_reason)
     if trainer.is_global_zero:
         tmp = output_dir / f"summary.json.tmp{os.getpid()}"
         tmp.write_text(json.dumps(summary, indent=2))
@@ -95,11 +95,10 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     return summary
 
 
-def _summary(cfg: DictConfig, trainer: pl.Trainer, model: Any, datamodule: Any, wall: float, invalid: str | None) -> dict[str, Any]:
+def _summary(cfg: DictConfig, trainer: pl.Trainer, datamodule: Any, wall: float, invalid: str | None) -> dict[str, Any]:
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
     checkpoint = next((c for c in trainer.checkpoint_callbacks), None)
     best = getattr(checkpoint, "best_model_score", None)
-    totals = model.totals
     metrics_csv = None
     if trainer.logger is not None and getattr(trainer.logger, "log_dir", None):
         metrics_csv = os.path.relpath(Path(trainer.logger.log_dir) / "metrics.csv", cfg.paths.output_dir)
@@ -115,9 +114,7 @@ def _summary(cfg: DictConfig, trainer: pl.Trainer, model: Any, datamodule: Any, 
         "final_val_loss": metrics.get("val/loss"),
         "best_val_loss": float(best) if best is not None else metrics.get("val/loss"),
         "final_train_loss": metrics.get("train/loss"),
-        "real_tokens_per_sec": totals["real_tokens"] / max(totals["train_time_s"], 1e-9),
-        "padded_tokens_per_sec": totals["padded_tokens"] / max(totals["train_time_s"], 1e-9),
-        "pad_fraction": 1 - totals["real_tokens"] / max(totals["padded_tokens"], 1),
+        **_throughput(trainer),  # real_tokens_per_sec, padded_tokens_per_sec, pad_fraction
         "peak_memory_mb": metrics.get("train/peak_memory_mb"),
         "wall_time_s": wall,
         "steps": trainer.global_step,
@@ -126,6 +123,15 @@ def _summary(cfg: DictConfig, trainer: pl.Trainer, model: Any, datamodule: Any, 
         "data": dict(datamodule.stats),
         "audit": _audit(trainer),
     }
+
+
+def _throughput(trainer: pl.Trainer) -> dict[str, float | None]:
+    """The run's throughput from the ThroughputMonitor callback's totals (the whole run, across resumes), or None
+    without the callback."""
+    monitor = next((c for c in trainer.callbacks if isinstance(c, ThroughputMonitor)), None)
+    if monitor is None:
+        return {"real_tokens_per_sec": None, "padded_tokens_per_sec": None, "pad_fraction": None}
+    return monitor.rates()
 
 
 def _audit(trainer: pl.Trainer) -> dict[str, Any] | None:
@@ -145,7 +151,7 @@ def _print_summary(summary: dict[str, Any], output_dir: Path) -> None:
         f"batching={summary['batching']})",
         f"  val/loss {fmt(summary['final_val_loss'], '.4f')} (best {fmt(summary['best_val_loss'], '.4f')}), "
         f"train/loss {fmt(summary['final_train_loss'], '.4f')}",
-        f"  real tokens/s {summary['real_tokens_per_sec']:,.0f}, pad fraction {summary['pad_fraction']:.1%}, "
+        f"  real tokens/s {fmt(summary['real_tokens_per_sec'], ',.0f')}, pad fraction {fmt(summary['pad_fraction'], '.1%')}, "
         f"peak memory {fmt(summary['peak_memory_mb'], ',.0f')} MB",
         f"  {_audit_line(summary['audit'], valid=summary['valid'])}",
         f"  logs: {output_dir}  checkpoints: {summary['checkpoint_dir']}",

@@ -5,14 +5,20 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import resource
+import sys
+import time
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal
 
 import pytorch_lightning as pl
+import torch
 
 from mhaplug.audit import AuditReport, audit
+from mhaplug.collate import add_token_counts
 
-__all__ = ["BatchLog", "MaskAudit", "MaskAuditError"]
+__all__ = ["BatchLog", "MaskAudit", "MaskAuditError", "ThroughputMonitor", "peak_memory_mb"]
 
 log = logging.getLogger(__name__)
 
@@ -102,3 +108,150 @@ class MaskAudit(pl.Callback):
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         if state_dict.get("report") is not None:
             self.report = AuditReport.from_dict(state_dict["report"])
+
+
+class ThroughputMonitor(pl.Callback):
+    """Log throughput, padding and peak memory once per optimizer step, and keep the run's totals.
+
+    A step ends where ``trainer.global_step`` advances: with :class:`mhaplug.lit.LitDecoderLM`'s manual optimisation
+    every ``accumulate_grad_batches`` micro-batches and at an epoch's last batch; with automatic optimisation at every
+    optimizer step. Logged then, over the step's micro-batches::
+
+        train/real_tokens_per_sec     real tokens / step time
+        train/padded_tokens_per_sec   B * L tokens (pads included) / step time
+        train/pad_fraction            1 - real / padded tokens
+        train/step_time_s             host seconds from the previous step's end to this step's end
+        train/peak_memory_mb          peak_memory_mb(pl_module.device): the run's peak so far
+
+    Tokens are the batches' ``num_real_tokens`` and ``num_padded_tokens``, which :class:`mhaplug.PadCollator` and
+    :class:`mhaplug.PackCollator` count on the CPU; a batch without them is counted with
+    :func:`mhaplug.collate.add_token_counts` (on an accelerator, a synchronisation). Under DDP a rank's counts are
+    multiplied by ``trainer.world_size`` (the ranks' batches are of about the same size; summing them exactly would
+    cost a collective per step), and rank 0's values are logged.
+
+    Step time is measured on the host and never synchronises the device: on an accelerator one step's time may be
+    off by the work still queued, a run's total by at most what is queued at its end. Validation, the time between
+    epochs and loading the first batch after either are not step time: a step that validation interrupts is paused,
+    and the first step after a pause starts at its first batch, as the run's first step does. Place this callback
+    after callbacks whose ``on_train_batch_start`` work (the step-0 :class:`MaskAudit`) should not count as step
+    time: Lightning calls them in list order.
+
+    ``totals`` (``real_tokens``, ``padded_tokens``, ``train_time_s`` and ``steps`` timed, tokens counted as logged)
+    is saved in checkpoints, so a run resumed from a checkpoint continues the totals of the run up to that
+    checkpoint (the steps after it, lost with the interruption, are trained and counted again); :meth:`rates`
+    turns them into the run's throughput for a summary.
+    """
+
+    def __init__(self) -> None:
+        self.totals: dict[str, float] = {"real_tokens": 0, "padded_tokens": 0, "train_time_s": 0.0, "steps": 0}
+        self._pending = {"batches": 0, "real": 0, "padded": 0}  # the micro-batches of the step in progress
+        self._start: float | None = None  # when the step in progress began; None: at its first batch
+        self._paused_at: float | None = None
+        self._global_step = 0  # trainer.global_step when the last step ended
+
+    def rates(self) -> dict[str, float | None]:
+        """``real_tokens_per_sec``, ``padded_tokens_per_sec`` and ``pad_fraction`` of the run so far (all steps
+        together: tokens over time, not a mean of per-step rates); None before the first step."""
+        totals = self.totals
+        if not totals["steps"]:
+            return {"real_tokens_per_sec": None, "padded_tokens_per_sec": None, "pad_fraction": None}
+        seconds = max(totals["train_time_s"], 1e-9)
+        return {
+            "real_tokens_per_sec": totals["real_tokens"] / seconds,
+            "padded_tokens_per_sec": totals["padded_tokens"] / seconds,
+            "pad_fraction": 1.0 - totals["real_tokens"] / max(totals["padded_tokens"], 1),
+        }
+
+    # -- steps ----------------------------------------------------------------------------------------------
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._global_step = trainer.global_step  # after a resume: the checkpoint's step
+        self._pending = {"batches": 0, "real": 0, "padded": 0}
+        self._start = self._paused_at = None
+
+    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int) -> None:
+        if self._start is None:
+            self._start = time.perf_counter()
+
+    def on_train_batch_end(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        if not isinstance(batch, Mapping):
+            raise TypeError(
+                f"ThroughputMonitor counts tokens of dict batches (num_real_tokens, num_padded_tokens, or labels and "
+                f"lengths to count them from), got a {type(batch).__name__}; remove the callback for this model"
+            )
+        if "num_real_tokens" not in batch or "num_padded_tokens" not in batch:
+            add_token_counts(batch)  # type: ignore[arg-type]
+        pending = self._pending
+        pending["batches"] += 1
+        pending["real"] += batch["num_real_tokens"]
+        pending["padded"] += batch["num_padded_tokens"]
+        if trainer.global_step == self._global_step:
+            return  # a micro-batch of a step still accumulating
+        self._global_step = trainer.global_step
+        now = time.perf_counter()
+        seconds = max(now - (self._start if self._start is not None else now), 1e-9)
+        self._start = now
+        world = trainer.world_size
+        real, padded = pending["real"] * world, pending["padded"] * world
+        self._pending = {"batches": 0, "real": 0, "padded": 0}
+        self.totals["real_tokens"] += real
+        self.totals["padded_tokens"] += padded
+        self.totals["train_time_s"] += seconds
+        self.totals["steps"] += 1
+        pl_module.log_dict(
+            {
+                "train/real_tokens_per_sec": real / seconds,
+                "train/padded_tokens_per_sec": padded / seconds,
+                "train/pad_fraction": 1.0 - real / max(padded, 1),
+                "train/step_time_s": seconds,
+                "train/peak_memory_mb": peak_memory_mb(pl_module.device),
+            },
+            on_step=True,
+            on_epoch=False,
+        )
+
+    # -- pauses: validation and the time between epochs are not step time -----------------------------------
+
+    def on_validation_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._pause()
+
+    def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._resume()
+
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._pause()
+
+    def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._resume()
+
+    def _pause(self) -> None:
+        if self._paused_at is None:
+            self._paused_at = time.perf_counter()
+
+    def _resume(self) -> None:
+        if self._paused_at is not None and self._start is not None:
+            if self._pending["batches"]:  # a step interrupted: its clock skips the pause
+                self._start += time.perf_counter() - self._paused_at
+            else:  # between steps: the next one starts at its first batch
+                self._start = None
+        self._paused_at = None
+
+    # -- checkpoints ----------------------------------------------------------------------------------------
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"totals": dict(self.totals)}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.totals.update(state_dict.get("totals", {}))
+
+
+def peak_memory_mb(device: torch.device) -> float:
+    """Peak memory in MiB: on CUDA ``torch.cuda.max_memory_allocated(device)`` (tensors only, not the caching
+    allocator's reserve); elsewhere the process's peak resident set size (``getrusage``: everything the process
+    ever held, Python and libraries included)."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak / 2**20 if sys.platform == "darwin" else peak / 2**10  # bytes on macOS, KiB on Linux

@@ -17,6 +17,10 @@ Batch keys (B rows, L = padded length)::
     position_ids       int64 (B, L)   0 on the first real token (also with left padding), 0 on padding;
                                       packed: restart at 0 on every document
     lengths            int64 (B,)     real tokens per row
+    num_targets        int            labels that take a loss after the next-token shift
+                                      (``labels[:, 1:] != label_pad_id``), the loss's normaliser
+    num_real_tokens    int            real tokens in the batch (``lengths.sum()``)
+    num_padded_tokens  int            B * L, the tokens the model computes on (pads included)
 
     padded only:
     attention_mask     int64 (B, L)   1 = real token (Hugging Face convention)
@@ -33,6 +37,11 @@ Batch keys (B rows, L = padded length)::
     max_length_q/k     int            longest segment (= max_seqlen)
 
 Labels are not shifted: position t holds token t, and the loss compares logits at t - 1 with it.
+
+The three counts are Python ints, counted on the CPU where the collator runs (a DataLoader worker or the main
+process), so a training loop reads them after the batch has moved to an accelerator without a host-device
+synchronisation. A batch from another collator gets them from :func:`add_token_counts` (a synchronisation if it is
+already on the device).
 
 Packed batches carry no 2-D ``attention_mask``. Hugging Face models read one as padding only (1 = attend), so
 with it every token would attend to the earlier documents of its row. Without it, a transformers model finds the
@@ -58,8 +67,9 @@ from torch import Tensor
 from torch.utils.data import default_collate
 
 from mhaplug import masks
+from mhaplug.loss import IGNORE_INDEX
 
-__all__ = ["PackCollator", "PadCollator", "first_fit_pack", "round_up"]
+__all__ = ["PackCollator", "PadCollator", "add_token_counts", "first_fit_pack", "round_up"]
 
 logger = logging.getLogger(__name__)
 
@@ -71,6 +81,32 @@ def round_up(length: int, multiple: int | None) -> int:
     if not multiple:
         return length
     return -(-length // multiple) * multiple
+
+
+def add_token_counts(batch: dict[str, Any], *, label_pad_id: int = IGNORE_INDEX) -> dict[str, Any]:
+    """Add the token counts of a collated batch, as Python ints, to ``batch`` (in place) and return it.
+
+    ``num_targets``: labels that take a loss after the next-token shift (``labels[:, 1:] != label_pad_id``: nothing
+    predicts position 0); ``num_real_tokens``: real tokens (``lengths`` summed, or the non-pad positions of
+    ``key_padding_mask`` when the batch has no ``lengths``); ``num_padded_tokens``: B * L.
+
+    :class:`PadCollator` and :class:`PackCollator` call it on every batch they emit. Reading a count copies it to the
+    host, so call it on the CPU, before the batch moves to an accelerator (there it would synchronise).
+    """
+    labels = batch.get("labels")
+    if not isinstance(labels, Tensor) or labels.dim() != 2:
+        got = f"shape {tuple(labels.shape)}" if isinstance(labels, Tensor) else type(labels).__name__
+        raise ValueError(f"batch['labels'] must be a (B, L) tensor to count the targets, got {got}")
+    if "lengths" in batch:
+        real = int(batch["lengths"].sum())
+    elif "key_padding_mask" in batch:
+        real = int(batch["key_padding_mask"].logical_not().sum())
+    else:
+        raise KeyError(f"batch has neither 'lengths' nor 'key_padding_mask' to count real tokens; its keys are {sorted(batch)}")
+    batch["num_targets"] = int((labels[:, 1:] != label_pad_id).sum())
+    batch["num_real_tokens"] = real
+    batch["num_padded_tokens"] = labels.numel()
+    return batch
 
 
 def _check_positive(name: str, value: int | None, *, optional: bool = True) -> None:
@@ -109,7 +145,7 @@ def _token_ids(row: Row, index: int, vocab_size: int | None) -> Tensor:
 class _Collator:
     pad_token_id: int = 0
     pad_to_multiple_of: int | None = None
-    label_pad_id: int = -100
+    label_pad_id: int = IGNORE_INDEX
     vocab_size: int | None = None
     passthrough_keys: tuple[str, ...] = field(default_factory=tuple)
 
@@ -127,7 +163,8 @@ class _Collator:
     def _batch(
         self, input_ids: Tensor, is_pad: Tensor, position_ids: Tensor, lengths: Tensor, *, attention_mask: bool
     ) -> dict[str, Any]:
-        """The keys both collators emit, from the padded ids, padding mask and positions (all (B, L)).
+        """The keys both collators emit, from the padded ids, padding mask and positions (all (B, L)), and the
+        token counts (:func:`add_token_counts`).
 
         ``attention_mask`` adds the Hugging Face padding mask: padded batches only, since a transformers model reads
         it as "attend to every real token of the row", across a packed row's documents.
@@ -139,7 +176,8 @@ class _Collator:
         }
         if attention_mask:
             batch["attention_mask"] = masks.attention_mask_from_is_pad(is_pad)
-        return {**batch, "position_ids": position_ids, "lengths": lengths}
+        batch = {**batch, "position_ids": position_ids, "lengths": lengths}
+        return add_token_counts(batch, label_pad_id=self.label_pad_id)
 
     def _passthrough(self, rows: Sequence[Row]) -> dict[str, Any]:
         extra = {}

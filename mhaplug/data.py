@@ -42,11 +42,13 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from torch.utils.data import DataLoader, Dataset
 
 from mhaplug import sampling
-from mhaplug.collate import PackCollator, PadCollator, first_fit_pack
+from mhaplug.collate import PackCollator, PadCollator, add_token_counts, first_fit_pack  # noqa: F401 (see below)
 
-__all__ = ["add_token_counts", "BATCHINGS", "EOS_TOKEN", "LAYOUTS", "PAD_TOKEN", "SOURCES", "TextDataModule", "stdlib_docstrings", "synthetic_texts", "train_tokenizer"]
+__all__ = ["BATCHINGS", "EOS_TOKEN", "LAYOUTS", "PAD_TOKEN", "SOURCES", "TextDataModule", "stdlib_docstrings", "synthetic_texts", "train_tokenizer"]
 
 logger = logging.getLogger(__name__)
+
+# add_token_counts lives in mhaplug.collate (the collators call it); importable from here only for benchmarks/peers.py.
 
 SOURCES = ("stdlib_docs", "synthetic", "text_files", "hf")
 LAYOUTS = ("padded", "packed")
@@ -377,12 +379,6 @@ class TextDataModule(pl.LightningDataModule):
     def val_dataloader(self) -> DataLoader:
         return self._loader("val", shuffle=False)
 
-    def on_before_batch_transfer(self, batch: dict[str, Any], dataloader_idx: int) -> dict[str, Any]:
-        """Token counts as Python ints, read on the CPU before the batch moves (free here; a host-device sync
-        if read on the accelerator): ``num_targets`` (labels that take a loss after the shift),
-        ``num_real_tokens`` and ``num_padded_tokens``. :class:`mhaplug.lit.LitDecoderLM` uses them."""
-        return add_token_counts(batch)
-
     # -- resumable mid-epoch: Lightning saves and restores a DataModule's state in its checkpoints ----------
 
     def state_dict(self) -> dict[str, Any]:
@@ -390,14 +386,6 @@ class TextDataModule(pl.LightningDataModule):
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self._pending_sampler_state = state_dict.get("train_sampler")
-
-
-def add_token_counts(batch: dict[str, Any]) -> dict[str, Any]:
-    """Add ``num_targets``, ``num_real_tokens``, ``num_padded_tokens`` (Python ints) to a collated batch."""
-    batch["num_targets"] = int((batch["labels"][:, 1:] != -100).sum())
-    batch["num_real_tokens"] = int(batch["lengths"].sum())
-    batch["num_padded_tokens"] = batch["input_ids"].numel()
-    return batch
 
 
 def _fingerprint_texts(texts: list[str]) -> str:

@@ -7,16 +7,14 @@ each micro-batch by ``accumulate_grad_batches`` instead, so this module steps th
 back-propagates token-loss *sums* and, at the end of the step, scales the gradients by
 ``world_size / total_targets`` (DDP has already averaged them over ranks).
 
-Token counts are read on the CPU before the batch moves to the accelerator (by
-:meth:`mhaplug.data.TextDataModule.on_before_batch_transfer`), so logging throughput needs no host-device
-synchronisation.
+The target count comes with the batch (``num_targets``, counted on the CPU by :class:`mhaplug.PadCollator` and
+:class:`mhaplug.PackCollator`), so normalising needs no host-device synchronisation. This module logs ``train/loss``
+only; throughput, padding and memory are :class:`mhaplug.callbacks.ThroughputMonitor`'s.
 """
 
 from __future__ import annotations
 
 import math
-import resource
-import time
 from typing import Any
 
 import pytorch_lightning as pl
@@ -24,6 +22,7 @@ import torch
 from torch import Tensor
 
 from mhaplug.attention import DEFAULT_STRATEGY
+from mhaplug.collate import add_token_counts
 from mhaplug.model import DecoderConfig, DecoderLM
 
 __all__ = ["LitDecoderLM"]
@@ -88,19 +87,13 @@ class LitDecoderLM(pl.LightningModule):
         self._step: dict[str, Any] = self._new_step()
         self._val_sum: Tensor | None = None
         self._val_count = 0
-        self.totals = {"real_tokens": 0, "padded_tokens": 0, "train_time_s": 0.0, "steps": 0}
-        self._last_step_end: float | None = None
 
     # -- batches --------------------------------------------------------------------------------------------
 
     @staticmethod
     def _counts(batch: dict[str, Any]) -> dict[str, Any]:
-        # TextDataModule adds the counts on the CPU; batches from elsewhere get them here (a sync on GPU).
-        if "num_targets" not in batch:
-            from mhaplug.data import add_token_counts
-
-            add_token_counts(batch)
-        return batch
+        # mhaplug's collators count on the CPU; a batch from another collator is counted here, on the device (a sync).
+        return batch if "num_targets" in batch else add_token_counts(batch)
 
     def forward(self, batch: dict[str, Any]) -> Tensor:
         return self.model(
@@ -114,19 +107,15 @@ class LitDecoderLM(pl.LightningModule):
 
     @staticmethod
     def _new_step() -> dict[str, Any]:
-        return {"loss_sum": None, "targets": 0, "real": 0, "padded": 0, "micro": 0}
+        return {"loss_sum": None, "targets": 0, "micro": 0}
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> None:
-        if self._last_step_end is None:
-            self._last_step_end = time.perf_counter()
         batch = self._counts(batch)
         loss_sum = self.model.loss_sum(batch)
         self.manual_backward(loss_sum)
         step = self._step
         step["loss_sum"] = loss_sum.detach() if step["loss_sum"] is None else step["loss_sum"] + loss_sum.detach()
         step["targets"] += batch["num_targets"]
-        step["real"] += batch["num_real_tokens"]
-        step["padded"] += batch["num_padded_tokens"]
         step["micro"] += 1
         last_batch = batch_idx + 1 >= self.trainer.num_training_batches
         if step["micro"] == self.hparams.accumulate_grad_batches or last_batch:
@@ -148,37 +137,9 @@ class LitDecoderLM(pl.LightningModule):
         self.lr_schedulers().step()
 
         loss = strategy.reduce(step["loss_sum"], reduce_op="sum") / targets.clamp(min=1.0)
-        now = time.perf_counter()
-        seconds = max(now - (self._last_step_end or now), 1e-9)
-        self._last_step_end = now
-        world = self.trainer.world_size
-        self.totals["real_tokens"] += step["real"] * world
-        self.totals["padded_tokens"] += step["padded"] * world
-        self.totals["train_time_s"] += seconds
-        self.totals["steps"] += 1
-        self.log_dict(
-            {
-                "train/loss": loss,
-                "train/real_tokens_per_sec": step["real"] * world / seconds,
-                "train/padded_tokens_per_sec": step["padded"] * world / seconds,
-                "train/pad_fraction": 1.0 - step["real"] / max(step["padded"], 1),
-                "train/step_time_s": seconds,
-                "train/peak_memory_mb": self._peak_memory_mb(),
-            },
-            prog_bar=False,
-            on_step=True,
-            on_epoch=False,
-        )
+        self.log("train/loss", loss, on_step=True, on_epoch=False)
         self.log("loss", loss, prog_bar=True, logger=False)
         self._step = self._new_step()
-
-    def _peak_memory_mb(self) -> float:
-        if self.device.type == "cuda":
-            return torch.cuda.max_memory_allocated(self.device) / 2**20
-        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # process peak RSS (Linux: KiB)
-
-    def on_train_epoch_start(self) -> None:
-        self._last_step_end = None  # do not count validation or data loading between epochs as step time
 
     # -- validation -----------------------------------------------------------------------------------------
 
@@ -201,7 +162,6 @@ class LitDecoderLM(pl.LightningModule):
         # ModelCheckpoint on every rank monitor it without Lightning's distributed-logging warning).
         self.log("val/loss", val_loss, prog_bar=True, sync_dist=True)
         self.log("val/ppl", torch.exp(val_loss.clamp(max=30.0)), sync_dist=True)
-        self._last_step_end = None
 
     # -- optimisation ---------------------------------------------------------------------------------------
 

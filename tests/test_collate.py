@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 from torch.utils.data import DataLoader
 
 from mhaplug import masks
-from mhaplug.collate import PackCollator, PadCollator, first_fit_pack, round_up
+from mhaplug.collate import PackCollator, PadCollator, add_token_counts, first_fit_pack, round_up
 
 T, F = True, False
 
@@ -29,6 +29,9 @@ def test_pad_right_literal() -> None:
         "attention_mask": [[1, 1, 1], [1, 0, 0]],
         "position_ids": [[0, 1, 2], [0, 0, 0]],
         "lengths": [3, 1],
+        "num_targets": 2,  # 6 and 7: nothing predicts a first token
+        "num_real_tokens": 4,
+        "num_padded_tokens": 6,
     }
 
 
@@ -41,6 +44,9 @@ def test_pad_left_with_multiple_literal() -> None:
         "attention_mask": [[0, 1, 1, 1], [0, 0, 0, 1]],
         "position_ids": [[0, 0, 1, 2], [0, 0, 0, 0]],
         "lengths": [3, 1],
+        "num_targets": 2,
+        "num_real_tokens": 4,
+        "num_padded_tokens": 8,
     }
 
 
@@ -49,6 +55,44 @@ def test_pad_to_multiple_adds_no_extra_block(longest: int, multiple: int | None,
     batch = PadCollator(pad_to_multiple_of=multiple)([[1] * longest, [2]])
     assert batch["input_ids"].shape == (2, expected)
     assert round_up(longest, multiple) == expected
+
+
+COUNTS = ("num_targets", "num_real_tokens", "num_padded_tokens")
+
+
+@pytest.mark.parametrize(
+    ("collator", "rows", "input_ids", "labels", "counts"),
+    [
+        (PadCollator(label_pad_id=-1), [[5, 6, 7], [8, 9]],
+         [[5, 6, 7], [8, 9, 0]], [[-1, 6, 7], [-1, 9, -1]], (3, 5, 6)),
+        (PadCollator(padding_side="left", pad_to_multiple_of=4, label_pad_id=-1), [[5, 6, 7], [8, 9]],
+         [[0, 5, 6, 7], [0, 0, 8, 9]], [[-1, -1, 6, 7], [-1, -1, -1, 9]], (3, 5, 8)),
+        (PackCollator(max_length=4, label_pad_id=-1), [[5, 6, 7], [8, 9], [4]],  # first-fit: [5 6 7] + [4]; [8 9]
+         [[5, 6, 7, 4], [8, 9, 0, 0]], [[-1, 6, 7, -1], [-1, 9, -1, -1]], (3, 6, 8)),
+    ],
+    ids=["right", "left", "packed"],
+)
+def test_counts_literal_with_a_label_pad_id_of_its_own(collator, rows: list, input_ids: list, labels: list,  # type: ignore[no-untyped-def]
+                                                       counts: tuple[int, int, int]) -> None:
+    """(num_targets, num_real_tokens, num_padded_tokens): targets are the labels other than the collator's
+    label_pad_id after the next-token shift."""
+    batch = collator(rows)
+    assert batch["input_ids"].tolist() == input_ids and batch["labels"].tolist() == labels
+    assert tuple(batch[k] for k in COUNTS) == counts
+    assert all(type(batch[k]) is int for k in COUNTS)  # Python ints: reading them needs no device sync
+
+
+def test_add_token_counts_counts_a_batch_from_another_collator() -> None:
+    """A user's batch with no lengths: real tokens from key_padding_mask; the collators' own counts agree."""
+    batch = PadCollator(padding_side="left")([[5, 6, 7], [8]])
+    theirs = {"labels": batch["labels"], "key_padding_mask": batch["key_padding_mask"]}
+    assert add_token_counts(theirs) is theirs
+    assert {k: theirs[k] for k in COUNTS} == {k: batch[k] for k in COUNTS} == dict(zip(COUNTS, (2, 4, 6)))
+    assert add_token_counts({"labels": torch.tensor([[1, 2, -7]]), "lengths": torch.tensor([3])}, label_pad_id=-7)["num_targets"] == 1
+    with pytest.raises(ValueError, match=r"batch\['labels'\] must be a \(B, L\) tensor to count the targets, got shape \(3,\)"):
+        add_token_counts({"labels": torch.tensor([1, 2, 3]), "lengths": torch.tensor([3])})
+    with pytest.raises(KeyError, match=r"neither 'lengths' nor 'key_padding_mask'.*\['input_ids', 'labels'\]"):
+        add_token_counts({"input_ids": torch.ones(1, 2), "labels": torch.ones(1, 2)})
 
 
 def test_labels_come_from_lengths_not_pad_id() -> None:
@@ -144,6 +188,9 @@ def test_property_masks_labels_positions_agree_with_lengths(lengths: list[int], 
     assert torch.equal(batch["key_padding_mask"], is_pad)
     assert torch.equal(batch["attention_mask"], (~is_pad).long())
     assert batch["lengths"].tolist() == lengths
+    assert (batch["num_targets"], batch["num_real_tokens"], batch["num_padded_tokens"]) == (
+        sum(lengths) - len(lengths), sum(lengths), len(rows) * width
+    )
     for b, row in enumerate(rows):
         real = ~is_pad[b]
         assert batch["input_ids"][b][real].tolist() == row
@@ -177,6 +224,9 @@ def test_pack_literal_docstring_example() -> None:
         "document_ids": [[0, 0, 0, 1, 1, -1]],
         "cu_seqlens": [0, 3, 5],
         "max_seqlen": 3,
+        "num_targets": 3,  # 6, 7 and 9: no label on a document's first token
+        "num_real_tokens": 5,
+        "num_padded_tokens": 6,
     }
     assert PackCollator(max_length=6)([[5, 6, 7], [8, 9]])["cu_seqlens"].dtype == torch.int32
 
@@ -257,4 +307,5 @@ def test_property_packing_keeps_every_token_in_order(lengths: list[int], capacit
             assert pos[doc_ids == d].tolist() == list(range(len(tokens)))
             assert labels[doc_ids == d].tolist() == [-100] + tokens[1:]
     assert sorted(seen) == sorted(docs)
-    assert int((~is_pad).sum()) == sum(lengths) == int(batch["cu_seqlens"][-1])
+    assert int((~is_pad).sum()) == sum(lengths) == int(batch["cu_seqlens"][-1]) == batch["num_real_tokens"]
+    assert batch["num_targets"] == sum(lengths) - len(lengths) and batch["num_padded_tokens"] == is_pad.numel()

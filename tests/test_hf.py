@@ -27,7 +27,8 @@ from mhaplug.collate import PackCollator, PadCollator
 VOCAB = 64
 LENGTHS = [9, 3, 6, 1, 5, 7, 2, 4, 8]  # a one-token document has no target but still gets logits
 ATTENTION = ["sdpa", "eager"]
-MHAPLUG_PACKED_KEYS = {"key_padding_mask", "lengths", "document_ids", "cu_seqlens", "max_seqlen"}
+MHAPLUG_PACKED_KEYS = {"key_padding_mask", "lengths", "document_ids", "cu_seqlens", "max_seqlen",
+                       "num_targets", "num_real_tokens", "num_padded_tokens"}
 FLASH_KEYS = {"cu_seq_lens_q", "cu_seq_lens_k", "max_length_q", "max_length_k"}
 
 

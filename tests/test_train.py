@@ -162,6 +162,17 @@ def test_a_teaching_run_records_its_audit_failure_and_trains(tmp_path: Path,
     assert "  mask audit: FAILED padding, loss (as expected: invalid on purpose)\n" in capsys.readouterr().out
 
 
+def test_without_the_throughput_monitor_the_summary_says_n_a(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    cfg = config(tmp_path, "debug=fast", *FAST, "~callbacks.throughput_monitor", "trainer.max_steps=2",
+                 "trainer.val_check_interval=2")
+    summary = train_script.train(cfg)
+    assert summary["steps"] == 2 and summary["final_train_loss"] is not None
+    for key in ("real_tokens_per_sec", "padded_tokens_per_sec", "pad_fraction", "peak_memory_mb"):
+        assert summary[key] is None, key
+    assert not column(metrics(tmp_path), "train/pad_fraction")  # LitDecoderLM itself logs train/loss only
+    assert "  real tokens/s n/a, pad fraction n/a, peak memory n/a MB\n" in capsys.readouterr().out
+
+
 def test_loss_is_normalised_by_the_tokens_of_the_whole_step(tmp_path: Path) -> None:
     """batch 8 vs. two accumulated micro-batches of 4 (the same rows): the same step losses and final model.
     A mean of per-batch means would weight the two halves equally whatever their token counts."""
