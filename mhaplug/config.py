@@ -36,7 +36,7 @@ class DataConfig:
     tokenizer_path: Optional[str] = None
     vocab_size: int = 4096
     max_length: int = 256
-    layout: str = "padded"
+    layout: str = "packed"
     padding_side: str = "right"
     batching: str = "random"
     batch_size: int = 16
@@ -61,6 +61,7 @@ class ModelConfig:
     dropout: float = 0.0
     attn_dropout: float = 0.0
     tie_weights: bool = True
+    compile: bool = False
     lr: float = 3e-3
     weight_decay: float = 0.1
     betas: list[float] = field(default_factory=lambda: [0.9, 0.95])
@@ -116,7 +117,7 @@ def invalid_combination(cfg: DictConfig) -> tuple[str, bool] | None:
     if packed and left:
         return (
             "data.padding_side=left has no effect with data.layout=packed (documents fill each row from the left, "
-            "padding only ends a row); drop the padding_side override",
+            "padding only ends a row); add data.layout=padded to pad rows, or drop the padding_side override",
             False,
         )
     if packed and not caps.document_masks:

@@ -33,7 +33,7 @@ class LitDecoderLM(pl.LightningModule):
     work) and builds the model itself.
 
     Args:
-        vocab_size ... tie_weights: :class:`mhaplug.model.DecoderConfig`.
+        vocab_size ... compile: :class:`mhaplug.model.DecoderConfig`.
         lr, weight_decay, betas: AdamW (no decay on biases, norms and embeddings' 1-D parameters).
         warmup_steps, min_lr_ratio: linear warm-up, then cosine decay to ``lr * min_lr_ratio`` at the last step.
         accumulate_grad_batches: micro-batches per optimizer step (this module's, not the Trainer's).
@@ -54,6 +54,7 @@ class LitDecoderLM(pl.LightningModule):
         attn_dropout: float = 0.0,
         strategy: str = DEFAULT_STRATEGY,
         tie_weights: bool = True,
+        compile: bool = False,
         lr: float = 3e-3,
         weight_decay: float = 0.1,
         betas: tuple[float, float] = (0.9, 0.95),
@@ -82,6 +83,7 @@ class LitDecoderLM(pl.LightningModule):
                 attn_dropout=attn_dropout,
                 strategy=strategy,
                 tie_weights=tie_weights,
+                compile=compile,
             )
         )
         self._step: dict[str, Any] = self._new_step()

@@ -200,7 +200,7 @@ def has_pad_before_real_token(is_pad: Tensor) -> bool:
 def token_index_from_is_pad(is_pad: Tensor) -> Tensor | None:
     """(B, L) bool True = pad -> (N,) int64 flat positions ``b * L + t`` of the real tokens, row by row; None
     when every position is real. Its size is the number of real tokens, so on an accelerator this reads the
-    device (a sync): build it on the CPU with the batch (:func:`mhaplug.collate.add_token_counts` does)."""
+    device (a sync), unless it is built on the CPU and handed over (``DecoderLM``'s ``token_index``)."""
     index = is_pad.logical_not().flatten().nonzero().squeeze(1)  # (N,)
     return None if index.numel() == is_pad.numel() else index
 

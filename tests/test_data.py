@@ -140,7 +140,7 @@ def test_data_configs_instantiate_the_datamodule(name: str) -> None:
         cfg.path = "x.txt"
     module = instantiate(cfg)
     assert isinstance(module, TextDataModule)
-    assert module.hparams.source == name and module.hparams.layout == "padded" and module.hparams.batch_size == cfg.batch_size
+    assert module.hparams.source == name and module.hparams.layout == "packed" and module.hparams.batch_size == cfg.batch_size
 
 
 @pytest.mark.slow

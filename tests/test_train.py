@@ -21,7 +21,7 @@ from hydra.errors import ConfigCompositionException, MissingConfigException
 from omegaconf import DictConfig
 
 import train as train_script
-from mhaplug.attention import STRATEGIES
+from mhaplug.attention import CAPABILITIES, STRATEGIES
 from mhaplug.config import ConfigError, SkipRun, validate
 from mhaplug.lit import LitDecoderLM
 
@@ -65,6 +65,8 @@ OPTIONS = sorted(
 @pytest.mark.parametrize(("group", "option"), OPTIONS, ids=[f"{g}={o}" for g, o in OPTIONS])
 def test_every_config_option_composes_and_validates(tmp_path: Path, group: str, option: str) -> None:
     extra = ["data.path=corpus.txt"] if (group, option) in (("data", "text_files"), ("data", "hf")) else []
+    if group == "attention" and not (CAPABILITIES[option].document_masks and CAPABILITIES[option].empty_rows_zero):
+        extra.append("data.layout=padded")  # the default layout is packed, which these strategies cannot train
     cfg = config(tmp_path, f"{group}={option}", *extra)
     assert cfg.data._target_ == "mhaplug.data.TextDataModule" and cfg.model._target_ == "mhaplug.lit.LitDecoderLM"
     if (group, option) == ("attention", "flex") and not torch.cuda.is_available():
@@ -94,9 +96,9 @@ def test_an_unknown_strategy_lists_the_allowed_ones(tmp_path: Path) -> None:
 
 
 INVALID = [
-    (["attention=torch_mha", "data.padding_side=left"], "attention=torch_mha with data.padding_side=left: .*returns NaN", True),
+    (["attention=torch_mha", "data.layout=padded", "data.padding_side=left"], "attention=torch_mha with data.padding_side=left: .*returns NaN", True),
     (["attention=torch_mha", "data.layout=packed"], "attention=torch_mha with data.layout=packed: .*returns NaN", True),
-    (["attention=causal_only", "data.padding_side=left"], "attention=causal_only ignores the padding mask.*Use attention=causal_kpm, or data.padding_side=right", True),
+    (["attention=causal_only", "data.layout=padded", "data.padding_side=left"], "attention=causal_only ignores the padding mask.*Use attention=causal_kpm, or data.padding_side=right", True),
     (["attention=causal_kpm", "data.layout=packed"], "attention=causal_kpm applies a plain causal mask.*Use attention=.*merged_bool", False),
     (["attention=causal_only", "data.layout=packed"], "attention=causal_only applies a plain causal mask", False),
     (["data.layout=packed", "data.padding_side=left", "attention=merged_bool"], "data.padding_side=left has no effect with data.layout=packed", False),
@@ -145,15 +147,15 @@ def test_train_debug_run_writes_logs_checkpoints_and_summary(tmp_path: Path, cap
     assert "mhaplug run finished: 6 steps" in out and "pad fraction" in out and str(tmp_path) in out
     audit = summary["audit"]  # step 0, by the MaskAudit callback of configs/callbacks/default.yaml
     assert audit["passed"] is True and audit["failed"] == [] and audit["call"] == "LitDecoderLM.model (DecoderLM)"
-    assert list(audit["checks"]) == ["finite", "padding", "loss", "causality"] and "documents" in audit["skipped"]
+    assert list(audit["checks"]) == ["finite", "padding", "loss", "causality", "documents"]  # packed: the default
     assert column(rows, "audit/passed") == [1.0]
-    assert re.search(r"\n  mask audit: passed \(finite, padding, loss, causality; 3 forwards, \d+ ms\)\n", out)
+    assert re.search(r"\n  mask audit: passed \(finite, padding, loss, causality, documents; 4 forwards, \d+ ms\)\n", out)
 
 
 def test_a_teaching_run_records_its_audit_failure_and_trains(tmp_path: Path,
                                                             capsys: pytest.CaptureFixture[str]) -> None:
     """causal_only with left padding (on_invalid=run): the audit fails at step 0, as it should, and the run goes on."""
-    cfg = config(tmp_path, "debug=fast", *FAST, "attention=causal_only", "data.padding_side=left", "on_invalid=run",
+    cfg = config(tmp_path, "debug=fast", *FAST, "attention=causal_only", "data.layout=padded", "data.padding_side=left", "on_invalid=run",
                  "trainer.max_steps=2", "trainer.val_check_interval=2")
     summary = train_script.train(cfg)
     assert summary["valid"] is False and summary["steps"] == 2
