@@ -10,8 +10,13 @@ One forward builds the masks once for all layers, on the batch's device:
 - padded rows: ``key_padding_mask`` from the batch plus ``is_causal=True`` (each strategy merges them its way;
   ``causal_only`` gets no padding mask, by definition);
 - packed rows: a document-causal keep mask (B, 1, L, L) from ``document_ids`` (causal, within a document, never
-  onto padding), handed to every layer as one broadcast ``attn_mask``;
+  onto padding), handed to every layer as one broadcast ``attn_mask``; under ``auto`` on the CPU, each document
+  becomes a row of its own instead, served by the causal kernel with a padding vector (:mod:`mhaplug.unpad`);
 - ``flex``: one FlexAttention ``BlockMask`` per batch (padding or documents, and causality), shared by the layers.
+
+On the CPU, padded rows are also split into length buckets for attention (:mod:`mhaplug.unpad`). Pass
+``token_index`` (all B * L positions) to compute every position in the batch's own layout, as
+:func:`mhaplug.audit` does.
 
 Shapes: B batch, L length, N real tokens, E = d_model, V vocabulary.
 """
@@ -180,17 +185,19 @@ class DecoderLM(nn.Module):
         if position_ids is None:
             position_ids = torch.arange(length, device=input_ids.device).expand(batch, length)  # (B, L)
         is_pad = key_padding_mask
-        key_padding_mask, attn_mask, is_causal = self._masks(is_pad, document_ids, batch, length)
-        if token_index is not None:
-            layouts = (TokenLayout(0, token_index.numel(), token_index, batch, length, key_padding_mask),)
-        elif document_ids is not None and self.config.strategy == "auto" and masks.host_read_is_free(document_ids):
+        documents_as_rows = self.config.strategy == "auto" and document_ids is not None and token_index is None
+        if documents_as_rows and masks.host_read_is_free(document_ids):
             # each document a row of its own: the causal kernel with padding gives document-causal attention
             token_index, layouts = plan_tokens(is_pad, batch, length, document_ids=document_ids)
             attn_mask, is_causal = None, True
-        else:  # length buckets for padded rows only: a document mask or a BlockMask spans the whole batch
-            token_index, layouts = plan_tokens(is_pad, batch, length, buckets=attn_mask is None)
-            if key_padding_mask is None:  # the strategy takes no padding mask (causal_only, packed, flex)
-                layouts = tuple(replace(layout, key_padding_mask=None) for layout in layouts)
+        else:
+            key_padding_mask, attn_mask, is_causal = self._masks(is_pad, document_ids, batch, length)
+            if token_index is not None:
+                layouts = (TokenLayout(0, token_index.numel(), token_index, batch, length, key_padding_mask),)
+            else:  # length buckets for padded rows only: a document mask or a BlockMask spans the whole batch
+                token_index, layouts = plan_tokens(is_pad, batch, length, buckets=attn_mask is None)
+                if key_padding_mask is None:  # the strategy takes no padding mask (causal_only, packed, flex)
+                    layouts = tuple(replace(layout, key_padding_mask=None) for layout in layouts)
         ids, positions = input_ids.flatten(), position_ids.flatten()  # (B * L,)
         if token_index is not None:
             ids, positions = ids.index_select(0, token_index), positions.index_select(0, token_index)  # (N,)

@@ -152,6 +152,19 @@ def test_train_debug_run_writes_logs_checkpoints_and_summary(tmp_path: Path, cap
     assert re.search(r"\n  mask audit: passed \(finite, padding, loss, causality, documents; 4 forwards, \d+ ms\)\n", out)
 
 
+def test_bf16_mixed_trains_on_the_cpu_and_lands_near_float32(tmp_path: Path) -> None:
+    """``trainer.precision=bf16-mixed``: Lightning's CPU autocast around the fused loss (bf16 matmuls, float32
+    softmax) trains the same steps to nearly the same loss as float32."""
+    runs = {}
+    for precision in ("32-true", "bf16-mixed"):
+        cfg = config(tmp_path / precision, "debug=fast", *FAST, f"+trainer.precision={precision}")
+        runs[precision] = train_script.train(cfg)
+    fp32, bf16 = runs["32-true"], runs["bf16-mixed"]
+    assert fp32["steps"] == bf16["steps"] == 6
+    assert math.isfinite(bf16["final_val_loss"]) and bf16["final_val_loss"] != fp32["final_val_loss"]  # bf16 ran
+    assert bf16["final_val_loss"] == pytest.approx(fp32["final_val_loss"], abs=0.02)
+
+
 def test_a_teaching_run_records_its_audit_failure_and_trains(tmp_path: Path,
                                                             capsys: pytest.CaptureFixture[str]) -> None:
     """causal_only with left padding (on_invalid=run): the audit fails at step 0, as it should, and the run goes on."""
