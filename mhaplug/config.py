@@ -140,7 +140,8 @@ def invalid_combination(cfg: DictConfig) -> tuple[str, bool] | None:
             + ("data.layout=packed" if packed else "data.padding_side=left")
             + ": some query rows have nothing to attend to (pads before the first real token, or a packed row's "
             "padding tail), and torch's MultiheadAttention returns NaN for them on its evaluation fast path (and "
-            "with need_weights=True); the NaN spreads through the next layer into val/loss. Use an mhaplug "
+            "with need_weights=True); in a model that computes every position the NaN spreads through the next "
+            "layer into val/loss (mhaplug's decoder drops those rows, the mask audit still fails). Use an mhaplug "
             "strategy: attention=auto",
             True,
         )

@@ -90,7 +90,8 @@ def test_auto_takes_packed_documents_as_rows_and_merged_bool_uses_one_document_m
         attention = decoder.blocks[0].attn
         forward_tokens = attention.forward_tokens
 
-        def spy(x: Tensor, layouts: tuple, *, attn_mask: object, is_causal: bool, calls: list = calls) -> Tensor:
+        def spy(x: Tensor, layouts: tuple, *, attn_mask: object, is_causal: bool, calls: list = calls,
+                forward_tokens=forward_tokens) -> Tensor:  # fmt: skip
             calls.append([(lay.batch_size, lay.seq_len) for lay in layouts] + [attn_mask is not None, is_causal])
             return forward_tokens(x, layouts, attn_mask=attn_mask, is_causal=is_causal)
 
