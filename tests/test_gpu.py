@@ -130,3 +130,32 @@ def test_decoder_trains_with_flex_like_merged_bool(packed: bool) -> None:
         results.append([loss.detach(), *(p.grad for p in model.parameters())])
     for got, expected in zip(results[1], results[0], strict=True):
         torch.testing.assert_close(got, expected, atol=1e-3, rtol=1e-3)
+
+
+@pytest.mark.parametrize("packed", [False, True], ids=["padded", "packed"])
+def test_decoder_step_with_a_cpu_token_index_never_syncs(packed: bool) -> None:
+    """LitDecoderLM's path on CUDA: token_index built on the CPU, then loss_sum (real tokens, fused loss) and
+    backward with no host-device sync; equal to the CPU model."""
+    from mhaplug import masks
+    from mhaplug.collate import PackCollator, PadCollator
+    from mhaplug.model import DecoderConfig, DecoderLM
+
+    rows = [list(range(3, 3 + n)) for n in (40, 7, 25, 1, 60, 12)]
+    batch = (PackCollator(max_length=64) if packed else PadCollator(padding_side="left"))(rows)
+    batch["token_index"] = masks.token_index_from_is_pad(batch["key_padding_mask"])
+    torch.manual_seed(0)
+    cpu_model = DecoderLM(DecoderConfig(vocab_size=128, max_positions=64))
+    expected = cpu_model.loss_sum(batch)
+    model = DecoderLM(DecoderConfig(vocab_size=128, max_positions=64)).cuda()
+    model.load_state_dict(cpu_model.state_dict())
+    on_gpu = {k: v.cuda() if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+    for sync_mode in ("default", "error"):  # the first pass warms caches and lazy initialisation
+        model.zero_grad()
+        torch.cuda.synchronize()
+        torch.cuda.set_sync_debug_mode(sync_mode)
+        try:
+            loss = model.loss_sum(on_gpu)
+            loss.backward()
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    torch.testing.assert_close(loss.cpu(), expected.detach(), atol=1e-3, rtol=1e-4)
