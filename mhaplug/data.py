@@ -42,13 +42,11 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from torch.utils.data import DataLoader, Dataset
 
 from mhaplug import sampling
-from mhaplug.collate import PackCollator, PadCollator, add_token_counts, first_fit_pack  # noqa: F401 (see below)
+from mhaplug.collate import PackCollator, PadCollator, first_fit_pack
 
 __all__ = ["BATCHINGS", "EOS_TOKEN", "LAYOUTS", "PAD_TOKEN", "SOURCES", "TextDataModule", "stdlib_docstrings", "synthetic_texts", "train_tokenizer"]
 
 logger = logging.getLogger(__name__)
-
-# add_token_counts lives in mhaplug.collate (the collators call it); importable from here only for benchmarks/peers.py.
 
 SOURCES = ("stdlib_docs", "synthetic", "text_files", "hf")
 LAYOUTS = ("padded", "packed")
