@@ -3,7 +3,8 @@
 One decoder (configs/model/small.yaml: d_model 128, 4 heads, 2 layers, d_ff 512, GELU, pre-norm, tied head; vocab
 4096, max_length 256) is trained in one process, once per configuration, for the same number of AdamW steps from the
 same initial weights, by a plain PyTorch loop (no Lightning Trainer) over the real ``TextDataModule`` train loader
-(stdlib docstrings), with mhaplug.lit's loss (sum over real targets / their count, ``lm_loss_sum``):
+(stdlib docstrings), with mhaplug.lit's loss (sum over real targets / their count: ``DecoderLM.loss_sum``, real
+tokens only with the fused output layer + cross-entropy; baseline A ``lm_loss_sum`` of its logits):
 
 - baseline A, what users write today: ``nn.TransformerEncoderLayer(norm_first=True)`` blocks (``nn.MultiheadAttention``)
   given ``src_key_padding_mask`` and a float causal ``src_mask``; random batching, right padding;
@@ -125,6 +126,8 @@ def forward_loss(model: nn.Module, batch: Batch, device: torch.device) -> Tensor
     """Mean next-token loss over the batch's real targets (their count read on the CPU, before the transfer)."""
     targets = int((batch["labels"][:, 1:] != -100).sum())
     on = {k: v.to(device, non_blocking=True) for k, v in batch.items() if isinstance(v, Tensor)}
+    if isinstance(model, DecoderLM):  # LitDecoderLM's training path: real tokens only, fused loss
+        return model.loss_sum(on) / max(targets, 1)
     logits = model(on["input_ids"], key_padding_mask=on["key_padding_mask"], position_ids=on["position_ids"],
                    document_ids=on.get("document_ids"))
     return lm_loss_sum(logits, on["labels"]) / max(targets, 1)
