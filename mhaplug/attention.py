@@ -227,7 +227,7 @@ def explicit_attention(
     weights = scores.softmax(dim=-1)
     if dropout_p > 0.0:
         weights = F.dropout(weights, p=dropout_p)
-    out = torch.bmm(weights, v3).view(batch, heads, tgt_len, -1)  # (B, H, L, D)
+    out = torch.bmm(weights, v3).view(batch, heads, tgt_len, v3.shape[-1])  # (B, H, L, D); no -1: B may be 0
     if row_has_key is not None:
         out = zero_rows(out, row_has_key)  # also stops every gradient into the opened rows
     return out, weights.view(batch, heads, tgt_len, src_len), row_has_key
@@ -337,6 +337,8 @@ def _flex(call: _Call) -> tuple[Tensor, str]:
         keep = call.merged(is_causal=False)  # (B, 1, 1, S) for padding alone
         if keep is not None and keep.dtype != torch.bool:
             raise TypeError("strategy='flex' takes bool masks only; for float attn_mask use strategy='merged_additive'")
+        if batch_size == 0:
+            keep = None  # no row to mask, and create_block_mask cannot vmap a mask over an empty batch
         mask_mod = masks.keep_mask_mod(keep, is_causal=call.is_causal)
         mask_b = keep.shape[0] if keep is not None and keep.shape[0] > 1 else None
         mask_h = keep.shape[1] if keep is not None and keep.shape[1] > 1 else None
@@ -517,7 +519,8 @@ class MultiheadAttention(nn.MultiheadAttention):
         """Attention over ``key``/``value`` for each ``query``, masked by the union of the masks given.
 
         Args:
-            query: (L, B, E), or (B, L, E) with ``batch_first=True``, or unbatched (L, E).
+            query: (L, B, E), or (B, L, E) with ``batch_first=True``, or unbatched (L, E). B may be 0: the
+                output (and weights) are empty, shaped as torch's.
             key, value: (S, B, kdim / vdim), batch first (B, S, ...), or unbatched (S, ...).
             key_padding_mask: (B, S) or unbatched (S,), bool True = padding; or float, added to the scores.
             need_weights: also return attention weights (explicit softmax, as torch).
@@ -558,8 +561,8 @@ class MultiheadAttention(nn.MultiheadAttention):
         heads, head_dim = self.num_heads, self.head_dim
         call = _Call(
             q=q.view(batch_size, tgt_len, heads, head_dim).transpose(1, 2),  # (B, H, L, D)
-            k=k.view(batch_size, -1, heads, head_dim).transpose(1, 2),  # (B, H, S', D)
-            v=v.view(batch_size, -1, heads, head_dim).transpose(1, 2),  # (B, H, S', D)
+            k=k.view(batch_size, k.shape[1], heads, head_dim).transpose(1, 2),  # (B, H, S', D); no -1: B may be 0
+            v=v.view(batch_size, v.shape[1], heads, head_dim).transpose(1, 2),  # (B, H, S', D)
             key_padding_mask=key_padding_mask,
             attn_mask=attn_mask,
             is_causal=is_causal,
@@ -625,13 +628,13 @@ class MultiheadAttention(nn.MultiheadAttention):
     def _forward_layout_padded(self, x: Tensor, lay: TokenLayout, attn_mask: object, is_causal: bool) -> Tensor:
         """forward_tokens through :meth:`forward` on the padded layout (torch_mha, and layers torch packs
         differently: separate q/k/v weights, add_bias_kv, add_zero_attn)."""
-        padded = _scatter_rows(x, lay.index, lay.batch_size * lay.seq_len).view(lay.batch_size, lay.seq_len, -1)
+        padded = _scatter_rows(x, lay.index, lay.batch_size * lay.seq_len).view(lay.batch_size, lay.seq_len, x.shape[1])
         if not self.batch_first:
             padded = padded.transpose(0, 1)  # (L, B, E)
         out, _ = self(padded, padded, padded, key_padding_mask=lay.key_padding_mask, need_weights=False,
                       attn_mask=attn_mask, is_causal=is_causal)  # fmt: skip
         out = out if self.batch_first else out.transpose(0, 1)  # (B, L, E)
-        return _gather_rows(out.reshape(lay.batch_size * lay.seq_len, -1), lay.index)
+        return _gather_rows(out.reshape(lay.batch_size * lay.seq_len, out.shape[-1]), lay.index)
 
     def _record_dispatch(self, dispatch: str) -> None:
         # Eager calls only: a compiled or exported graph has no Python side effects to replay (and export warns).

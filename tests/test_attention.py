@@ -595,3 +595,76 @@ def test_forward_tokens_errors() -> None:
         ours.forward_tokens(torch.zeros(3, 8), layouts)
     with pytest.raises(ValueError, match="an attn_mask describes one \\(B, L\\) layout; got 2 layouts"):
         ours.forward_tokens(torch.zeros(3, E), layouts, attn_mask=torch.zeros(2, 2, dtype=torch.bool))
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Batch size 0: an empty output of torch's shapes, from every strategy (issue 10)
+# ----------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.filterwarnings("ignore:flex_attention called without torch.compile:UserWarning")
+@pytest.mark.parametrize("strategy", attention_module.STRATEGIES)
+@pytest.mark.parametrize("batch_first", [True, False], ids=["bf", "lbe"])
+@pytest.mark.parametrize("need_weights", [False, True], ids=["no_w", "w"])
+@pytest.mark.parametrize("with_kpm", [False, True], ids=["no_kpm", "kpm"])
+def test_batch_size_zero_gives_torchs_empty_shapes(strategy: str, batch_first: bool, need_weights: bool, with_kpm: bool) -> None:
+    """Query (0, L, E) batch first or (L, 0, E), cross-attention (L=5, S=7): output and weights (averaged and
+    per head) shaped as torch's own module returns them, and a backward that runs. flex runs under no_grad
+    (forward-only on CPU). torch's own module fails with a (0, S) key_padding_mask and need_weights=False
+    (a reshape with -1); torch_mha is torch's path, so it keeps that error and the others must not."""
+    causal = attention_module.CAPABILITIES[strategy].needs_is_causal
+    ours, ref = pair(strategy, batch_first=batch_first, kdim=12, vdim=10)
+    shape = (lambda n, f: (0, n, f)) if batch_first else (lambda n, f: (n, 0, f))
+    query, key, value = torch.randn(shape(5, E), requires_grad=True), torch.randn(shape(7, 12)), torch.randn(shape(7, 10))
+    kpm = torch.zeros(0, 7, dtype=torch.bool) if with_kpm else None
+    torch_attn = torch_causal(None, 5, 7) if causal else None
+    torch_fails = with_kpm and not need_weights
+    if torch_fails:
+        with pytest.raises(RuntimeError, match="cannot reshape tensor of 0 elements"):
+            ref(query, key, value, key_padding_mask=kpm, attn_mask=torch_attn, need_weights=False)
+    for average in (True, False):
+        call = {"key_padding_mask": kpm, "need_weights": need_weights, "average_attn_weights": average, "is_causal": causal}
+        expected, expected_weights = ref(query, key, value, **{**call, "key_padding_mask": None if torch_fails else kpm,
+                                                                "attn_mask": torch_attn, "is_causal": False})
+        if strategy == "torch_mha" and torch_fails:
+            with pytest.raises(RuntimeError, match="cannot reshape tensor of 0 elements"):
+                ours(query, key, value, **call)
+            continue
+        with torch.no_grad() if strategy == "flex" else torch.enable_grad():
+            out, weights = ours(query, key, value, **call)
+        assert out.shape == expected.shape == shape(5, E) and out.dtype == expected.dtype
+        if need_weights:
+            assert weights is not None and weights.shape == expected_weights.shape == ((0, 5, 7) if average else (0, H, 5, 7))
+        else:
+            assert weights is None and expected_weights is None
+        if strategy != "flex":
+            out.sum().backward()
+            assert query.grad is not None and query.grad.shape == query.shape
+            assert all(p.grad is not None and not p.grad.any() for p in ours.parameters())  # no token: zero gradients
+            ours.zero_grad(set_to_none=True)
+            query.grad = None
+
+
+@pytest.mark.parametrize("strategy", ["auto", "reference", "merged_bool", "causal_kpm", "torch_mha"])
+def test_forward_tokens_with_zero_tokens(strategy: str) -> None:
+    """A batch with no row, planned by plan_tokens as the model does: (0, E) in, (0, E) out."""
+    from mhaplug.unpad import plan_tokens
+
+    ours = MultiheadAttention(E, H, batch_first=True, strategy=strategy)
+    is_pad = torch.zeros(0, 6, dtype=torch.bool)  # (0, 6)
+    token_index, layouts = plan_tokens(is_pad, 0, 6)
+    x = torch.randn(0, E, requires_grad=True)
+    out = ours.forward_tokens(x if token_index is None else x[token_index], layouts, is_causal=True)
+    assert out.shape == (0, E)
+    out.sum().backward()
+    assert x.grad is not None and x.grad.shape == (0, E)
+
+
+@pytest.mark.parametrize("strategy", TORCH_EQUAL)
+def test_batch_size_zero_with_a_four_d_attn_mask(strategy: str) -> None:
+    """mhaplug's (B, 1, L, S) attn_mask with B = 0: torch_mha copies it per head, (0, L, S), as torch takes it."""
+    ours, ref = pair(strategy, batch_first=True)
+    x = torch.randn(0, 5, E)
+    out, weights = ours(x, x, x, attn_mask=torch.zeros(0, 1, 5, 5, dtype=torch.bool))
+    expected, expected_weights = ref(x, x, x, attn_mask=torch.zeros(0, 5, 5, dtype=torch.bool))
+    assert out.shape == expected.shape == (0, 5, E) and weights.shape == expected_weights.shape == (0, 5, 5)
