@@ -3,7 +3,13 @@
 Both collators are dataclasses called on a list of rows, as ``DataLoader(dataset, collate_fn=collator)`` or as a
 Hugging Face ``data_collator``. A row is a dict with ``input_ids`` (list, numpy array or tensor of ints), as a
 ``datasets.Dataset`` yields with or without ``set_format("torch")``, or a bare sequence of ints. Other keys of a
-row are ignored; name them in ``passthrough_keys`` to have them stacked with ``default_collate``.
+row are ignored; name them in ``passthrough_keys`` (:class:`PadCollator`) to have them stacked with
+``default_collate``: not one of :data:`COMPUTED_KEYS`, and of one type and shape in every row.
+
+Every bad input raises a ``TypeError`` / ``ValueError`` that names the setting, or the row and key, what was given and
+what to do: empty, nested, ragged, string or non-integer ``input_ids``, token ids outside int64 or the vocabulary, a
+``pad_token_id`` that is not an int, ``passthrough_keys`` that name a key the collator computes or values that cannot
+be stacked.
 
 Batch keys (B rows, L = padded length)::
 
@@ -57,7 +63,8 @@ from __future__ import annotations
 
 import itertools
 import logging
-from collections.abc import Mapping, Sequence
+import numbers
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -69,11 +76,19 @@ from torch.utils.data import default_collate
 from mhaplug import masks
 from mhaplug.loss import IGNORE_INDEX
 
-__all__ = ["PackCollator", "PadCollator", "add_token_counts", "first_fit_pack", "round_up"]
+__all__ = ["COMPUTED_KEYS", "PackCollator", "PadCollator", "add_token_counts", "first_fit_pack", "round_up"]
 
 logger = logging.getLogger(__name__)
 
 Row = Mapping[str, Any] | Sequence[int] | np.ndarray | Tensor
+
+# Every key a collator computes (the flash-attention keys on request): a pass-through key may not replace one.
+COMPUTED_KEYS: tuple[str, ...] = (
+    "input_ids", "labels", "key_padding_mask", "attention_mask", "position_ids", "lengths",
+    "num_targets", "num_real_tokens", "num_padded_tokens",
+    "document_ids", "cu_seqlens", "max_seqlen", "cu_seq_lens_q", "cu_seq_lens_k", "max_length_q", "max_length_k",
+)  # fmt: skip
+_INT64 = np.iinfo(np.int64)
 
 
 def round_up(length: int, multiple: int | None) -> int:
@@ -116,17 +131,33 @@ def _check_positive(name: str, value: int | None, *, optional: bool = True) -> N
         raise ValueError(f"{name} must be a positive int{' or None' if optional else ''}, got {value!r}")
 
 
+def _check_int(name: str, value: object, meaning: str) -> int:
+    """``value`` as a Python int that fits int64, or an error naming ``name`` (numpy integers are ints too)."""
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Integral):
+        got = "None" if value is None else f"{type(value).__name__} {value!r}"
+        hint = ""
+        if name == "pad_token_id" and value is None:
+            hint = ("; tokenizer.pad_token_id is None when the tokenizer has no pad token: add one, or pass the EOS id "
+                    "(labels come from lengths, so a pad id equal to EOS still learns to stop)")
+        raise TypeError(f"{name} must be an int ({meaning}), got {got}{hint}")
+    if not _INT64.min <= value <= _INT64.max:
+        raise ValueError(f"{name} must fit int64, got {value}")
+    return int(value)
+
+
 def _token_ids(row: Row, index: int, vocab_size: int | None) -> Tensor:
     """One row's ``input_ids`` as a 1-D int64 tensor, with errors that name the row."""
     if isinstance(row, Mapping) and "input_ids" not in row:
         raise KeyError(f"row {index} has no 'input_ids' key; its keys are {sorted(row)}")
     ids = row["input_ids"] if isinstance(row, Mapping) else row
-    if isinstance(ids, Tensor):
+    if isinstance(ids, (str, bytes)):
+        hint = "for byte-level ids pass list(data)" if isinstance(ids, bytes) else "tokenise the text first"
+        got = f"{type(ids).__name__} {ids[:60]!r}"
+        raise TypeError(f"row {index}: input_ids must be token ids (ints), got {got}; {hint}")
+    if isinstance(ids, Tensor) and ids.dtype != torch.uint64:  # torch has no max() for uint64: checked as numpy
         tensor = ids
     else:
-        array = np.asarray(ids)
-        if array.dtype == object:
-            raise TypeError(f"row {index}: input_ids must be a flat sequence of ints, got {type(ids).__name__} {str(ids)[:60]}")
+        array = _id_array(ids, index)
         tensor = torch.from_numpy(array) if array.size else torch.zeros(0, dtype=torch.int64)
     if tensor.dtype == torch.bool or tensor.is_floating_point() or tensor.is_complex():
         raise TypeError(f"row {index}: input_ids must be integers, got dtype {tensor.dtype}: {tensor.flatten()[:8].tolist()}")
@@ -141,6 +172,76 @@ def _token_ids(row: Row, index: int, vocab_size: int | None) -> Tensor:
     return tensor
 
 
+def _id_array(ids: object, index: int) -> np.ndarray:
+    """``ids`` as a numpy array, or an error naming the row for what numpy would reject, or turn into something
+    other than token ids (strings, floats from ints past int64, or a silent wrap of uint64 to negative ids)."""
+    try:
+        array = np.asarray(ids.cpu() if isinstance(ids, Tensor) else ids)
+    except ValueError as error:  # numpy refuses a ragged nested sequence
+        raise ValueError(
+            f"row {index}: input_ids must be a flat sequence of ints, got a nested {type(ids).__name__} {str(ids)[:60]}"
+        ) from error
+    kind = array.dtype.kind
+    if kind == "i" or (kind == "u" and array.dtype.itemsize < 8):
+        return array  # the common case, checked cheaply: the collators convert every row here
+    if kind in "US":
+        raise TypeError(f"row {index}: input_ids must be token ids (ints), got strings {array.ravel()[:8].tolist()}; "
+                        "tokenise the text first")
+    outside = _outside_int64(ids, array)
+    if outside:
+        raise ValueError(f"row {index}: input_ids has token ids {outside} that do not fit int64")
+    if kind == "O":
+        got = f"{type(ids).__name__} {str(ids)[:60]}"
+        raise TypeError(f"row {index}: input_ids must be a flat sequence of ints, got {got}")
+    return array  # bool, float or complex: the caller names the dtype
+
+
+def _outside_int64(ids: object, array: np.ndarray) -> list[int]:
+    """Up to 4 ids of ``ids`` outside int64. numpy makes Python ints past int64 a uint64, float64 or object array."""
+    if array.dtype == np.uint64:
+        return array[array > _INT64.max][:4].tolist()
+    ints = array.dtype.kind in "fO" and array.ndim == 1 and isinstance(ids, Sequence) and all(
+        isinstance(t, numbers.Integral) and not isinstance(t, (bool, np.bool_)) for t in ids
+    )
+    return [int(t) for t in ids if not _INT64.min <= t <= _INT64.max][:4] if ints else []  # type: ignore[union-attr]
+
+
+def _show(value: object) -> str:
+    """A short description of one value, for errors: ``Tensor of shape (3,)``, ``list [1, 2]``, ``int 3``."""
+    if isinstance(value, (Tensor, np.ndarray)):
+        return f"{type(value).__name__} of shape {tuple(value.shape)}"
+    text = repr(value)
+    return f"{type(value).__name__} {text if len(text) <= 60 else text[:57] + '...'}"
+
+
+def _structure(value: object) -> object:
+    """What ``default_collate`` needs equal in every row to stack a value: its type and shape, nested."""
+    if isinstance(value, (Tensor, np.ndarray)):
+        return type(value).__name__, tuple(value.shape)
+    if isinstance(value, Mapping):
+        return "mapping", tuple(sorted((str(k), _structure(v)) for k, v in value.items()))
+    if isinstance(value, Sequence) and not isinstance(value, (str, bytes)):
+        return "sequence", tuple(_structure(v) for v in value)
+    if isinstance(value, numbers.Number) and not isinstance(value, (bool, np.bool_)):
+        return "number"  # ints and floats stack together (as floats)
+    return type(value).__name__
+
+
+def _unstackable(key: str, values: list[Any], error: Exception) -> Exception:
+    """The error for a pass-through key whose values ``default_collate`` cannot stack: the rows that differ."""
+    first = _structure(values[0])
+    differ = [i for i, value in enumerate(values) if _structure(value) != first]
+    if not differ:
+        detail = f"default_collate raised {type(error).__name__}: {error}"
+        cls: type[Exception] = ValueError
+    else:
+        i = differ[0]
+        detail = f"rows {differ[:8]} differ from row 0 (row 0: {_show(values[0])}; row {i}: {_show(values[i])})"
+        cls = TypeError if type(values[i]) is not type(values[0]) else ValueError
+    return cls(f"passthrough key {key!r} cannot be stacked: {detail}; give {key!r} one type and shape in every row, "
+               "or leave it out of passthrough_keys")
+
+
 @dataclass(kw_only=True)
 class _Collator:
     pad_token_id: int = 0
@@ -150,8 +251,21 @@ class _Collator:
     passthrough_keys: tuple[str, ...] = field(default_factory=tuple)
 
     def __post_init__(self) -> None:
+        self.pad_token_id = _check_int("pad_token_id", self.pad_token_id, "the id written on padding")
+        self.label_pad_id = _check_int("label_pad_id", self.label_pad_id, "the label where no loss is taken")
         _check_positive("pad_to_multiple_of", self.pad_to_multiple_of)
         _check_positive("vocab_size", self.vocab_size)
+        keys = self.passthrough_keys
+        if isinstance(keys, (str, bytes)) or not isinstance(keys, Iterable):
+            hint = f"; write ({keys!r},)" if isinstance(keys, str) else ""
+            raise TypeError(f"passthrough_keys must be a tuple of row keys, got {type(keys).__name__} {keys!r}{hint}")
+        self.passthrough_keys = tuple(keys)  # a list (or Hydra's ListConfig) too
+        for key in self.passthrough_keys:
+            if key in COMPUTED_KEYS:
+                raise ValueError(
+                    f"passthrough_keys names {key!r}, a key the collator computes; rename that row key (e.g. "
+                    f"'row_{key}') and pass it through under its new name"
+                )
         if self.vocab_size is not None and not 0 <= self.pad_token_id < self.vocab_size:
             raise ValueError(f"pad_token_id must be in [0, vocab_size={self.vocab_size}), got {self.pad_token_id}")
 
@@ -185,7 +299,11 @@ class _Collator:
             missing = [i for i, row in enumerate(rows) if not isinstance(row, Mapping) or key not in row]
             if missing:
                 raise KeyError(f"passthrough key {key!r} is missing from rows {missing[:5]}")
-            extra[key] = default_collate([row[key] for row in rows])  # type: ignore[index]
+            values = [row[key] for row in rows]  # type: ignore[index]
+            try:
+                extra[key] = default_collate(values)
+            except (TypeError, ValueError, RuntimeError, KeyError) as error:  # ragged or mixed: name the rows
+                raise _unstackable(key, values, error) from error
         return extra
 
 
@@ -201,7 +319,8 @@ class PadCollator(_Collator):
         overflow: ``"error"`` (default) raises naming the row; ``"truncate"`` keeps the first ``max_length`` tokens.
         label_pad_id: label where no loss is taken.
         vocab_size: if given, ids outside [0, vocab_size) raise naming the row.
-        passthrough_keys: extra row keys to stack into the batch.
+        passthrough_keys: extra row keys to stack into the batch with ``default_collate`` (none of
+            :data:`COMPUTED_KEYS`; a value of another type or shape in some rows raises naming those rows).
 
     Example, ``padding_side="left"``, ``pad_to_multiple_of=4``, rows [5, 6, 7] and [8]::
 
@@ -236,25 +355,27 @@ class PadCollator(_Collator):
     def _flat_ids(self, rows: Sequence[Row]) -> tuple[np.ndarray, np.ndarray]:
         """All rows' ids concatenated, and the row lengths, converted once for the whole batch.
 
-        The fast path converts every row in one numpy call; anything unusual (an empty, nested, non-integer or
-        out-of-vocabulary row) goes through the per-row checks, which name the row.
+        The fast path converts every row in one numpy call; anything unusual (an empty, nested, ragged, string,
+        non-integer, past-int64 or out-of-vocabulary row) goes through the per-row checks, which name the row.
         """
         if len(rows) == 0:
             raise ValueError("cannot collate an empty batch (rows == []); check the sampler and drop_last settings")
         ids = [row["input_ids"] if isinstance(row, Mapping) and "input_ids" in row else row for row in rows]
         try:
             lengths = np.fromiter((len(r) for r in ids), dtype=np.int64, count=len(ids))
-            if isinstance(ids[0], (Tensor, np.ndarray)):
+            if any(isinstance(r, (str, bytes)) for r in ids):  # bytes iterate as ints: not token ids
+                flat = None
+            elif isinstance(ids[0], (Tensor, np.ndarray)):
                 flat = np.concatenate([np.asarray(r) for r in ids]) if lengths.all() else None
             else:
                 tokens = list(itertools.chain.from_iterable(ids))
                 # Python ints only: numpy would silently truncate 2.5 to 2, or take True as 1.
                 flat = np.array(tokens, dtype=np.int64) if all(type(t) is int for t in tokens) else None
-        except (TypeError, ValueError):
+        except (TypeError, ValueError, OverflowError):  # OverflowError: an int past int64
             flat = None
         if flat is None or flat.dtype.kind not in "iu" or flat.ndim != 1 or not lengths.all() or (
-            self.vocab_size is not None and (flat.min() < 0 or flat.max() >= self.vocab_size)
-        ):
+            flat.dtype == np.uint64 and flat.max() > _INT64.max  # would wrap to a negative id
+        ) or (self.vocab_size is not None and (flat.min() < 0 or flat.max() >= self.vocab_size)):
             sequences = self._sequences(rows)  # raises, naming the row
             return torch.cat(sequences).numpy(), np.array([len(t) for t in sequences], dtype=np.int64)
         return flat.astype(np.int64, copy=False), lengths
@@ -291,27 +412,82 @@ def _flat_segment_bounds(position_ids: Tensor) -> Tensor:
     return torch.cat([starts, starts.new_tensor([flat.numel()])]).to(torch.int32)
 
 
-def first_fit_pack(lengths: Sequence[int], capacity: int) -> list[list[int]]:
+def first_fit_pack(lengths: Sequence[int] | np.ndarray | Tensor, capacity: int) -> list[list[int]]:
     """Indices of documents per row, first-fit decreasing: longest first, each into the first row with room.
 
-    Whole documents only; every length must be <= ``capacity``. Deterministic: ties keep input order.
+    Whole documents only; every length must be in [1, ``capacity``]. Deterministic: ties keep input order.
     Rows come out in order of creation, so the fullest rows come first.
+
+    O(n log n) for n documents (a few million pack in seconds), where scanning the rows for each document was
+    O(n x rows): a max-tree over the rows' free room finds the lowest-index row with room in one descent. Its
+    leaves for rows not yet opened hold the whole capacity, so the same descent finds the next new row. Sorted,
+    documents of equal length come in runs: the row found takes as many of the run as fit (first-fit would put
+    them there one by one, since no row before it has room), and a run reaching the first unopened row fills
+    the new rows it needs at once. Each descent places at least one document.
     """
-    order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
+    if isinstance(capacity, (bool, np.bool_)) or not isinstance(capacity, numbers.Integral) or capacity < 1:
+        raise ValueError(f"capacity must be a positive int, got {capacity!r}")
+    capacity = int(capacity)
+    sizes = lengths.tolist() if isinstance(lengths, (np.ndarray, Tensor)) else list(lengths)
+    if not all(type(size) is int for size in sizes):  # numpy ints, or not ints: checked one by one
+        sizes = [_document_length(size, i) for i, size in enumerate(sizes)]
+    if not sizes:
+        return []
+    if min(sizes) < 1:
+        i = next(i for i, size in enumerate(sizes) if size < 1)
+        raise ValueError(f"document {i} has {sizes[i]} tokens; every length must be >= 1 (drop empty documents)")
+    if max(sizes) > capacity:
+        i = sizes.index(max(sizes))  # the first of the longest: the first document the packing meets
+        raise ValueError(f"document {i} has {sizes[i]} tokens, more than the row capacity {capacity}")
+    count = len(sizes)
+    order = sorted(range(count), key=sizes.__getitem__, reverse=True)  # longest first; reverse keeps ties in order
+    # First-fit leaves at most one row at most half full (a document in a later row did not fit in an earlier
+    # one), so rows <= 2 * tokens / capacity + 1: the tree's leaves.
+    leaves = 1 << (min(count, 2 * sum(sizes) // capacity + 1) - 1).bit_length()
+    room = [capacity] * (2 * leaves)  # room[node]: the most free room among the rows under node; row r: leaves + r
     rows: list[list[int]] = []
-    room: list[int] = []
-    for i in order:
-        if lengths[i] > capacity:
-            raise ValueError(f"document {i} has {lengths[i]} tokens, more than the row capacity {capacity}")
-        for r, free in enumerate(room):
-            if lengths[i] <= free:
-                rows[r].append(i)
-                room[r] -= lengths[i]
-                break
-        else:
-            rows.append([i])
-            room.append(capacity - lengths[i])
+    stop = 0
+    while stop < count:
+        pos, size = stop, sizes[order[stop]]
+        while stop < count and sizes[order[stop]] == size:  # the run of documents of this length: order[pos:stop]
+            stop += 1
+        assert room[1] >= size, "first-fit needs more rows than its bound"  # else the descent would never end
+        while pos < stop:
+            node = 1
+            while node < leaves:  # descend to the lowest-index row with room >= size
+                node = 2 * node if room[2 * node] >= size else 2 * node + 1
+            row = node - leaves
+            if row == len(rows):  # the first unopened row; every row after it is empty too
+                per_row = capacity // size
+                if stop - pos > per_row:  # the rest of the run fills several new rows: open them all at once
+                    rows.extend(order[p : min(p + per_row, stop)] for p in range(pos, stop, per_row))
+                    first, last = node, leaves + len(rows) - 1  # the new rows' leaves
+                    room[first:last] = [capacity - per_row * size] * (last - first)
+                    room[last] = capacity - (stop - pos - (last - first) * per_row) * size
+                    first, last = first // 2, last // 2
+                    while first:  # update their ancestors, level by level
+                        for parent in range(first, last + 1):
+                            room[parent] = max(room[2 * parent], room[2 * parent + 1])
+                        first, last = first // 2, last // 2
+                    break
+                rows.append([])  # one new row: filled below as any open row
+            take = min(room[node] // size, stop - pos)  # as many of the run as fit
+            rows[row].extend(order[pos : pos + take])
+            pos += take
+            room[node] -= take * size
+            while node > 1:  # update its ancestors, up to the first that does not change
+                node //= 2
+                most = max(room[2 * node], room[2 * node + 1])
+                if room[node] == most:
+                    break
+                room[node] = most
     return rows
+
+
+def _document_length(size: object, index: int) -> int:
+    if isinstance(size, (bool, np.bool_)) or not isinstance(size, numbers.Integral):
+        raise TypeError(f"lengths must be ints; document {index} has {type(size).__name__} {size!r}")
+    return int(size)
 
 
 @dataclass(kw_only=True)
@@ -359,6 +535,11 @@ class PackCollator(_Collator):
             raise ValueError(f"long_documents must be 'split', 'error' or 'truncate', got {self.long_documents!r}")
         if not isinstance(self.return_flash_attn_kwargs, bool):
             raise TypeError(f"return_flash_attn_kwargs must be a bool, got {self.return_flash_attn_kwargs!r}")
+        if self.passthrough_keys:
+            raise ValueError(
+                f"PackCollator cannot pass keys through (rows are regrouped), got passthrough_keys="
+                f"{self.passthrough_keys!r}; use passthrough_keys=()"
+            )
 
     def __call__(self, rows: Sequence[Row]) -> dict[str, Any]:
         packed = self._packed_rows(rows)  # list of rows, each a list of documents (1-D tensors)
@@ -395,8 +576,6 @@ class PackCollator(_Collator):
 
     def _packed_rows(self, rows: Sequence[Row]) -> list[list[Tensor]]:
         sequences = self._sequences(rows)
-        if self.passthrough_keys:
-            raise ValueError("PackCollator cannot pass keys through: rows are regrouped; use passthrough_keys=()")
         prepacked = [isinstance(row, Mapping) and "document_lengths" in row for row in rows]
         if all(prepacked):
             return [self._split_prepacked(ids, row["document_lengths"], i) for i, (ids, row) in enumerate(zip(sequences, rows))]  # type: ignore[index]

@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 from torch.utils.data import DataLoader
 
 from mhaplug import masks
-from mhaplug.collate import PackCollator, PadCollator, add_token_counts, first_fit_pack, round_up
+from mhaplug.collate import COMPUTED_KEYS, PackCollator, PadCollator, add_token_counts, first_fit_pack, round_up
 
 T, F = True, False
 
@@ -145,6 +145,58 @@ def test_passthrough_keys_are_stacked() -> None:
         PadCollator(passthrough_keys=("label",))([{"input_ids": [1], "label": 3}, {"input_ids": [2]}])
 
 
+BATCH_KEYS = ("input_ids", "labels", "key_padding_mask", "position_ids", "lengths", "attention_mask", "document_ids",
+              "cu_seqlens", "max_seqlen", "cu_seq_lens_q", "cu_seq_lens_k", "max_length_q", "max_length_k",
+              "num_targets", "num_real_tokens", "num_padded_tokens")
+
+
+def test_computed_keys_are_every_key_the_collators_emit() -> None:
+    padded = PadCollator()([[1, 2], [3]])
+    packed = PackCollator(max_length=4, return_flash_attn_kwargs=True)([[1, 2], [3]])
+    assert set(padded) | set(packed) == set(COMPUTED_KEYS) == set(BATCH_KEYS)
+
+
+@pytest.mark.parametrize("key", BATCH_KEYS)
+@pytest.mark.parametrize("cls", [PadCollator, PackCollator])
+def test_passthrough_keys_may_not_name_a_computed_key(cls: type, key: str) -> None:
+    """Before issue 10 PadCollator silently replaced its own key with the rows' (PackCollator raised at the first
+    batch, without naming the key)."""
+    kwargs = {"max_length": 8} if cls is PackCollator else {}
+    with pytest.raises(ValueError, match=rf"passthrough_keys names {key!r}, a key the collator computes; "
+                                         rf"rename that row key \(e.g. 'row_{key}'\)"):
+        cls(passthrough_keys=("label", key), **kwargs)
+
+
+def test_passthrough_keys_settings() -> None:
+    with pytest.raises(TypeError, match=r"passthrough_keys must be a tuple of row keys, got str 'label'; write \('label',\)"):
+        PadCollator(passthrough_keys="label")  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match=r"PackCollator cannot pass keys through \(rows are regrouped\), got "
+                                         r"passthrough_keys=\('label',\); use passthrough_keys=\(\)"):
+        PackCollator(max_length=8, passthrough_keys=("label",))
+    assert PadCollator(passthrough_keys=["label"]).passthrough_keys == ("label",)  # a list (Hydra's) is kept as a tuple
+
+
+@pytest.mark.parametrize(
+    ("values", "error", "rows"),
+    [
+        ([[1, 2], [3, 4], [5, 6, 7]], ValueError, r"rows \[2\] differ from row 0 \(row 0: list \[1, 2\]; row 2: list \[5, 6, 7\]\)"),
+        ([torch.zeros(2), torch.zeros(2), torch.zeros(3)], ValueError,
+         r"rows \[2\] differ from row 0 \(row 0: Tensor of shape \(2,\); row 2: Tensor of shape \(3,\)\)"),
+        ([3, "a", 4], TypeError, r"rows \[1\] differ from row 0 \(row 0: int 3; row 1: str 'a'\)"),
+        ([3, None, None], TypeError, r"rows \[1, 2\] differ from row 0 \(row 0: int 3; row 1: NoneType None\)"),
+        ([[[1], [2]], [[1], [2, 3]], [[1], [2]]], ValueError,
+         r"rows \[1\] differ from row 0 \(row 0: list \[\[1\], \[2\]\]; row 1: list \[\[1\], \[2, 3\]\]\)"),
+    ],
+    ids=["ragged-lists", "ragged-tensors", "int-and-str", "int-and-none", "nested-ragged"],
+)
+def test_passthrough_values_that_cannot_be_stacked_name_the_rows(values: list, error: type[Exception], rows: str) -> None:
+    """Before issue 10: default_collate's bare error ("each element in list of batch should be of equal size")."""
+    batch = [{"input_ids": [1, 2], "extra": value} for value in values]
+    with pytest.raises(error, match=r"passthrough key 'extra' cannot be stacked: " + rows +
+                       r"; give 'extra' one type and shape in every row, or leave it out of passthrough_keys"):
+        PadCollator(passthrough_keys=("extra",))(batch)
+
+
 BAD_ROWS = [
     ([], ValueError, r"cannot collate an empty batch"),
     ([[1, 2], []], ValueError, r"row 1: input_ids is empty; drop empty documents"),
@@ -153,6 +205,18 @@ BAD_ROWS = [
     ([[1], [2, 99]], ValueError, r"row 1: token ids \[99\] are outside the vocabulary \[0, 50\)"),
     ([[1], [[2, 3]]], ValueError, r"row 1: input_ids must be 1-D, got shape \(1, 2\)"),
     ([{"ids": [1]}], KeyError, r"row 0 has no 'input_ids' key; its keys are \['ids'\]"),
+    # issue 10: what used to reach numpy or torch as a bare error (or, for uint64, wrap silently to -1)
+    ([[1], [2**63]], ValueError, r"row 1: input_ids has token ids \[9223372036854775808\] that do not fit int64"),
+    ([[1], [3, -(2**63) - 1]], ValueError, r"row 1: input_ids has token ids \[-9223372036854775809\] that do not fit int64"),
+    ([np.array([1]), np.array([2**64 - 1], dtype=np.uint64)], ValueError,
+     r"row 1: input_ids has token ids \[18446744073709551615\] that do not fit int64"),
+    ([[1], ["a", "b"]], TypeError, r"row 1: input_ids must be token ids \(ints\), got strings \['a', 'b'\]; tokenise the text first"),
+    ([np.array([1]), np.array(["1"])], TypeError, r"row 1: input_ids must be token ids \(ints\), got strings \['1'\]"),
+    ([[1], "ab"], TypeError, r"row 1: input_ids must be token ids \(ints\), got str 'ab'; tokenise the text first"),
+    ([{"input_ids": [1]}, {"input_ids": "hello"}], TypeError, r"row 1: input_ids must be token ids \(ints\), got str 'hello'"),
+    ([[1], b"ab"], TypeError, r"row 1: input_ids must be token ids \(ints\), got bytes b'ab'; .*list\(data\)"),
+    ([[1], [[2, 3], [4]]], ValueError, r"row 1: input_ids must be a flat sequence of ints, got a nested list \[\[2, 3\], \[4\]\]"),
+    ([[1], [2, [3, 4]]], ValueError, r"row 1: input_ids must be a flat sequence of ints, got a nested list \[2, \[3, 4\]\]"),
 ]
 
 
@@ -172,6 +236,31 @@ def test_bad_settings() -> None:
         PackCollator()
     with pytest.raises(ValueError, match=r"pad_token_id must be in \[0, vocab_size=10\), got 10"):
         PadCollator(pad_token_id=10, vocab_size=10)
+
+
+@pytest.mark.parametrize("cls", [PadCollator, PackCollator])
+@pytest.mark.parametrize(
+    ("kwargs", "error", "message"),
+    [
+        ({"pad_token_id": None}, TypeError,
+         r"pad_token_id must be an int \(the id written on padding\), got None; .*tokenizer.pad_token_id is None"),
+        ({"pad_token_id": 1.5}, TypeError, r"pad_token_id must be an int \(the id written on padding\), got float 1.5"),
+        ({"pad_token_id": "0"}, TypeError, r"pad_token_id must be an int \(the id written on padding\), got str '0'"),
+        ({"pad_token_id": True}, TypeError, r"pad_token_id must be an int \(the id written on padding\), got bool True"),
+        ({"pad_token_id": 2**63}, ValueError, r"pad_token_id must fit int64, got 9223372036854775808"),
+        ({"label_pad_id": None}, TypeError, r"label_pad_id must be an int \(the label where no loss is taken\), got None"),
+        ({"label_pad_id": -100.0}, TypeError, r"label_pad_id must be an int .*got float -100.0"),
+    ],
+)
+def test_bad_pad_ids(cls: type, kwargs: dict, error: type[Exception], message: str) -> None:
+    """Before issue 10: None and '0' failed at the first batch inside torch.full, 1.5 and True padded with 1."""
+    with pytest.raises(error, match=message):
+        cls(max_length=8, **kwargs) if cls is PackCollator else cls(**kwargs)
+
+
+def test_numpy_integer_pad_ids_are_ints() -> None:
+    batch = PadCollator(pad_token_id=np.int64(7), label_pad_id=np.int32(-1))([[5, 6], [8]])
+    assert batch["input_ids"].tolist() == [[5, 6], [8, 7]] and batch["labels"].tolist() == [[-1, 6], [-1, -1]]
 
 
 @given(
@@ -205,11 +294,81 @@ def test_property_masks_labels_positions_agree_with_lengths(lengths: list[int], 
 # ----------------------------------------------------------------------------------------------------------
 
 
+def quadratic_first_fit_pack(lengths: list[int], capacity: int) -> list[list[int]]:
+    """first_fit_pack as it was before issue 10, the reference: each document, longest first (ties in input order),
+    goes into the lowest-index row with room; O(documents x rows)."""
+    order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
+    rows: list[list[int]] = []
+    room: list[int] = []
+    for i in order:
+        if lengths[i] > capacity:
+            raise ValueError(f"document {i} has {lengths[i]} tokens, more than the row capacity {capacity}")
+        for r, free in enumerate(room):
+            if lengths[i] <= free:
+                rows[r].append(i)
+                room[r] -= lengths[i]
+                break
+        else:
+            rows.append([i])
+            room.append(capacity - lengths[i])
+    return rows
+
+
 def test_first_fit_pack_literal() -> None:
     # Longest first: 5 -> row 0 (room 3); 4 -> row 1 (room 4); 3 -> row 0 (full); 2 -> row 1; 1 -> row 1.
     assert first_fit_pack([2, 5, 3, 4, 1], 8) == [[1, 2], [3, 0, 4]]
+    # Equal lengths fill a row in input order before the next opens; a row with room takes a later, shorter run.
+    assert first_fit_pack([3, 3, 3, 3, 3, 2, 2, 1], 7) == [[0, 1, 7], [2, 3], [4, 5, 6]]
+    # A row that an earlier run left with room is found before the first empty row.
+    assert first_fit_pack([6, 6, 4, 2, 2, 2, 1, 1], 8) == [[0, 3], [1, 4], [2, 5, 6, 7]]
+    assert first_fit_pack([1, 1, 1], 1) == [[0], [1], [2]]  # capacity 1
+    assert first_fit_pack([4, 4, 4], 4) == [[0], [1], [2]]  # every document exactly the capacity
+    assert first_fit_pack([], 4) == []
+    assert first_fit_pack(np.array([2, 2], dtype=np.int32), 4) == first_fit_pack(torch.tensor([2, 2]), 4) == [[0, 1]]
+    assert first_fit_pack([np.int64(3), 1], np.int64(4)) == [[0, 1]]
+    assert type(first_fit_pack(np.array([2]), 4)[0][0]) is int
+
+
+def test_first_fit_pack_errors() -> None:
     with pytest.raises(ValueError, match="document 0 has 9 tokens, more than the row capacity 8"):
         first_fit_pack([9], 8)
+    with pytest.raises(ValueError, match="document 1 has 9 tokens, more than the row capacity 8"):  # the first longest
+        first_fit_pack([3, 9, 9], 8)
+    for capacity in (0, -3):
+        with pytest.raises(ValueError, match=f"capacity must be a positive int, got {capacity}"):
+            first_fit_pack([1, 2], capacity)
+    with pytest.raises(ValueError, match="capacity must be a positive int, got True"):
+        first_fit_pack([1], True)  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match=r"document 2 has 0 tokens; every length must be >= 1 \(drop empty documents\)"):
+        first_fit_pack([1, 2, 0, -1], 8)
+    with pytest.raises(TypeError, match=r"lengths must be ints; document 1 has float 1.5"):
+        first_fit_pack([1, 1.5, 2.0], 8)
+    with pytest.raises(TypeError, match=r"lengths must be ints; document 0 has list \[1, 2\]"):
+        first_fit_pack(np.array([[1, 2]]), 8)
+    with pytest.raises(TypeError, match=r"lengths must be ints; document 0 has bool True"):
+        first_fit_pack([True], 8)
+
+
+def random_lengths(rng: np.random.Generator, n: int, capacity: int, kind: str) -> list[int]:
+    if kind == "uniform":
+        return rng.integers(1, capacity + 1, n).tolist()
+    if kind == "skewed":  # mostly short, as the standard library's docstring chunks: geometric, cut at capacity
+        return np.minimum(rng.geometric(min(1.0, 4 / capacity), n), capacity).tolist()
+    if kind == "capacity":  # many documents exactly the row capacity, among others
+        return np.where(rng.random(n) < 0.5, capacity, rng.integers(1, capacity + 1, n)).tolist()
+    if kind == "few":  # few distinct lengths: long runs of equal length
+        return rng.choice(rng.integers(1, capacity + 1, 3), n).tolist()
+    return rng.integers(max(1, capacity // 2), capacity + 1, n).tolist()  # "large": more than half the capacity, one per row mostly
+
+
+@pytest.mark.parametrize("kind", ["uniform", "skewed", "capacity", "few", "large"])
+def test_first_fit_pack_equals_the_quadratic_reference(kind: str) -> None:
+    rng = np.random.default_rng(["uniform", "skewed", "capacity", "few", "large"].index(kind))
+    for trial in range(150):
+        capacity = int(rng.choice([1, 2, 3, 7, 8, 64, 256, 1000]))
+        n = int(rng.integers(0, 120 if trial < 140 else 2000))
+        lengths = random_lengths(rng, n, capacity, kind)
+        assert first_fit_pack(lengths, capacity) == quadratic_first_fit_pack(lengths, capacity), (kind, capacity, lengths)
 
 
 def test_pack_literal_docstring_example() -> None:
