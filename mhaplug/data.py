@@ -9,8 +9,9 @@ Sources (``source=``):
   1.5 M characters. Cached as JSON per Python version.
 - ``synthetic``: seeded sentences from a small grammar, with lengths from 1 to ``synthetic_max_words`` words;
   tiny and fast, for tests.
-- ``text_files``: local ``.txt`` (a document per line), ``.jsonl`` / ``.json`` or ``.parquet`` files, read by
-  ``datasets`` (``path`` may be a file, a glob or a list).
+- ``text_files``: local ``.txt`` (a document per line), ``.jsonl`` / ``.json`` or ``.parquet`` files (``path`` may be a
+  file, a glob or a list), each read by its own extension into memory (:func:`read_text_files`): nothing is
+  written to the Hugging Face cache, and a bad file raises naming the file and line.
 - ``hf``: any ``datasets.load_dataset(path, name, split=split)``: a hub name, or a local path. Offline with no
   cache it fails with a message saying so.
 
@@ -19,24 +20,34 @@ Pipeline: empty documents are dropped (and counted in the log); a deterministic 
 ``tokenizer_path``, cached on disk by a key of the data and the settings; tokenisation with ``datasets.map``
 (batched, cached on disk by the same key), an EOS after each document, documents longer than ``max_length``
 split into ``max_length`` chunks (so no batch ever truncates). Batches come from :mod:`mhaplug.sampling` and
-:mod:`mhaplug.collate`.
+:mod:`mhaplug.collate`; the train loader resumes mid-epoch exactly, for any ``num_workers``.
+
+The cache (``cache_dir``, default :func:`default_cache_dir`) holds ``sources/`` (the standard library's docstrings),
+``tokenizers/`` and ``tokenised/``, each entry named by a key of what it was built from. Every entry is written to a
+temporary file in its folder and renamed into place (a killed run or a full disk leaves no half entry), and is
+validated when read: an entry that fails (truncated, corrupted) is logged as a WARNING with its path and rebuilt.
 """
 
 from __future__ import annotations
 
 import ast
+import codecs
+import glob
 import hashlib
 import json
 import logging
 import os
 import random
+import reprlib
 import sys
 import sysconfig
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import datasets
+import numpy as np
 import pytorch_lightning as pl
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from torch.utils.data import DataLoader, Dataset
@@ -44,7 +55,10 @@ from torch.utils.data import DataLoader, Dataset
 from mhaplug import sampling
 from mhaplug.collate import PackCollator, PadCollator, first_fit_pack
 
-__all__ = ["BATCHINGS", "EOS_TOKEN", "LAYOUTS", "PAD_TOKEN", "SOURCES", "TextDataModule", "stdlib_docstrings", "synthetic_texts", "train_tokenizer"]
+__all__ = [
+    "BATCHINGS", "EOS_TOKEN", "LAYOUTS", "PAD_TOKEN", "SOURCES", "TextDataModule", "default_cache_dir", "read_text_files",
+    "stdlib_docstrings", "synthetic_texts", "train_tokenizer",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -56,11 +70,54 @@ _STDLIB_SKIP = {"site-packages", "test", "tests", "idlelib", "lib2to3", "tkinter
 
 
 def default_cache_dir() -> Path:
-    return Path(os.environ.get("MHAPLUG_CACHE", Path.home() / ".cache" / "mhaplug"))
+    """``$MHAPLUG_CACHE``, or ``~/.cache/mhaplug`` where it is unset or empty.
+
+    Empty counts as unset, the rule the XDG base directory spec gives for ``$XDG_CACHE_HOME``: an empty value
+    usually comes from ``MHAPLUG_CACHE=$SOME_UNSET_VARIABLE``, and taken as a path it would fill the current
+    folder with cache files.
+    """
+    value = os.environ.get("MHAPLUG_CACHE", "").strip()
+    return Path(value).expanduser() if value else Path.home() / ".cache" / "mhaplug"
 
 
 def _key(*parts: Any) -> str:
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Cache entries: written atomically, validated when read, rebuilt when bad
+# ----------------------------------------------------------------------------------------------------------
+
+_T = TypeVar("_T")
+
+
+@contextmanager
+def _atomic_path(path: Path) -> Iterator[Path]:
+    """A temporary path in ``path``'s folder to write an entry to. When the block ends without an error it replaces
+    ``path`` in one step (``os.replace``), so a reader sees the old entry or the whole new one, never part of one;
+    after an error it is removed and ``path`` is left as it was."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f"{path.name}.tmp{os.getpid()}")  # same folder: os.replace never copies across disks
+    tmp.unlink(missing_ok=True)
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def _cached(path: Path, *, read: Callable[[Path], _T], build: Callable[[Path], None]) -> _T:
+    """The cache entry at ``path``. ``read`` loads and validates an entry, raising if it is bad; ``build`` writes a
+    new one to the path it is given (see :func:`_atomic_path`). A bad entry (truncated, corrupted, or not what
+    this version writes) is logged as a WARNING with its path, and rebuilt."""
+    if path.exists():
+        try:
+            return read(path)
+        except Exception as error:  # each format fails its own way: JSONDecodeError, ArrowInvalid, tokenizers' Exception
+            logger.warning("cache entry %s is unreadable (%s: %s); rebuilding it", path, type(error).__name__, error)
+    with _atomic_path(path) as tmp:
+        build(tmp)
+    return read(path)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -72,22 +129,30 @@ def stdlib_docstrings(*, cache_dir: Path | None = None) -> list[str]:
     """Docstrings of the standard library's modules, classes and functions, in a fixed order (see module doc)."""
     root = Path(sysconfig.get_paths()["stdlib"])
     cache = (cache_dir or default_cache_dir()) / "sources" / f"stdlib_docs-{_key(sys.version, str(root))}.json"
-    if cache.exists():
-        return json.loads(cache.read_text())
-    docs = []
-    for path in sorted(root.rglob("*.py")):
-        if _STDLIB_SKIP & set(path.relative_to(root).parts):
-            continue
-        try:
-            tree = ast.parse(path.read_bytes())
-        except (SyntaxError, ValueError):  # a few deliberately broken files (e.g. bad encodings in fixtures)
-            continue
-        for node in ast.walk(tree):
-            if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)):
-                doc = ast.get_docstring(node)
-                if doc is not None:
-                    docs.append(doc)
-    _atomic_write(cache, json.dumps(docs))
+
+    def build(tmp: Path) -> None:
+        docs = []
+        for path in sorted(root.rglob("*.py")):
+            if _STDLIB_SKIP & set(path.relative_to(root).parts):
+                continue
+            try:
+                tree = ast.parse(path.read_bytes())
+            except (SyntaxError, ValueError):  # a few deliberately broken files (e.g. bad encodings in fixtures)
+                continue
+            for node in ast.walk(tree):
+                if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)):
+                    doc = ast.get_docstring(node)
+                    if doc is not None:
+                        docs.append(doc)
+        tmp.write_bytes(json.dumps(docs).encode())
+
+    return _cached(cache, read=_read_docstrings, build=build)
+
+
+def _read_docstrings(path: Path) -> list[str]:
+    docs = json.loads(path.read_bytes())
+    if not isinstance(docs, list) or not all(isinstance(doc, str) for doc in docs):
+        raise ValueError(f"expected a JSON list of strings, got a {type(docs).__name__} holding {reprlib.repr(docs)}")
     return docs
 
 
@@ -110,13 +175,134 @@ def synthetic_texts(num_documents: int = 512, *, max_words: int = 64, seed: int 
     return texts
 
 
-def _load_text_files(path: str | Sequence[str]) -> datasets.Dataset:
-    files = [path] if isinstance(path, str) else list(path)
-    suffix = Path(files[0]).suffix.lower()
-    builder = {".txt": "text", ".jsonl": "json", ".json": "json", ".parquet": "parquet"}.get(suffix)
-    if builder is None:
-        raise ValueError(f"data path {files[0]!r}: unsupported extension {suffix!r}; use .txt, .jsonl, .json or .parquet")
-    return datasets.load_dataset(builder, data_files=files, split="train")
+def read_text_files(path: str | Sequence[str], *, text_column: str = "text") -> list[str | None]:
+    """The documents of local files, in order: ``path`` is a file, a glob or a list of them, and each file is read
+    by its own extension:
+
+    - ``.txt``: a document per line (``\\n``, ``\\r\\n`` or ``\\r``); ``text_column`` does not apply.
+    - ``.jsonl``: an object per line, its ``text_column`` field the document; blank lines are skipped.
+    - ``.json``: a JSON array of such objects, or (not starting with ``[``) an object per line as ``.jsonl``.
+    - ``.parquet``: the ``text_column`` column.
+
+    Files are read into memory, so nothing is written anywhere (``datasets.load_dataset`` would keep a copy in the
+    Hugging Face cache). A null text is an empty document (dropped and counted later). Every bad input raises,
+    naming the file and, where it applies, the line: a missing file, an unknown extension, an empty file, bytes
+    that are not UTF-8, a line that is not JSON, a missing text field or one that is not a string.
+    """
+    files = _data_files(path)
+    return [text for file in files for text in _READERS[file.suffix.lower()](file, text_column)]
+
+
+def _data_files(path: str | Sequence[str]) -> list[Path]:
+    files: list[Path] = []
+    for pattern in [path] if isinstance(path, str) else list(path):
+        pattern = os.path.expanduser(str(pattern))
+        if any(char in pattern for char in "*?["):
+            matches = sorted(Path(m) for m in glob.glob(pattern, recursive=True))
+            if not matches:
+                raise FileNotFoundError(f"data path {pattern!r} matches no file; check data.path")
+            files += [m for m in matches if not m.is_dir()]
+        else:
+            files.append(Path(pattern))
+    for file in files:
+        if file.is_dir():
+            raise ValueError(f"data path {str(file)!r} is a directory: give files or a glob, e.g. {str(file / '*.txt')!r}")
+        if file.suffix.lower() not in _READERS:
+            raise ValueError(f"data path {str(file)!r}: unsupported extension {file.suffix.lower()!r}; use {', '.join(_READERS)}")
+    for file in files:
+        if not file.exists():
+            raise FileNotFoundError(f"data file {str(file)!r} does not exist; check data.path")
+    return files
+
+
+def _read_text(file: Path) -> str:
+    data = file.read_bytes()
+    start = len(codecs.BOM_UTF8) if data.startswith(codecs.BOM_UTF8) else 0  # a byte-order mark is not text
+    try:
+        text = data[start:].decode("utf-8")
+    except UnicodeDecodeError as error:
+        offset = start + error.start
+        line = data.count(b"\n", 0, offset) + 1
+        raise ValueError(
+            f"data file {str(file)!r}, line {line}: not UTF-8 (byte 0x{data[offset]:02x} at "
+            f"byte offset {offset}); convert the file to UTF-8, e.g. iconv -f latin1 -t utf-8"
+        ) from None
+    if not text.strip():
+        raise ValueError(f"data file {str(file)!r} is empty: remove it from data.path, or give it text")
+    return text
+
+
+def _read_txt(file: Path, text_column: str) -> list[str | None]:
+    lines = _read_text(file).replace("\r\n", "\n").replace("\r", "\n").split("\n")
+    return lines[:-1] if lines[-1] == "" else lines  # a final newline ends the last line; it starts no document
+
+
+def _json_kind(value: Any) -> str:
+    return {dict: "object", list: "array", str: "string", bool: "boolean", type(None): "null"}.get(type(value), "number")
+
+
+def _document(row: Any, text_column: str, where: str) -> str | None:
+    if not isinstance(row, dict):
+        raise ValueError(f"{where}: a JSON {_json_kind(row)}, not an object with a {text_column!r} field")
+    if text_column not in row:
+        raise ValueError(f"{where}: text_column={text_column!r} is not in the row; its fields are {list(row)}; set data.text_column")
+    text = row[text_column]
+    if text is not None and not isinstance(text, str):
+        raise ValueError(f"{where}: text_column={text_column!r} holds {reprlib.repr(text)} ({type(text).__name__}), not a string")
+    return text
+
+
+def _read_jsonl(file: Path, text_column: str) -> list[str | None]:
+    texts = []
+    for number, line in enumerate(_read_text(file).split("\n"), start=1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as error:
+            raise ValueError(
+                f"data file {str(file)!r}, line {number}: not valid JSON ({error.msg} at column {error.colno}); "
+                f"{file.suffix} files hold one JSON object per line" + (", or one JSON array" if file.suffix.lower() == ".json" else "")
+            ) from None
+        texts.append(_document(row, text_column, f"data file {str(file)!r}, line {number}"))
+    return texts
+
+
+def _read_json(file: Path, text_column: str) -> list[str | None]:
+    text = _read_text(file)
+    if not text.lstrip().startswith("["):
+        return _read_jsonl(file, text_column)  # JSON Lines in a .json file, as datasets' json reader accepts
+    try:
+        rows = json.loads(text)
+    except json.JSONDecodeError as error:
+        raise ValueError(f"data file {str(file)!r}, line {error.lineno}: not valid JSON ({error.msg} at column {error.colno})") from None
+    return [_document(row, text_column, f"data file {str(file)!r}, item [{i}]") for i, row in enumerate(rows)]
+
+
+def _read_parquet(file: Path, text_column: str) -> list[str | None]:
+    import pyarrow as pa  # datasets' own dependency
+    import pyarrow.parquet as pq
+
+    if file.stat().st_size == 0:
+        raise ValueError(f"data file {str(file)!r} is empty: remove it from data.path, or give it text")
+    try:
+        schema = pq.read_schema(file)
+    except (pa.ArrowException, OSError) as error:
+        raise ValueError(f"data file {str(file)!r} is not a readable parquet file ({error})") from None
+    if text_column not in schema.names:
+        raise ValueError(f"data file {str(file)!r}: text_column={text_column!r} is not in the file; its columns are {schema.names}; set data.text_column")
+    kind = schema.field(text_column).type
+    if not (pa.types.is_string(kind) or pa.types.is_large_string(kind) or pa.types.is_string_view(kind)):
+        raise ValueError(f"data file {str(file)!r}: text_column={text_column!r} holds {kind}, not strings")
+    texts = pq.read_table(file, columns=[text_column]).column(text_column).to_pylist()
+    if not texts:
+        raise ValueError(f"data file {str(file)!r} is empty: remove it from data.path, or give it text")
+    return texts
+
+
+_READERS: dict[str, Callable[[Path, str], list[str | None]]] = {
+    ".txt": _read_txt, ".jsonl": _read_jsonl, ".json": _read_json, ".parquet": _read_parquet,
+}
 
 
 def _load_hf(path: str, name: str | None, split: str) -> datasets.Dataset:
@@ -149,14 +335,6 @@ def train_tokenizer(texts: Iterable[str], *, vocab_size: int) -> Tokenizer:
     )
     tokenizer.train_from_iterator(texts, trainer=trainer)
     return tokenizer
-
-
-def _atomic_write(path: Path, text: str) -> None:
-    """Write via a temporary file and rename, so a killed process never leaves half a cache file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(path.suffix + f".tmp{os.getpid()}")
-    tmp.write_text(text)
-    tmp.replace(path)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -234,8 +412,7 @@ class TextDataModule(pl.LightningDataModule):
         self.splits: dict[str, datasets.Dataset] = {}
         self.stats: dict[str, int] = {}
         self._datasets: dict[str, tuple[Dataset | datasets.Dataset, list[int]]] = {}  # per split, built once
-        self._train_sampler: sampling.BaseBatchSampler | None = None
-        self._pending_sampler_state: dict[str, Any] | None = None
+        self._legacy_sampler_state: dict[str, Any] | None = None
 
     # -- data ---------------------------------------------------------------------------------------------
 
@@ -245,7 +422,9 @@ class TextDataModule(pl.LightningDataModule):
             return datasets.Dataset.from_dict({"text": stdlib_docstrings(cache_dir=self.cache_dir)})
         if hp.source == "synthetic":
             return datasets.Dataset.from_dict({"text": synthetic_texts(hp.synthetic_documents, max_words=hp.synthetic_max_words, seed=hp.seed)})
-        table = _load_text_files(hp.path) if hp.source == "text_files" else _load_hf(hp.path, hp.name, hp.split)
+        if hp.source == "text_files":
+            return datasets.Dataset.from_dict({"text": read_text_files(hp.path, text_column=hp.text_column)})
+        table = _load_hf(hp.path, hp.name, hp.split)
         if hp.text_column not in table.column_names:
             raise ValueError(f"text_column={hp.text_column!r} is not in the data; its columns are {table.column_names}")
         return table.select_columns([hp.text_column]).rename_column(hp.text_column, "text") if hp.text_column != "text" else table.select_columns(["text"])
@@ -284,22 +463,30 @@ class TextDataModule(pl.LightningDataModule):
     def _tokenizer(self, train_texts: list[str], data_key: str) -> Tokenizer:
         hp = self.hparams
         if hp.tokenizer_path:
-            tokenizer = Tokenizer.from_file(str(hp.tokenizer_path))
-            for token, expected in ((PAD_TOKEN, 0), (EOS_TOKEN, 1)):
-                if tokenizer.token_to_id(token) != expected:
-                    raise ValueError(f"tokenizer_path={hp.tokenizer_path!r} must have {token} with id {expected}, got {tokenizer.token_to_id(token)}")
-            if tokenizer.get_vocab_size() > hp.vocab_size:
-                raise ValueError(
-                    f"tokenizer_path={hp.tokenizer_path!r} has {tokenizer.get_vocab_size()} tokens, more than "
-                    f"vocab_size={hp.vocab_size}; set vocab_size >= {tokenizer.get_vocab_size()} (it sizes the model's embedding)"
-                )
-            return tokenizer
+            name = f"tokenizer_path={hp.tokenizer_path!r}"
+            try:
+                tokenizer = Tokenizer.from_file(str(hp.tokenizer_path))
+            except Exception as error:  # tokenizers raises a bare Exception that names no file
+                raise ValueError(f"{name} is not a tokenizers JSON file ({error}); give a tokenizer.json saved by tokenizers") from None
+            return self._check_tokenizer(tokenizer, name)
         path = self.cache_dir / "tokenizers" / f"bpe-{_key(data_key, hp.vocab_size)}.json"
-        if path.exists():
-            return Tokenizer.from_file(str(path))
-        tokenizer = train_tokenizer(train_texts, vocab_size=hp.vocab_size)
-        _atomic_write(path, tokenizer.to_str())
-        logger.info("trained a byte-level BPE tokenizer (%d tokens) -> %s", tokenizer.get_vocab_size(), path)
+
+        def build(tmp: Path) -> None:
+            tokenizer = train_tokenizer(train_texts, vocab_size=hp.vocab_size)
+            tmp.write_text(tokenizer.to_str(), encoding="utf-8")
+            logger.info("trained a byte-level BPE tokenizer (%d tokens) -> %s", tokenizer.get_vocab_size(), path)
+
+        return _cached(path, read=lambda p: self._check_tokenizer(Tokenizer.from_file(str(p)), f"tokenizer {p}"), build=build)
+
+    def _check_tokenizer(self, tokenizer: Tokenizer, name: str) -> Tokenizer:
+        for token, expected in ((PAD_TOKEN, 0), (EOS_TOKEN, 1)):
+            if tokenizer.token_to_id(token) != expected:
+                raise ValueError(f"{name} must have {token} with id {expected}, got {tokenizer.token_to_id(token)}")
+        if tokenizer.get_vocab_size() > self.hparams.vocab_size:
+            raise ValueError(
+                f"{name} has {tokenizer.get_vocab_size()} tokens, more than vocab_size={self.hparams.vocab_size}; "
+                f"set vocab_size >= {tokenizer.get_vocab_size()} (it sizes the model's embedding)"
+            )
         return tokenizer
 
     def _tokenise(self, texts: datasets.Dataset, key: str) -> datasets.Dataset:
@@ -316,9 +503,15 @@ class TextDataModule(pl.LightningDataModule):
                     lengths.append(len(chunk))
             return {"input_ids": ids, "length": lengths}
 
-        cache_file = self.cache_dir / "tokenised" / f"{key}.arrow"
-        cache_file.parent.mkdir(parents=True, exist_ok=True)
-        return texts.map(encode, batched=True, remove_columns=texts.column_names, cache_file_name=str(cache_file), desc="tokenising")
+        def build(tmp: Path) -> None:
+            texts.map(encode, batched=True, remove_columns=texts.column_names, cache_file_name=str(tmp), load_from_cache_file=False, desc="tokenising")
+
+        def read(path: Path) -> datasets.Dataset:
+            rows = datasets.Dataset.from_file(str(path))
+            _check_tokenised(rows, documents=len(texts), vocab_size=tokenizer.get_vocab_size(), max_length=max_length, eos=eos)
+            return rows
+
+        return _cached(self.cache_dir / "tokenised" / f"{key}.arrow", read=read, build=build)
 
     # -- loaders ------------------------------------------------------------------------------------------
 
@@ -360,30 +553,46 @@ class TextDataModule(pl.LightningDataModule):
         cls = sampling.LengthGroupedBatchSampler if hp.batching == "length_grouped" else sampling.RandomBatchSampler
         return cls(lengths, hp.batch_size, shuffle=shuffle, seed=hp.seed, drop_last=False)
 
-    def _loader(self, name: str, *, shuffle: bool) -> DataLoader:
-        dataset, lengths = self._dataset_and_lengths(name)
-        batch_sampler = self.batch_sampler(name, lengths, shuffle=shuffle)
-        batch_sampler.even_batches = name == "train"  # validation sees every batch exactly once across ranks
-        if name == "train":
-            if self._pending_sampler_state is not None:
-                batch_sampler.load_state_dict(self._pending_sampler_state)
-                self._pending_sampler_state = None
-            self._train_sampler = batch_sampler
-        return DataLoader(dataset, batch_sampler=batch_sampler, collate_fn=self.collator(), num_workers=self.hparams.num_workers)
-
-    def train_dataloader(self) -> DataLoader:
-        return self._loader("train", shuffle=True)
+    def train_dataloader(self) -> sampling.ResumableDataLoader:
+        """Resumable mid-epoch for any ``num_workers``: Lightning saves the loader's state (the batches trained,
+        :class:`mhaplug.sampling.ResumableDataLoader`) in checkpoints and restores it on resume."""
+        dataset, lengths = self._dataset_and_lengths("train")
+        batch_sampler = self.batch_sampler("train", lengths, shuffle=True)
+        loader = sampling.ResumableDataLoader(dataset, batch_sampler=batch_sampler, collate_fn=self.collator(), num_workers=self.hparams.num_workers)
+        if self._legacy_sampler_state is not None:
+            loader.load_state_dict(self._legacy_sampler_state)
+            self._legacy_sampler_state = None
+        return loader
 
     def val_dataloader(self) -> DataLoader:
-        return self._loader("val", shuffle=False)
-
-    # -- resumable mid-epoch: Lightning saves and restores a DataModule's state in its checkpoints ----------
-
-    def state_dict(self) -> dict[str, Any]:
-        return {"train_sampler": self._train_sampler.state_dict()} if self._train_sampler is not None else {}
+        dataset, lengths = self._dataset_and_lengths("val")
+        batch_sampler = self.batch_sampler("val", lengths, shuffle=False)
+        batch_sampler.even_batches = False  # validation sees every batch exactly once across ranks
+        return DataLoader(dataset, batch_sampler=batch_sampler, collate_fn=self.collator(), num_workers=self.hparams.num_workers)
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        self._pending_sampler_state = state_dict.get("train_sampler")
+        """Checkpoints written before the train loader held the state keep it here (``train_sampler``, counted by the
+        sampler: exact with ``num_workers=0``); the next train loader starts from it. This module saves no state."""
+        self._legacy_sampler_state = state_dict.get("train_sampler")
+
+
+def _check_tokenised(rows: datasets.Dataset, *, documents: int, vocab_size: int, max_length: int, eos: int) -> None:
+    """What every tokenised split holds, checked in one pass over its arrays: raises ValueError if it does not."""
+    if rows.column_names != ["input_ids", "length"]:
+        raise ValueError(f"columns are {rows.column_names}, expected ['input_ids', 'length']")
+    rows.data.validate(full=True)  # offsets and buffers in bounds (ArrowInvalid if not), before anything reads them
+    input_ids = rows.data.column("input_ids").combine_chunks()
+    ids = input_ids.flatten().to_numpy(zero_copy_only=False)  # (total tokens,)
+    lengths = np.diff(input_ids.offsets.to_numpy())  # (rows,) tokens of each row
+    if not np.array_equal(lengths, rows.data.column("length").to_numpy()):
+        raise ValueError("the length column does not match the rows' token counts")
+    if len(lengths) and (lengths.min() < 1 or lengths.max() > max_length):
+        raise ValueError(f"rows of {lengths.min()} to {lengths.max()} tokens, expected 1 to max_length={max_length}")
+    if len(ids) and (ids.min() < 0 or ids.max() >= vocab_size):
+        raise ValueError(f"token ids from {ids.min()} to {ids.max()}, expected 0 to {vocab_size - 1}")
+    ends_with_eos = int((ids[np.cumsum(lengths) - 1] == eos).sum()) if len(lengths) else 0
+    if ends_with_eos < documents:  # a document's last row ends with EOS: fewer means rows are missing (truncated)
+        raise ValueError(f"{ends_with_eos} rows end a document, expected {documents} documents")
 
 
 def _fingerprint_texts(texts: list[str]) -> str:

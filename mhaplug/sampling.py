@@ -16,7 +16,8 @@ spread inside one batch. A larger ``mega_batch_mult`` pads less but makes batch 
 
 Every sampler is deterministic (epoch ``e`` depends only on seed, e, lengths and settings; call
 ``set_epoch``), splits each epoch's batches over DDP ranks with the same count on every rank, and can resume
-mid-epoch from ``state_dict()``. :func:`padded_tokens` and :func:`pad_fraction` measure the padding.
+mid-epoch from ``state_dict()``; :class:`ResumableDataLoader` keeps that exact with DataLoader workers (and is
+what Lightning checkpoints). :func:`padded_tokens` and :func:`pad_fraction` measure the padding.
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ from typing import Any
 import numpy as np
 import torch
 from torch import Tensor
-from torch.utils.data import Sampler
+from torch.utils.data import DataLoader, Sampler
 
 __all__ = [
     "BATCH_SAMPLERS",
@@ -36,6 +37,7 @@ __all__ = [
     "LengthGroupedBatchSampler",
     "Lengths",
     "RandomBatchSampler",
+    "ResumableDataLoader",
     "TokenBudgetBatchSampler",
     "pad_fraction",
     "padded_tokens",
@@ -119,8 +121,9 @@ class BaseBatchSampler(Sampler[list[int]]):
     - Resume: ``state_dict()`` holds the epoch, the seed and ``batches_yielded``, the batches of this epoch
       handed out by ``__iter__`` so far. After ``load_state_dict`` the next ``__iter__`` yields exactly the
       remaining batches; without one, each ``__iter__`` starts the epoch at batch 0. With DataLoader workers
-      the count runs ahead of training by the prefetched batches (up to ``num_workers * prefetch_factor``):
-      then save the number of batches consumed as ``state["batches_yielded"]``. A loop that stops after
+      the count runs ahead of training by the batches the workers prefetch (up to ``num_workers *
+      prefetch_factor``): iterate through :class:`ResumableDataLoader`, whose state counts the batches the loop
+      took. A loop that stops after
       ``len()`` batches without exhausting the iterator (Lightning does) leaves ``batches_yielded == len()``:
       loading that state yields nothing until ``set_epoch`` moves on. Every rank yields the same count, so
       one rank's state can be loaded on all ranks.
@@ -164,6 +167,11 @@ class BaseBatchSampler(Sampler[list[int]]):
             "drop_last": self.drop_last,
             **{name: getattr(self, name) for name in self._settings},
         }
+
+    @property
+    def start_batch(self) -> int:
+        """The batch of the current epoch that the next ``__iter__`` starts at: 0, or where ``load_state_dict`` left it."""
+        return self._resume_from
 
     @property
     def sampler(self) -> BaseBatchSampler:
@@ -382,3 +390,57 @@ BATCH_SAMPLERS: dict[str, type[BaseBatchSampler]] = {
     "length_grouped": LengthGroupedBatchSampler,
     "token_budget": TokenBudgetBatchSampler,
 }
+
+
+class ResumableDataLoader(DataLoader):
+    """A ``DataLoader`` over a :class:`BaseBatchSampler` whose ``state_dict()`` counts the batches the loop took.
+
+    The sampler runs in the main process and hands each batch's indices to a worker as soon as the worker can
+    take it, so with ``num_workers > 0`` its own count is ahead of training by the prefetched batches (up to
+    ``num_workers * prefetch_factor``) and a resume from it would skip them. This loader counts a batch when its
+    iterator returns it, in the loop's process: the state is the sampler's, with that count as
+    ``batches_yielded``, so a resumed loader yields exactly the batches the loop had not taken, for any
+    ``num_workers``.
+
+    Lightning (2.x) saves the ``state_dict()`` of a train dataloader that has one in its checkpoints and loads it
+    into the new dataloader before the first batch of a resumed fit (and, finding one, does not warn that the
+    dataloader is not resumable). Lightning takes each batch when it is trained: it fetches ahead only from a
+    loader without ``len()``, and this one has one.
+    """
+
+    def __init__(self, dataset: Any, *args: Any, batch_sampler: BaseBatchSampler, **kwargs: Any) -> None:
+        if not isinstance(batch_sampler, BaseBatchSampler):
+            raise TypeError(
+                f"batch_sampler must be a mhaplug.sampling.BaseBatchSampler (its state is what resumes), got "
+                f"{type(batch_sampler).__name__}; use a plain DataLoader for other samplers"
+            )
+        super().__init__(dataset, *args, batch_sampler=batch_sampler, **kwargs)
+        self._taken: tuple[int, int] | None = None  # (epoch, batches of it taken) by the latest __iter__
+
+    def __iter__(self) -> Iterator[Any]:
+        self._taken = None  # until the first batch, the sampler's own state holds
+        return self._batches()
+
+    def _batches(self) -> Iterator[Any]:
+        # A generator: nothing runs until the first batch is asked for, so a set_epoch or load_state_dict
+        # between iter() and next() (Lightning makes both) is seen, as by the sampler itself.
+        sampler: BaseBatchSampler = self.batch_sampler  # type: ignore[assignment]
+        epoch, taken = sampler.epoch, sampler.start_batch
+        self._taken = (epoch, taken)
+        for batch in super().__iter__():
+            taken += 1
+            self._taken = (epoch, taken)
+            yield batch
+        self._taken = None  # epoch complete: as the sampler, the next __iter__ starts it again at batch 0
+
+    def state_dict(self) -> dict[str, Any]:
+        """:meth:`BaseBatchSampler.state_dict` with ``batches_yielded`` = the batches of the epoch the loop took."""
+        state = self.batch_sampler.state_dict()  # type: ignore[union-attr]
+        if self._taken is not None and self._taken[0] == state["epoch"]:  # else set_epoch moved on: 0 taken
+            state["batches_yielded"] = self._taken[1]
+        return state
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore a :meth:`state_dict`: the next ``__iter__`` yields the batches of that epoch not yet taken."""
+        self.batch_sampler.load_state_dict(state)  # type: ignore[union-attr]
+        self._taken = None

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 
 import datasets
@@ -91,8 +92,204 @@ def test_text_files_txt_and_jsonl(tmp_path: Path) -> None:
     module = TextDataModule(source="text_files", path=str(jsonl), text_column="content", cache_dir=str(tmp_path / "c"), vocab_size=300)
     module.setup("fit")
     assert module.stats["documents"] == 30
-    with pytest.raises(ValueError, match=r"text_column='body' is not in the data; its columns are \['content', 'id'\]"):
+    with pytest.raises(ValueError, match=r"corpus.jsonl', line 1: text_column='body' is not in the row; its fields are \['content', 'id'\]"):
         TextDataModule(source="text_files", path=str(jsonl), text_column="body", cache_dir=str(tmp_path / "c")).setup("fit")
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The cache: written atomically, validated when read, a bad entry logged and rebuilt
+# ----------------------------------------------------------------------------------------------------------
+
+CORRUPTIONS = {
+    "truncated": lambda data: data[: len(data) // 2],
+    "empty": lambda data: b"",
+    "garbage": lambda data: bytes(range(256)) * (len(data) // 256 + 1),
+}
+
+
+@pytest.mark.parametrize("corruption", CORRUPTIONS)
+@pytest.mark.parametrize("entry", ["tokenizers/*.json", "tokenised/*-train.arrow", "tokenised/*-val.arrow"])
+def test_a_bad_cache_entry_is_logged_and_rebuilt(tmp_path: Path, caplog: pytest.LogCaptureFixture, entry: str,
+                                                 corruption: str) -> None:
+    module = synthetic(tmp_path)
+    # copied out: the splits map the files, and a file truncated in place under them crashes this process (SIGBUS)
+    first = {name: module.splits[name].to_dict()["input_ids"] for name in ("train", "val")}
+    del module
+    (path,) = (tmp_path / entry.split("/")[0]).glob(entry.split("/")[1])
+    path.write_bytes(CORRUPTIONS[corruption](path.read_bytes()))
+    with caplog.at_level(logging.WARNING, logger="mhaplug.data"):
+        again = synthetic(tmp_path)
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warnings) == 1 and f"cache entry {path} is unreadable" in warnings[0] and warnings[0].endswith("rebuilding it")
+    assert {name: again.splits[name].to_dict()["input_ids"] for name in ("train", "val")} == first
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="mhaplug.data"):
+        synthetic(tmp_path)  # rebuilt for good
+    assert not caplog.records
+    assert sorted(p.name for p in tmp_path.rglob("*tmp*")) == []  # no temporary file left behind
+
+
+@pytest.fixture
+def small_stdlib(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """A standard library of two modules, so that collecting its docstrings takes milliseconds."""
+    root = tmp_path / "stdlib"
+    (root / "pkg").mkdir(parents=True)
+    (root / "a.py").write_text('"""Module a."""\n\ndef f():\n    """Function f."""\n')
+    (root / "pkg" / "b.py").write_text('class B:\n    """Class B."""\n')
+    monkeypatch.setattr(data_module.sysconfig, "get_paths", lambda: {"stdlib": str(root)})
+    return root
+
+
+@pytest.mark.parametrize("content", [b'["Module a.", "Function', b"", b'{"not": "a list"}', b'["Module a.", 3]', b"\xff\xfe"])
+def test_a_bad_stdlib_sources_entry_is_logged_and_rebuilt(tmp_path: Path, small_stdlib: Path, caplog: pytest.LogCaptureFixture,
+                                                          content: bytes) -> None:
+    cache = tmp_path / "cache"
+    assert data_module.stdlib_docstrings(cache_dir=cache) == ["Module a.", "Function f.", "Class B."]
+    (path,) = (cache / "sources").glob("*.json")
+    path.write_bytes(content)
+    with caplog.at_level(logging.WARNING, logger="mhaplug.data"):
+        assert data_module.stdlib_docstrings(cache_dir=cache) == ["Module a.", "Function f.", "Class B."]
+    assert [r.getMessage() for r in caplog.records if str(path) in r.getMessage() and r.levelno == logging.WARNING]
+    assert json.loads(path.read_text()) == ["Module a.", "Function f.", "Class B."]
+
+
+def test_a_cache_write_that_fails_half_way_leaves_no_entry(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A full disk (or a killed process) in the middle of writing: no half entry under the final name, no
+    temporary file; the next run builds the entry."""
+    for method in ("write_bytes", "write_text"):
+        def disk_full(self: Path, data: bytes | str, *args: object, _write: object = getattr(Path, method), **kwargs: object) -> int:
+            _write(self, data[: len(data) // 2], *args, **kwargs)  # type: ignore[operator]
+            raise OSError(28, "No space left on device")
+
+        monkeypatch.setattr(Path, method, disk_full)
+    with pytest.raises(OSError, match="No space left on device"):
+        synthetic(tmp_path)
+    assert [p.name for p in tmp_path.rglob("*") if p.is_file()] == []
+    monkeypatch.undo()
+    assert len(synthetic(tmp_path).splits["train"]) > 0
+    assert len(list((tmp_path / "tokenizers").glob("*.json"))) == 1
+
+
+def test_a_bad_tokenizer_path_is_named_not_rebuilt(tmp_path: Path) -> None:
+    """A tokenizer the user gave is theirs: an error naming it, never a silent replacement."""
+    synthetic(tmp_path)
+    (cached,) = (tmp_path / "tokenizers").glob("*.json")
+    given = tmp_path / "given.json"
+    given.write_text(cached.read_text()[:100])
+    with pytest.raises(ValueError, match=r"tokenizer_path='.*given.json' is not a tokenizers JSON file \(.*EOF while parsing.*\)"):
+        synthetic(tmp_path / "other", tokenizer_path=str(given))
+    assert len(given.read_text()) == 100
+
+
+def test_an_empty_mhaplug_cache_variable_means_the_default_not_the_current_folder(tmp_path: Path,
+                                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    monkeypatch.setenv("MHAPLUG_CACHE", "")
+    assert data_module.default_cache_dir() == tmp_path / "home" / ".cache" / "mhaplug"
+    assert TextDataModule(source="synthetic").cache_dir == tmp_path / "home" / ".cache" / "mhaplug"
+    monkeypatch.setenv("MHAPLUG_CACHE", "~/elsewhere")
+    assert data_module.default_cache_dir() == tmp_path / "home" / "elsewhere"
+
+
+# ----------------------------------------------------------------------------------------------------------
+# data=text_files: each file read by its own extension; every bad input named by file (and line)
+# ----------------------------------------------------------------------------------------------------------
+
+
+def text_files(tmp_path: Path, path: str | list[str], **kwargs: object) -> TextDataModule:
+    module = TextDataModule(source="text_files", path=path, cache_dir=str(tmp_path / "cache"), vocab_size=300, **kwargs)  # type: ignore[arg-type]
+    module.setup("fit")
+    return module
+
+
+def documents(module: TextDataModule) -> list[str]:
+    """Every document of both splits, decoded (each is one chunk followed by EOS here), sorted."""
+    assert module.tokenizer is not None
+    rows = list(module.splits["train"]["input_ids"]) + list(module.splits["val"]["input_ids"])
+    assert all(row[-1] == 1 for row in rows)
+    return sorted(module.tokenizer.decode(row[:-1]) for row in rows)
+
+
+def test_text_files_of_mixed_extensions_are_each_read_by_their_own_extension(tmp_path: Path) -> None:
+    (tmp_path / "a.txt").write_text("first line of a\r\nsecond line of a\n\n")
+    (tmp_path / "b.jsonl").write_text(json.dumps({"body": "row of b", "id": 1}) + "\n\n" + json.dumps({"body": None}) + "\n")
+    (tmp_path / "c.json").write_text(json.dumps([{"body": "item of c"}, {"body": "other item of c"}]))
+    pq = pytest.importorskip("pyarrow.parquet")
+    import pyarrow as pa
+
+    pq.write_table(pa.table({"body": ["row of d"], "n": [4]}), tmp_path / "d.parquet")
+    module = text_files(tmp_path, [str(tmp_path / n) for n in ("a.txt", "b.jsonl", "c.json", "d.parquet")], text_column="body")
+    # .txt: a document per line, whatever text_column says; a null text is an empty document (dropped, counted)
+    assert documents(module) == sorted(["first line of a", "second line of a", "row of b", "item of c", "other item of c", "row of d"])
+    assert module.stats["documents"] == 6 and module.stats["empty_documents_dropped"] == 2
+    (tmp_path / "more").mkdir()
+    for name in ("y.txt", "x.txt"):
+        (tmp_path / "more" / name).write_text(f"a line of {name}\nanother line of {name}\n")
+    assert documents(text_files(tmp_path, str(tmp_path / "more" / "*.txt"))) == sorted(
+        f"{line} of {name}" for name in ("x.txt", "y.txt") for line in ("a line", "another line"))
+
+
+def test_text_files_do_not_write_into_the_hugging_face_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    hf_cache = tmp_path / "hf_datasets"
+    monkeypatch.setenv("HF_DATASETS_CACHE", str(hf_cache))
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", hf_cache)  # read when datasets is imported
+    (tmp_path / "corpus.txt").write_text("\n".join(f"line number {i} of the corpus" for i in range(20)))
+    (tmp_path / "corpus.jsonl").write_text("\n".join(json.dumps({"text": f"row {i}"}) for i in range(20)))
+    text_files(tmp_path, [str(tmp_path / "corpus.txt"), str(tmp_path / "corpus.jsonl")])
+    assert not hf_cache.exists() or not any(hf_cache.iterdir())
+    assert {p.name for p in (tmp_path / "cache").iterdir()} == {"tokenizers", "tokenised"}  # what is written, is ours
+
+
+@pytest.mark.parametrize(
+    ("name", "content", "error"),
+    [
+        ("empty.txt", b"", r"data file '.*empty.txt' is empty: remove it from data.path, or give it text"),
+        ("blank.jsonl", b"\n  \n", r"data file '.*blank.jsonl' is empty"),
+        ("latin1.txt", "caf\u00e9 au lait\nun cr\u00e8me br\u00fbl\u00e9e\n".encode("latin-1"),
+         r"data file '.*latin1.txt', line 1: not UTF-8 \(byte 0xe9 at byte offset 3\); convert the file to UTF-8"),
+        ("latin1.jsonl", b'{"text": "ok"}\n{"text": "caf\xe9"}\n',
+         r"data file '.*latin1.jsonl', line 2: not UTF-8 \(byte 0xe9 at byte offset 28\)"),
+        ("bad.jsonl", b'{"text": "one"}\n{"text": "two"}\n{"text": "three"\n',
+         r"data file '.*bad.jsonl', line 3: not valid JSON \(Expecting ',' delimiter at column 17\)"),
+        ("list.jsonl", b'{"text": "one"}\n["two"]\n', r"data file '.*list.jsonl', line 2: a JSON array, not an object with a 'text' field"),
+        ("number.jsonl", b'{"text": "one"}\n{"text": 2}\n',
+         r"data file '.*number.jsonl', line 2: text_column='text' holds 2 \(int\), not a string"),
+        ("missing.jsonl", b'{"text": "one"}\n{"body": "two", "id": 2}\n',
+         r"data file '.*missing.jsonl', line 2: text_column='text' is not in the row; its fields are \['body', 'id'\]; set data.text_column"),
+        ("number.json", b'[{"text": "one"},\n {"text": 2.5}]',
+         r"data file '.*number.json', item \[1\]: text_column='text' holds 2.5 \(float\), not a string"),
+        ("broken.json", b'[{"text": "one"},\n {"text": }]', r"data file '.*broken.json', line 2: not valid JSON \(Expecting value at column 11\)"),
+    ],
+)
+def test_a_bad_data_file_is_named_with_its_line(tmp_path: Path, name: str, content: bytes, error: str) -> None:
+    good = tmp_path / "good.txt"
+    good.write_text("a good line\nanother good line\n")
+    (tmp_path / name).write_bytes(content)
+    with pytest.raises(ValueError, match=error):
+        text_files(tmp_path, [str(good), str(tmp_path / name)])
+
+
+def test_a_parquet_text_column_of_numbers_or_a_missing_one_is_named(tmp_path: Path) -> None:
+    pq = pytest.importorskip("pyarrow.parquet")
+    import pyarrow as pa
+
+    pq.write_table(pa.table({"text": [1, 2], "body": ["x", "y"]}), tmp_path / "numbers.parquet")
+    with pytest.raises(ValueError, match=r"data file '.*numbers.parquet': text_column='text' holds int64, not strings"):
+        text_files(tmp_path, str(tmp_path / "numbers.parquet"))
+    with pytest.raises(ValueError, match=r"data file '.*numbers.parquet': text_column='content' is not in the file; its columns are \['text', 'body'\]"):
+        text_files(tmp_path, str(tmp_path / "numbers.parquet"), text_column="content")
+    (tmp_path / "broken.parquet").write_bytes(b"PAR1 not really parquet")
+    with pytest.raises(ValueError, match=r"data file '.*broken.parquet' is not a readable parquet file \(.*\)"):
+        text_files(tmp_path, str(tmp_path / "broken.parquet"))
+
+
+def test_a_missing_data_file_or_an_empty_glob_is_named(tmp_path: Path) -> None:
+    with pytest.raises(FileNotFoundError, match=r"data file '.*nowhere.txt' does not exist"):
+        text_files(tmp_path, str(tmp_path / "nowhere.txt"))
+    with pytest.raises(FileNotFoundError, match=r"data path '.*/\*.jsonl' matches no file"):
+        text_files(tmp_path, str(tmp_path / "*.jsonl"))
+    with pytest.raises(ValueError, match=r"data path '.*' is a directory: give files or a glob, e.g. '.*/\*.txt'"):
+        text_files(tmp_path, str(tmp_path))
 
 
 def test_hf_source_loads_a_local_directory_and_explains_a_missing_dataset(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -119,17 +316,32 @@ def test_bad_settings_name_the_argument(tmp_path: Path) -> None:
         TextDataModule(source="text_files", path=str(tmp_path / "corpus.csv"), cache_dir=str(tmp_path)).setup("fit")
 
 
-def test_sampler_state_survives_a_checkpoint_round_trip(tmp_path: Path) -> None:
-    module = synthetic(tmp_path)
-    iterator = iter(module.train_dataloader())
+@pytest.mark.parametrize("num_workers", [0, 2])
+def test_loader_state_survives_a_checkpoint_round_trip(tmp_path: Path, num_workers: int) -> None:
+    """Workers prefetch batches ahead of the loop: the state counts the batches taken, not those prefetched."""
+    loader = synthetic(tmp_path, num_workers=num_workers).train_dataloader()
+    iterator = iter(loader)
     seen = [next(iterator)["input_ids"] for _ in range(3)]
-    state = module.state_dict()
+    state = loader.state_dict()
+    assert state["batches_yielded"] == 3
     rest = [b["input_ids"] for b in iterator]
-    resumed = synthetic(tmp_path)
-    resumed.load_state_dict(json.loads(json.dumps(state)))
-    again = [b["input_ids"] for b in resumed.train_dataloader()]
-    assert len(seen) == 3 and len(again) == len(rest)
+    assert len(seen) + len(rest) == len(loader) == 45
+    resumed = synthetic(tmp_path, num_workers=num_workers).train_dataloader()
+    resumed.load_state_dict(json.loads(json.dumps(state)))  # what Lightning does on resume
+    again = [b["input_ids"] for b in resumed]
+    assert len(again) == len(rest)
     assert all(torch.equal(a, b) for a, b in zip(again, rest))
+
+
+def test_a_checkpoint_with_the_datamodules_old_sampler_state_still_resumes(tmp_path: Path) -> None:
+    """Checkpoints written before the train loader held the state carry it as the DataModule's ``train_sampler``."""
+    whole = [b["input_ids"] for b in synthetic(tmp_path).train_dataloader()]
+    sampler = synthetic(tmp_path).train_dataloader().batch_sampler
+    old_state = {**sampler.state_dict(), "batches_yielded": 5}
+    module = synthetic(tmp_path)
+    module.load_state_dict({"train_sampler": old_state})
+    assert module.state_dict() == {}  # nothing saved twice: the loader's state is in the checkpoint
+    assert all(torch.equal(a, b) for a, b in zip([b["input_ids"] for b in module.train_dataloader()], whole[5:], strict=True))
 
 
 @pytest.mark.parametrize("name", ["stdlib_docs", "synthetic", "text_files", "hf"])

@@ -18,6 +18,7 @@ from mhaplug.sampling import (
     BaseBatchSampler,
     LengthGroupedBatchSampler,
     RandomBatchSampler,
+    ResumableDataLoader,
     TokenBudgetBatchSampler,
     pad_fraction,
     padded_tokens,
@@ -258,6 +259,42 @@ def test_counter_follows_iteration_and_a_new_epoch_starts_at_zero() -> None:
     resumed.set_epoch(2)
     sampler.set_epoch(2)
     assert list(resumed) == list(sampler) != epoch1
+
+
+@pytest.mark.parametrize("num_workers", [0, 2])
+def test_resumable_loader_counts_the_batches_taken_not_those_prefetched_by_workers(num_workers: int) -> None:
+    def loader(sampler: BaseBatchSampler) -> ResumableDataLoader:
+        return ResumableDataLoader(list(range(len(SKEWED))), batch_sampler=sampler, num_workers=num_workers,
+                                   collate_fn=lambda rows: rows)
+
+    sampler = LengthGroupedBatchSampler(SKEWED, 16, seed=3)
+    sampler.set_epoch(1)
+    expected = list(sampler)
+    interrupted = loader(sampler)
+    iterator = iter(interrupted)
+    seen = [next(iterator) for _ in range(3)]
+    state = json.loads(json.dumps(interrupted.state_dict()))
+    assert (state["epoch"], state["batches_yielded"]) == (1, 3)
+    # the sampler itself handed out the batches the workers prefetched too (prefetch_factor 2 per worker)
+    assert sampler.state_dict()["batches_yielded"] == 3 + 2 * num_workers
+    resumed_sampler = LengthGroupedBatchSampler(SKEWED, 16, seed=3)
+    resumed = loader(resumed_sampler)
+    resumed.load_state_dict(state)
+    assert resumed.state_dict()["batches_yielded"] == 3  # before the first batch, e.g. a checkpoint right away
+    resumed_sampler.set_epoch(1)  # Lightning does, with the same epoch: the position stays
+    rest = list(resumed)
+    assert seen + rest == expected
+    assert resumed.state_dict()["batches_yielded"] == 0  # epoch complete: a new pass starts at batch 0
+    assert list(resumed) == expected
+    iterator = iter(resumed)
+    next(iterator)
+    resumed_sampler.set_epoch(2)  # the next epoch, nothing of it taken yet
+    assert (resumed.state_dict()["epoch"], resumed.state_dict()["batches_yielded"]) == (2, 0)
+
+
+def test_resumable_loader_needs_a_mhaplug_batch_sampler() -> None:
+    with pytest.raises(TypeError, match="batch_sampler must be a mhaplug.sampling.BaseBatchSampler .* got BatchSampler"):
+        ResumableDataLoader(LENGTHS, batch_sampler=torch.utils.data.BatchSampler(range(8), 2, False))
 
 
 def test_state_of_one_rank_loads_on_another() -> None:
