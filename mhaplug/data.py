@@ -52,7 +52,7 @@ import pytorch_lightning as pl
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from torch.utils.data import DataLoader, Dataset
 
-from mhaplug import sampling
+from mhaplug import sampling, unpad
 from mhaplug.collate import PackCollator, PadCollator, first_fit_pack
 
 __all__ = [
@@ -552,6 +552,11 @@ class TextDataModule(pl.LightningDataModule):
             return sampling.TokenBudgetBatchSampler(lengths, hp.max_tokens, pad_to_multiple_of=hp.pad_to_multiple_of, shuffle=shuffle, seed=hp.seed)
         cls = sampling.LengthGroupedBatchSampler if hp.batching == "length_grouped" else sampling.RandomBatchSampler
         return cls(lengths, hp.batch_size, shuffle=shuffle, seed=hp.seed, drop_last=False)
+
+    def on_before_batch_transfer(self, batch: dict[str, Any], dataloader_idx: int) -> dict[str, Any]:
+        """Off the CPU, the real tokens' positions are found here, before the transfer (:func:`mhaplug.unpad.add_token_index`)."""
+        device = self.trainer.strategy.root_device if self.trainer is not None else "cpu"
+        return unpad.add_token_index(batch, device)
 
     def train_dataloader(self) -> sampling.ResumableDataLoader:
         """Resumable mid-epoch for any ``num_workers``: Lightning saves the loader's state (the batches trained,

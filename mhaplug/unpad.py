@@ -29,7 +29,7 @@ from torch import Tensor
 
 from mhaplug import masks
 
-__all__ = ["BUCKET_COST", "TokenLayout", "plan_tokens"]
+__all__ = ["BUCKET_COST", "TokenLayout", "add_token_index", "plan_tokens"]
 
 # Attention-call overhead in units of (query, key) pairs: about what one more SDPA call per layer costs (forward
 # and backward, scatter and gather) on a CPU, so a bucket is split off only when it saves more than that.
@@ -92,6 +92,18 @@ def plan_tokens(
         return _bucketed(*_document_rows(document_ids), batch_size * seq_len, bucket_cost)
     positions = torch.arange(batch_size * seq_len).view(batch_size, seq_len)  # (B, L)
     return _bucketed(is_pad, positions, batch_size * seq_len, bucket_cost)
+
+
+def add_token_index(batch: dict, device: torch.device) -> dict:
+    """Before a CPU batch moves to ``device``: off the CPU, add ``token_index`` (the real tokens' flat positions,
+    all of them when there is no padding), found here, where reading the mask is free; on the accelerator their
+    count would be read back from the device, a sync every step. On the CPU nothing is added: the model plans its
+    own length buckets. Returns ``batch``."""
+    is_pad = batch.get("key_padding_mask")
+    if torch.device(device).type != "cpu" and is_pad is not None and "token_index" not in batch:
+        token_index = masks.token_index_from_is_pad(is_pad)
+        batch["token_index"] = torch.arange(is_pad.numel()) if token_index is None else token_index
+    return batch
 
 
 def _document_rows(document_ids: Tensor) -> tuple[Tensor, Tensor]:

@@ -133,14 +133,13 @@ def test_compile_switch_compiles_the_feed_forward_and_keeps_loss_gradients_and_s
         torch.testing.assert_close(a, b, rtol=1e-8, atol=1e-10)
 
 
-def test_off_the_cpu_the_lightning_module_finds_the_real_tokens_before_the_transfer() -> None:
-    """On an accelerator, ``token_index`` is built on the CPU (no sync); on the CPU the model builds its buckets."""
-    from mhaplug.lit import LitDecoderLM
+def test_off_the_cpu_the_real_tokens_are_found_before_the_transfer() -> None:
+    """On an accelerator, ``token_index`` is built on the CPU (no sync); on the CPU the model plans its buckets.
+    TextDataModule.on_before_batch_transfer calls this with the trainer's device."""
+    from mhaplug.unpad import add_token_index
 
-    lit = LitDecoderLM(vocab_size=VOCAB, max_positions=MAX_LENGTH, d_model=16, num_heads=2, num_layers=1, d_ff=32)
-    padded = PadCollator()([{"input_ids": [5, 6, 7]}, {"input_ids": [8]}])  # (2, 3)
+    padded = PadCollator()([{"input_ids": [5]}, {"input_ids": [8, 9, 7]}])  # (2, 3): a . . / b b b
     full = PadCollator()([{"input_ids": [5, 6]}, {"input_ids": [8, 9]}])  # no padding
-    assert "token_index" not in lit.on_before_batch_transfer(dict(padded), 0)  # CPU: the model's own plan
-    lit._device = torch.device("meta")  # as on an accelerator (LightningModule.device reads it)
-    assert lit.on_before_batch_transfer(dict(padded), 0)["token_index"].tolist() == [0, 1, 2, 3]
-    assert lit.on_before_batch_transfer(dict(full), 0)["token_index"].tolist() == [0, 1, 2, 3]
+    assert "token_index" not in add_token_index(dict(padded), torch.device("cpu"))
+    assert add_token_index(dict(padded), torch.device("meta"))["token_index"].tolist() == [0, 3, 4, 5]
+    assert add_token_index(dict(full), torch.device("meta"))["token_index"].tolist() == [0, 1, 2, 3]
