@@ -21,7 +21,6 @@ import pytorch_lightning as pl
 import torch
 from torch import Tensor
 
-from mhaplug import masks
 from mhaplug.attention import DEFAULT_STRATEGY
 from mhaplug.collate import add_token_counts
 from mhaplug.model import DecoderConfig, DecoderLM
@@ -97,16 +96,6 @@ class LitDecoderLM(pl.LightningModule):
     def _counts(batch: dict[str, Any]) -> dict[str, Any]:
         # mhaplug's collators count on the CPU; a batch from another collator is counted here, on the device (a sync).
         return batch if "num_targets" in batch else add_token_counts(batch)
-
-    def on_before_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
-        """Off the CPU, find the real tokens' positions (``token_index``) while the batch is still on the CPU:
-        on the accelerator their count would be read back from the device, a sync every step. On the CPU the
-        model finds them itself, and splits padded rows into length buckets (:mod:`mhaplug.unpad`)."""
-        is_pad = batch.get("key_padding_mask") if isinstance(batch, dict) else None
-        if self.device.type != "cpu" and is_pad is not None and "token_index" not in batch:
-            token_index = masks.token_index_from_is_pad(is_pad)
-            batch["token_index"] = torch.arange(is_pad.numel()) if token_index is None else token_index
-        return batch
 
     def forward(self, batch: dict[str, Any]) -> Tensor:
         return self.model(
