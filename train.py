@@ -2,6 +2,10 @@
 ``python train.py -m experiment=mask_ablation`` (the whole ablation), ``python train.py ckpt_path=.../last.ckpt``.
 
 ``train(cfg)`` is a pure function of the config (tests call it); ``main`` is the thin Hydra entry point.
+
+Exit codes of ``python train.py``: 0 finished (or skipped on purpose: skipped.txt), 1 crashed (Hydra prints the
+traceback), 2 a setting that cannot train (one line on stderr, no run folder left). A sweep (``-m``) runs every job
+and exits with the largest code of its jobs.
 """
 
 from __future__ import annotations
@@ -10,6 +14,8 @@ import hashlib
 import json
 import logging
 import os
+import shutil
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -17,13 +23,16 @@ from typing import Any
 import hydra
 import pytorch_lightning as pl
 from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from mhaplug.callbacks import MaskAudit, ThroughputMonitor
-from mhaplug.config import SkipRun, register_configs, validate
+from mhaplug.config import ConfigError, SkipRun, register_configs, validate
 
 log = logging.getLogger("mhaplug.train")
+
+EXIT_REFUSED = 2
 
 # Settings that do not change the computation when the masks are right: runs that differ only in these
 # must reach the same loss (mhaplug.compare checks it).
@@ -174,17 +183,57 @@ def _audit_line(audit: dict[str, Any] | None, *, valid: bool) -> str:
 register_configs()
 
 
+_exit_code = 0  # the largest exit code of this process's runs (a sweep runs several jobs in one process)
+_sweep_dir: Path | None = None
+
+
 @hydra.main(version_base="1.3", config_path="configs", config_name="train")
 def main(cfg: DictConfig) -> float | None:
+    """One run, or one job of a sweep. A refused setting sets the exit code and lets a sweep go on to its next job."""
+    global _exit_code, _sweep_dir
+    output_dir = Path(cfg.paths.output_dir)
+    hydra_cfg = HydraConfig.get()
+    sweep = hydra_cfg.mode == RunMode.MULTIRUN
+    if sweep:
+        _sweep_dir = Path(hydra_cfg.sweep.dir)
+    hydra_files = {name for name in (hydra_cfg.output_subdir, f"{hydra_cfg.job.name}.log") if name}
     try:
         summary = train(cfg)
     except SkipRun as skipped:
         log.warning("skipped (on_invalid=%s): %s", cfg.on_invalid, skipped)
-        Path(cfg.paths.output_dir).mkdir(parents=True, exist_ok=True)
-        (Path(cfg.paths.output_dir) / "skipped.txt").write_text(f"{_run_name()}: {skipped}\n")
+        output_dir.mkdir(parents=True, exist_ok=True)
+        (output_dir / "skipped.txt").write_text(f"{_run_name()}: {skipped}\n")
         return None
+    except ConfigError as err:
+        # One line, no traceback: Hydra would print one for an exception that reaches it, and exit 1.
+        job = f"job {hydra_cfg.job.num} ({_run_name()}): " if sweep else ""
+        print(f"train.py: error: {job}{' '.join(str(err).splitlines())}", file=sys.stderr, flush=True)
+        _discard_if_empty(output_dir, hydra_files)
+        _exit_code = max(_exit_code, EXIT_REFUSED)
+        return None
+    except BaseException:
+        _discard_if_empty(output_dir, hydra_files)  # failed before it wrote anything: no empty folder left
+        raise
     return summary["final_val_loss"]  # for Hydra sweepers that optimise a value
+
+
+def _discard_if_empty(folder: Path, own: set[str]) -> None:
+    """Remove ``folder`` if it holds nothing but ``own`` (what Hydra writes into every run folder: ``.hydra/`` and the
+    job's log; ``multirun.yaml`` in a sweep's): a run refused or failed before it wrote anything leaves no folder.
+    A folder with anything else in it (a resumed run's checkpoints and logs) is left as it is."""
+    if not folder.is_dir() or not set(os.listdir(folder)) <= own:
+        return
+    for name in own:
+        path = folder / name
+        if path.is_dir():
+            shutil.rmtree(path)
+        else:
+            path.unlink(missing_ok=True)
+    folder.rmdir()
 
 
 if __name__ == "__main__":
     main()
+    if _sweep_dir is not None:
+        _discard_if_empty(_sweep_dir, {"multirun.yaml"})  # every job refused
+    sys.exit(_exit_code)

@@ -8,6 +8,8 @@ data is read: each rejection is one message naming the settings and a valid alte
 
 from __future__ import annotations
 
+import math
+import numbers
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
@@ -16,9 +18,9 @@ from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig
 
 from mhaplug.attention import CAPABILITIES, DEFAULT_STRATEGY, STRATEGIES, strategies_where
-from mhaplug.data import BATCHINGS, LAYOUTS, SOURCES
+from mhaplug.data import BATCHINGS, EOS_TOKEN, LAYOUTS, PAD_TOKEN, SOURCES
 
-__all__ = ["ConfigError", "SkipRun", "TrainConfig", "register_configs", "validate"]
+__all__ = ["ConfigError", "SkipRun", "TrainConfig", "min_vocab_size", "register_configs", "validate"]
 
 
 class ConfigError(ValueError):
@@ -174,6 +176,63 @@ def _cuda_training(cfg: DictConfig) -> bool:
     return torch.cuda.is_available() and accelerator in ("auto", "gpu", "cuda")
 
 
+_SEED_MAX = 2**32 - 1  # numpy's seed range; Lightning's seed_everything replaces a seed outside it with 0
+
+
+def min_vocab_size() -> int:
+    """The smallest ``data.vocab_size`` for the byte-level BPE that :func:`mhaplug.data.train_tokenizer` trains (258):
+    the special tokens ``<|pad|>`` and ``<|endoftext|>``, then all 256 bytes, whatever the vocab size asked for. With
+    a smaller one the last byte tokens get ids past the embedding: the collator refuses them, but only once a text
+    holds one of those bytes (plain ASCII text trains with 257 and fails later on other text)."""
+    from tokenizers import pre_tokenizers  # imported by mhaplug.data already
+
+    return len(pre_tokenizers.ByteLevel.alphabet()) + len((PAD_TOKEN, EOS_TOKEN))
+
+
+def _whole(value: Any) -> bool:
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
+def _check_values(cfg: DictConfig) -> None:
+    """Settings that cannot train, each refused with one line: the setting, the value, what works."""
+    data, model, trainer = cfg.data, cfg.model, cfg.trainer
+    if data.max_length < 2:
+        raise ConfigError(
+            f"data.max_length={data.max_length} cannot train: a row of L tokens has L-1 next-token targets (1 trains on "
+            f"nothing and reports loss 0); use data.max_length >= 2, e.g. data.max_length=256"
+        )
+    if not data.tokenizer_path and data.vocab_size < min_vocab_size():
+        raise ConfigError(
+            f"data.vocab_size={data.vocab_size} is too small for the byte-level BPE trained on the data: it has "
+            f"{min_vocab_size() - 2} byte tokens and 2 special tokens, whatever the vocab size; use data.vocab_size >= "
+            f"{min_vocab_size()} (e.g. 4096), or data.tokenizer_path=<a tokenizer.json>"
+        )
+    if data.batch_size < 1:
+        raise ConfigError(f"data.batch_size={data.batch_size} cannot train: use data.batch_size >= 1, e.g. data.batch_size=16")
+    if data.max_documents is not None and data.max_documents < 2:
+        raise ConfigError(
+            f"data.max_documents={data.max_documents} leaves too few documents to split into training and validation; "
+            f"use data.max_documents >= 2, or data.max_documents=null for all of them"
+        )
+    interval = trainer.get("val_check_interval")
+    per_epoch = trainer.get("check_val_every_n_epoch") is not None  # a float (None: 1.0) is then a fraction of an epoch
+    fraction = interval is None or (isinstance(interval, float) and 0 < interval <= 1)
+    if not ((_whole(interval) and interval >= 1) or (per_epoch and fraction)):
+        works = "a whole number of training batches >= 1" + (" or a fraction of an epoch in (0, 1]" if per_epoch else "")
+        raise ConfigError(
+            f"trainer.val_check_interval={interval!r} cannot schedule validation: use {works}, e.g. "
+            f"trainer.val_check_interval=100"
+        )
+    if not (isinstance(model.lr, numbers.Real) and math.isfinite(model.lr) and model.lr > 0):
+        raise ConfigError(f"model.lr={model.lr} cannot train: use a learning rate > 0, e.g. model.lr=3e-3")
+    for name, seed in (("seed", cfg.seed), ("data.seed", data.seed)):
+        if not 0 <= seed <= _SEED_MAX:
+            raise ConfigError(
+                f"{name}={seed} is outside the seeds numpy takes (Lightning would silently use 0 instead): use "
+                f"0 <= {name} <= {_SEED_MAX}, e.g. {name}=0"
+            )
+
+
 class SkipRun(Exception):
     """An invalid combination skipped on purpose (``on_invalid=skip``, or ``run`` for one that cannot run)."""
 
@@ -187,6 +246,7 @@ def validate(cfg: DictConfig) -> str | None:
     _choice("data.layout", cfg.data.layout, LAYOUTS)
     _choice("data.padding_side", cfg.data.padding_side, ("right", "left"))
     _choice("data.batching", cfg.data.batching, BATCHINGS)
+    _check_values(cfg)
     if cfg.data.batching == "token_budget" and not cfg.data.max_tokens:
         raise ConfigError(
             f"data.batching=token_budget needs data.max_tokens (padded tokens per batch), e.g. "

@@ -123,6 +123,42 @@ def test_invalid_combinations_fail_before_training(tmp_path: Path, overrides: li
             validate(config(tmp_path, *overrides, "on_invalid=run"))
 
 
+BAD_VALUES = [
+    ("data.max_length=1", r"data.max_length=1 cannot train: .* use data.max_length >= 2"),
+    ("data.max_length=0", r"data.max_length=0 cannot train: .* use data.max_length >= 2"),
+    ("data.max_length=-8", r"data.max_length=-8 cannot train: .* use data.max_length >= 2"),
+    ("data.vocab_size=257", (r"data.vocab_size=257 is too small for the byte-level BPE .* 256 byte tokens and 2 special "
+                             r"tokens.* use data.vocab_size >= 258 .*or data.tokenizer_path=")),
+    ("data.batch_size=0", r"data.batch_size=0 cannot train: use data.batch_size >= 1"),
+    ("trainer.val_check_interval=0", (r"trainer.val_check_interval=0 cannot schedule validation: use a whole number of "
+                                      r"training batches >= 1, e.g. trainer.val_check_interval=100")),
+    ("trainer.val_check_interval=0.5", r"trainer.val_check_interval=0.5 cannot schedule validation: use a whole number"),
+    ("model.lr=-0.001", r"model.lr=-0.001 cannot train: use a learning rate > 0, e.g. model.lr=3e-3"),
+    ("model.lr=nan", r"model.lr=nan cannot train"),
+    ("seed=-1", (r"seed=-1 is outside the seeds numpy takes \(Lightning would silently use 0 instead\): use "
+                 r"0 <= seed <= 4294967295, e.g. seed=0")),
+    ("data.seed=4294967296", r"data.seed=4294967296 is outside the seeds numpy takes"),
+    ("data.max_documents=0", (r"data.max_documents=0 leaves too few documents .* use data.max_documents >= 2, or "
+                              r"data.max_documents=null for all of them")),
+]
+
+
+@pytest.mark.parametrize(("override", "message"), BAD_VALUES, ids=[o for o, _ in BAD_VALUES])
+def test_settings_that_cannot_train_are_refused_before_any_data_is_read(tmp_path: Path, override: str, message: str) -> None:
+    cfg = config(tmp_path, "data=synthetic", override, f"data.cache_dir={tmp_path / 'cache'}")
+    with pytest.raises(ConfigError, match=message) as refused:
+        train_script.train(cfg)
+    assert "\n" not in str(refused.value)  # one line
+    assert not (tmp_path / "cache").exists() and not (tmp_path / "summary.json").exists()  # nothing read, nothing run
+
+
+def test_the_smallest_settings_that_train_are_accepted(tmp_path: Path) -> None:
+    validate(config(tmp_path, "data.max_length=2", "data.vocab_size=258", "data.batch_size=1",
+                    "trainer.val_check_interval=1", "seed=4294967295", "data.max_documents=2"))
+    validate(config(tmp_path, "data.vocab_size=100", "data.tokenizer_path=tok.json"))  # a given tokenizer: data.py checks
+    validate(config(tmp_path, "trainer.check_val_every_n_epoch=1", "trainer.val_check_interval=0.5"))  # per epoch
+
+
 # ----------------------------------------------------------------------------------------------------------
 # A real Trainer
 # ----------------------------------------------------------------------------------------------------------
