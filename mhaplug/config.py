@@ -1,26 +1,38 @@
-"""Structured configs (the schema of ``configs/``) and the start-up checks of a training run.
+"""Structured configs (the schema of ``configs/``), the run folders, and the start-up checks of a training run.
 
 The dataclasses here are registered with Hydra's ConfigStore and sit under the YAML files, so a misspelt key
 (``data.batchsize=8``) fails when the config is composed, naming the key. :func:`validate` then checks the values
 (allowed choices are listed in the message) and the combinations that would train the wrong thing, before any
 data is read: each rejection is one message naming the settings and a valid alternative.
+
+Run folders (``configs/hydra/default.yaml``) come from two resolvers registered here: ``mhaplug.run_dir`` (a run,
+or a sweep's folder: when and which process) and ``mhaplug.job_subdir`` (a job of a sweep: its overrides). Each
+*claims* its folder with ``os.mkdir``, which fails when the folder exists (atomically, also on NFS), and tries the
+next name, so two runs never share a folder, whenever and wherever they start.
 """
 
 from __future__ import annotations
 
+import hashlib
+import itertools
 import math
 import numbers
+import os
+from collections.abc import Iterable
 from dataclasses import dataclass, field
+from datetime import datetime
+from pathlib import Path
 from typing import Any, Optional
 
 import torch
 from hydra.core.config_store import ConfigStore
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from mhaplug.attention import CAPABILITIES, DEFAULT_STRATEGY, STRATEGIES, strategies_where
 from mhaplug.data import BATCHINGS, EOS_TOKEN, LAYOUTS, PAD_TOKEN, SOURCES
 
-__all__ = ["ConfigError", "SkipRun", "TrainConfig", "min_vocab_size", "register_configs", "validate"]
+__all__ = ["ConfigError", "SkipRun", "TrainConfig", "checkpoint_run_dir", "claim_job_subdir", "claim_run_dir",
+           "min_vocab_size", "register_configs", "validate"]
 
 
 class ConfigError(ValueError):
@@ -94,11 +106,86 @@ class TrainConfig:
 
 
 def register_configs() -> None:
+    """Register the structured configs with Hydra's ConfigStore and the run-folder resolvers with OmegaConf."""
     store = ConfigStore.instance()
     store.store(name="train_schema", node=TrainConfig)
     store.store(group="data", name="data_schema", node=DataConfig)
     store.store(group="model", name="model_schema", node=ModelConfig)
     store.store(group="attention", name="attention_schema", node=AttentionConfig)
+    # use_cache: a folder is claimed once per composed config, however often Hydra (or Lightning's DDP launcher,
+    # through HydraConfig) reads hydra.run.dir; Hydra copies the sweep config's cache into each job's config, so the
+    # jobs of a sweep share its folder.
+    OmegaConf.register_new_resolver("mhaplug.run_dir", _run_dir_resolver, use_cache=True, replace=True)
+    OmegaConf.register_new_resolver("mhaplug.job_subdir", _job_subdir_resolver, use_cache=True, replace=True)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Run folders
+# ----------------------------------------------------------------------------------------------------------
+
+_MAX_NAME = 120  # characters of overrides kept in a job's folder name (file systems allow 255 bytes)
+
+
+def claim_run_dir(parent: str | os.PathLike[str], *, now: datetime | None = None, pid: int | None = None) -> str:
+    """Create and return a new folder ``<parent>/<YYYY-MM-DD_HH-MM-SS.mmm>_<pid>`` (``-2``, ``-3``, ... after the pid
+    should it exist: another host, the same pid and millisecond). The path keeps the form of ``parent`` (relative
+    stays relative). Its name holds nothing that Hydra's override grammar would need quoted, so that
+    ``ckpt_path=<folder>/checkpoints/last.ckpt`` can be typed as it is."""
+    now = now or datetime.now()
+    stamp = f"{now:%Y-%m-%d_%H-%M-%S}.{now.microsecond // 1000:03d}_{os.getpid() if pid is None else pid}"
+    return _claim(parent, (stamp if n == 1 else f"{stamp}-{n}" for n in itertools.count(1)))
+
+
+def claim_job_subdir(sweep_dir: str | os.PathLike[str], num: int, name: str) -> str:
+    """Create ``<sweep_dir>/<name>`` for job ``num`` of a sweep and return ``<name>`` (what ``hydra.sweep.subdir``
+    holds). ``name`` is the job's overrides (``hydra.job.override_dirname``: ``attention=merged_bool,data.layout=padded``),
+    without path separators and at most ``_MAX_NAME`` characters; should two jobs have the same (the keys that differ
+    are in ``hydra.job.config.override_dirname.exclude_keys``, or there are none), the later one is
+    ``<name>_job<num>``."""
+    base = _folder_name(name) if name else f"job{num}"
+    candidates = itertools.chain([base], (f"{base}_job{num}" + (f"-{n}" if n > 1 else "") for n in itertools.count(1)))
+    return Path(_claim(sweep_dir, candidates)).name
+
+
+def checkpoint_run_dir(ckpt_path: str | os.PathLike[str] | None) -> str | None:
+    """The run folder a checkpoint belongs to, ``<run>`` for ``<run>/checkpoints/<file>.ckpt`` (where
+    ``configs/callbacks/default.yaml`` saves them), or None: a resumed run writes on in its own folder."""
+    if not ckpt_path:
+        return None
+    path = Path(ckpt_path)
+    return str(path.parent.parent) if path.parent.name == "checkpoints" and path.parent.parent.is_dir() else None
+
+
+def _run_dir_resolver(parent: str, ckpt_path: Any = None) -> str:
+    """``${mhaplug.run_dir:<parent>[,<ckpt_path>]}``: the folder of the checkpoint's run when resuming from
+    ``<run>/checkpoints/*.ckpt``, else a new folder (:func:`claim_run_dir`)."""
+    return checkpoint_run_dir(ckpt_path) or claim_run_dir(parent)
+
+
+def _job_subdir_resolver(sweep_dir: str, num: Any, name: Any = "") -> str:
+    """``${mhaplug.job_subdir:${hydra.sweep.dir},${hydra.job.num},${hydra.job.override_dirname}}``."""
+    return claim_job_subdir(sweep_dir, int(num), "" if name is None else str(name))
+
+
+def _folder_name(name: str) -> str:
+    """Overrides as one folder name: no path separators, at most ``_MAX_NAME`` characters (a long name keeps its
+    start and a hash of the whole, so names stay distinct)."""
+    name = name.replace("/", "_").replace(os.sep, "_")
+    if len(name) > _MAX_NAME:
+        name = f"{name[:_MAX_NAME - 9]}~{hashlib.sha1(name.encode()).hexdigest()[:8]}"
+    return name
+
+
+def _claim(parent: str | os.PathLike[str], names: Iterable[str]) -> str:
+    Path(parent).mkdir(parents=True, exist_ok=True)
+    for name in names:
+        path = os.path.join(parent, name)
+        try:
+            os.mkdir(path)  # fails if it exists: the folder is this run's alone
+        except FileExistsError:
+            continue
+        return path
+    raise AssertionError("unreachable: the candidate names never run out")
 
 
 def _choice(name: str, value: Any, allowed: tuple[str, ...], group: str | None = None) -> None:

@@ -12,6 +12,7 @@ import signal
 import subprocess
 import sys
 import time
+from datetime import datetime
 from pathlib import Path
 
 import pytest
@@ -22,7 +23,7 @@ from omegaconf import DictConfig
 
 import train as train_script
 from mhaplug.attention import CAPABILITIES, STRATEGIES
-from mhaplug.config import ConfigError, SkipRun, validate
+from mhaplug.config import ConfigError, SkipRun, checkpoint_run_dir, claim_job_subdir, claim_run_dir, validate
 from mhaplug.lit import LitDecoderLM
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -157,6 +158,54 @@ def test_the_smallest_settings_that_train_are_accepted(tmp_path: Path) -> None:
                     "trainer.val_check_interval=1", "seed=4294967295", "data.max_documents=2"))
     validate(config(tmp_path, "data.vocab_size=100", "data.tokenizer_path=tok.json"))  # a given tokenizer: data.py checks
     validate(config(tmp_path, "trainer.check_val_every_n_epoch=1", "trainer.val_check_interval=0.5"))  # per epoch
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Run folders
+# ----------------------------------------------------------------------------------------------------------
+
+
+def test_run_folders_are_claimed_never_shared(tmp_path: Path) -> None:
+    now = datetime(2026, 1, 2, 3, 4, 5, 678_901)
+    first = claim_run_dir(tmp_path / "runs", now=now, pid=42)
+    second = claim_run_dir(tmp_path / "runs", now=now, pid=42)  # the same millisecond and pid (another host)
+    assert Path(first).name == "2026-01-02_03-04-05.678_42" and Path(second).name == "2026-01-02_03-04-05.678_42-2"
+    assert Path(first).is_dir() and Path(second).is_dir()
+
+    sweep = tmp_path / "sweep"
+    assert claim_job_subdir(sweep, 0, "attention=auto,data.layout=padded") == "attention=auto,data.layout=padded"
+    assert claim_job_subdir(sweep, 3, "attention=auto,data.layout=padded") == "attention=auto,data.layout=padded_job3"
+    assert claim_job_subdir(sweep, 4, "") == "job4"  # no override to name it (experiment=... is excluded)
+    assert claim_job_subdir(sweep, 5, "data.path=/data/a.txt") == "data.path=_data_a.txt"  # one level, always
+    long_a, long_b = claim_job_subdir(sweep, 6, "x=" + "a" * 300), claim_job_subdir(sweep, 7, "x=" + "a" * 299 + "b")
+    assert len(long_a) == len(long_b) == 120 and long_a != long_b
+    assert sorted(p.name for p in sweep.iterdir()) == sorted(
+        ["attention=auto,data.layout=padded", "attention=auto,data.layout=padded_job3", "job4", "data.path=_data_a.txt",
+         long_a, long_b])
+
+    assert checkpoint_run_dir(f"{first}/checkpoints/last.ckpt") == first
+    assert checkpoint_run_dir(tmp_path / "elsewhere" / "model.ckpt") is None and checkpoint_run_dir(None) is None
+
+
+def test_hydra_run_dir_is_a_new_folder_or_the_resumed_runs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """configs/hydra/default.yaml through Hydra: a new folder per composed config, read as often as Hydra and
+    Lightning's DDP launcher read it; ckpt_path=<run>/checkpoints/last.ckpt resumes into <run>."""
+    monkeypatch.chdir(tmp_path)
+    with initialize_config_dir(config_dir=str(CONFIGS), version_base="1.3"):
+        cfg = compose(config_name="train", overrides=["attention=merged_bool"], return_hydra_config=True)
+        again = compose(config_name="train", overrides=["attention=merged_bool"], return_hydra_config=True)
+    run = cfg.hydra.run.dir
+    assert re.fullmatch(rf"outputs/train/runs/\d{{4}}-\d\d-\d\d_\d\d-\d\d-\d\d\.\d{{3}}_{os.getpid()}(-\d+)?", run)
+    assert cfg.hydra.run.dir == run and again.hydra.run.dir != run  # once per config, never shared
+    assert len(list((tmp_path / "outputs" / "train" / "runs").iterdir())) == 2
+    with initialize_config_dir(config_dir=str(CONFIGS), version_base="1.3"):
+        resumed = compose(config_name="train", overrides=[f"ckpt_path={run}/checkpoints/last.ckpt"], return_hydra_config=True)
+        sweep = compose(config_name="train", overrides=["attention=merged_bool", "data.cache_dir=/x", "hydra.job.num=3"],
+                        return_hydra_config=True)
+    assert resumed.hydra.run.dir == run and len(list((tmp_path / "outputs" / "train" / "runs").iterdir())) == 2
+    assert re.fullmatch(r"outputs/train/multiruns/[\d_.-]+", sweep.hydra.sweep.dir)
+    assert sweep.hydra.sweep.subdir == "attention=merged_bool"  # data.cache_dir is in exclude_keys
+    assert (tmp_path / sweep.hydra.sweep.dir / "attention=merged_bool").is_dir()
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -311,6 +360,10 @@ def test_quick_ablation_sweep_and_compare(tmp_path: Path) -> None:
     invalid = sorted(f"{s['strategy']}/{s['layout']}/{s['padding_side']}" for s in summaries if not s["valid"])
     assert invalid == ["causal_only/padded/left", "torch_mha/packed/right", "torch_mha/padded/left"]
     assert len(skipped) == 7 * 2 * 2 - 19  # left padding of packed rows, and causal strategies on packed rows
+    strategies = ["auto", "reference", "torch_mha", "merged_bool", "merged_additive", "causal_kpm", "causal_only"]
+    assert sorted(p.name for p in sweep_dir.iterdir() if p.is_dir()) == sorted(  # each job's folder says what it runs
+        f"attention={strategy},data.layout={layout},data.padding_side={side}"
+        for strategy in strategies for layout in ("padded", "packed") for side in ("right", "left"))
     compare = subprocess.run([sys.executable, "-m", "mhaplug.compare", str(sweep_dir), "--plot", str(tmp_path / "ablation.png")],
                              cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert compare.returncode == 0, compare.stdout + compare.stderr
