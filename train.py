@@ -1,11 +1,13 @@
 """Train the decoder LM: ``python train.py`` (defaults), ``python train.py attention=merged_bool data.layout=packed``,
-``python train.py -m experiment=mask_ablation`` (the whole ablation), ``python train.py ckpt_path=.../last.ckpt``.
+``python train.py -m experiment=mask_ablation`` (the whole ablation), ``python train.py ckpt_path=<run>/checkpoints/last.ckpt``
+(resume: writes on in ``<run>``).
 
 ``train(cfg)`` is a pure function of the config (tests call it); ``main`` is the thin Hydra entry point.
 
 Exit codes of ``python train.py``: 0 finished (or skipped on purpose: skipped.txt), 1 crashed (Hydra prints the
-traceback), 2 a setting that cannot train (one line on stderr, no run folder left). A sweep (``-m``) runs every job
-and exits with the largest code of its jobs.
+traceback), 2 a setting that cannot train (one line on stderr, no run folder left), 143 interrupted by SIGTERM
+(checkpoint saved, resume with ``ckpt_path``). A sweep (``-m``) runs every job and exits with the largest code of its
+jobs; SIGTERM stops it at once with 143.
 """
 
 from __future__ import annotations
@@ -14,6 +16,8 @@ import hashlib
 import json
 import logging
 import os
+import re
+import shlex
 import shutil
 import sys
 import time
@@ -26,13 +30,14 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
+from pytorch_lightning.utilities.exceptions import SIGTERMException
 
-from mhaplug.callbacks import MaskAudit, ThroughputMonitor
+from mhaplug.callbacks import CheckpointOnSigterm, MaskAudit, ThroughputMonitor
 from mhaplug.config import ConfigError, SkipRun, register_configs, validate
 
 log = logging.getLogger("mhaplug.train")
 
-EXIT_REFUSED = 2
+EXIT_REFUSED, EXIT_INTERRUPTED = 2, 143  # 143 = 128 + SIGTERM, what a shell reports for it
 
 # Settings that do not change the computation when the masks are right: runs that differ only in these
 # must reach the same loss (mhaplug.compare checks it).
@@ -92,10 +97,15 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     trainer: pl.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=logger)
 
     start = time.perf_counter()
-    trainer.fit(model, datamodule=datamodule, ckpt_path=cfg.ckpt_path)
+    outcome: dict[str, Any] = {"status": "finished"}
+    try:
+        trainer.fit(model, datamodule=datamodule, ckpt_path=cfg.ckpt_path)
+    except SIGTERMException:  # a SystemExit (code 0) from Lightning's loops: CheckpointOnSigterm saved the state
+        saved = next((c.saved_path for c in callbacks if isinstance(c, CheckpointOnSigterm)), None)
+        outcome = {"status": "interrupted", "resume_ckpt_path": None if saved is None else str(saved)}
     wall = time.perf_counter() - start
 
-    summary = _summary(cfg, trainer, datamodule, wall, invalid_reason)
+    summary = _summary(cfg, trainer, datamodule, wall, invalid_reason, outcome)
     if trainer.is_global_zero:
         tmp = output_dir / f"summary.json.tmp{os.getpid()}"
         tmp.write_text(json.dumps(summary, indent=2))
@@ -104,15 +114,23 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     return summary
 
 
-def _summary(cfg: DictConfig, trainer: pl.Trainer, datamodule: Any, wall: float, invalid: str | None) -> dict[str, Any]:
+def _summary(cfg: DictConfig, trainer: pl.Trainer, datamodule: Any, wall: float, invalid: str | None,
+             outcome: dict[str, Any]) -> dict[str, Any]:
+    """What the run did. ``status``: ``finished`` or ``interrupted`` (SIGTERM: ``steps`` is where it stopped and
+    ``resume_ckpt_path`` the checkpoint saved there)."""
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
     checkpoint = next((c for c in trainer.checkpoint_callbacks), None)
     best = getattr(checkpoint, "best_model_score", None)
     metrics_csv = None
     if trainer.logger is not None and getattr(trainer.logger, "log_dir", None):
         metrics_csv = os.path.relpath(Path(trainer.logger.log_dir) / "metrics.csv", cfg.paths.output_dir)
+    status = outcome["status"]
     return {
         "run_name": _run_name(),
+        "status": status,
+        "interrupted": status == "interrupted",
+        "resume_ckpt_path": outcome.get("resume_ckpt_path"),
+        "resumed_from": cfg.ckpt_path,
         "strategy": cfg.attention.strategy,
         "layout": cfg.data.layout,
         "padding_side": cfg.data.padding_side,
@@ -153,9 +171,13 @@ def _print_summary(summary: dict[str, Any], output_dir: Path) -> None:
     def fmt(value: Any, spec: str) -> str:
         return "n/a" if value is None else format(value, spec)
 
+    what = {
+        "finished": f"mhaplug run finished: {summary['steps']} steps",
+        "interrupted": f"mhaplug run INTERRUPTED by SIGTERM at step {summary['steps']}",
+    }[summary["status"]]
     lines = [
         "",
-        f"mhaplug run finished: {summary['steps']} steps in {summary['wall_time_s']:.0f} s "
+        f"{what} in {summary['wall_time_s']:.0f} s "
         f"(attention={summary['strategy']}, layout={summary['layout']}, padding={summary['padding_side']}, "
         f"batching={summary['batching']})",
         f"  val/loss {fmt(summary['final_val_loss'], '.4f')} (best {fmt(summary['best_val_loss'], '.4f')}), "
@@ -168,7 +190,21 @@ def _print_summary(summary: dict[str, Any], output_dir: Path) -> None:
     ]
     if not summary["valid"]:
         lines.insert(2, f"  INVALID on purpose: {summary['invalid_reason']}")
+    if summary["status"] == "interrupted":
+        lines.insert(2, f"  checkpoint saved: {summary['resume_ckpt_path']}; resume (writes on in this folder): "
+                        f"python train.py {_resume_command(summary['resume_ckpt_path'])}")
     print("\n".join(lines), flush=True)
+
+
+def _resume_command(ckpt_path: str | None) -> str:
+    """This run's command-line overrides with ``ckpt_path`` set to ``ckpt_path``, quoted for a POSIX shell (and for
+    Hydra: a sweep job's folder name holds ``=`` and ``,``)."""
+    task = list(HydraConfig.get().overrides.task) if HydraConfig.initialized() else []
+    kept = [o for o in task if not o.lstrip("+~").startswith("ckpt_path=")]
+    value = str(ckpt_path)
+    if not re.fullmatch(r"[\w/\\+.$%*@?|-]+", value):  # what Hydra's grammar takes unquoted
+        value = f'"{value}"'
+    return " ".join(shlex.quote(o) for o in [*kept, f"ckpt_path={value}"])
 
 
 def _audit_line(audit: dict[str, Any] | None, *, valid: bool) -> str:
@@ -189,7 +225,8 @@ _sweep_dir: Path | None = None
 
 @hydra.main(version_base="1.3", config_path="configs", config_name="train")
 def main(cfg: DictConfig) -> float | None:
-    """One run, or one job of a sweep. A refused setting sets the exit code and lets a sweep go on to its next job."""
+    """One run, or one job of a sweep. A refused setting sets the exit code and lets a sweep go on to its next job;
+    SIGTERM ends the process at once (a preempted sweep stops)."""
     global _exit_code, _sweep_dir
     output_dir = Path(cfg.paths.output_dir)
     hydra_cfg = HydraConfig.get()
@@ -214,6 +251,8 @@ def main(cfg: DictConfig) -> float | None:
     except BaseException:
         _discard_if_empty(output_dir, hydra_files)  # failed before it wrote anything: no empty folder left
         raise
+    if summary["status"] == "interrupted":
+        raise SystemExit(EXIT_INTERRUPTED)
     return summary["final_val_loss"]  # for Hydra sweepers that optimise a value
 
 

@@ -5,8 +5,11 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
 import resource
+import signal
 import sys
+import threading
 import time
 from collections.abc import Mapping
 from pathlib import Path
@@ -14,11 +17,14 @@ from typing import Any, Literal
 
 import pytorch_lightning as pl
 import torch
+from pytorch_lightning.callbacks import Checkpoint, ModelCheckpoint
+from pytorch_lightning.utilities.exceptions import SIGTERMException
 
 from mhaplug.audit import AuditReport, audit
 from mhaplug.collate import add_token_counts
 
-__all__ = ["BatchLog", "MaskAudit", "MaskAuditError", "ThroughputMonitor", "peak_memory_mb"]
+__all__ = ["BatchLog", "CheckpointOnSigterm", "MaskAudit", "MaskAuditError", "ResumeMarker", "ThroughputMonitor",
+           "peak_memory_mb"]
 
 log = logging.getLogger(__name__)
 
@@ -245,6 +251,139 @@ class ThroughputMonitor(pl.Callback):
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.totals.update(state_dict.get("totals", {}))
+
+
+class CheckpointOnSigterm(Checkpoint):
+    """On SIGTERM, stop at the end of the optimizer step in progress and save a checkpoint there
+    (``<dirpath>/<filename>.ckpt``), so that nothing trained is lost: ``ckpt_path=`` that file resumes exactly.
+
+    Lightning's signal connector catches SIGTERM (rank 0 forwards it to the other ranks) and its loops stop after the
+    batch in progress with :class:`~pytorch_lightning.utilities.exceptions.SIGTERMException`, a ``SystemExit`` of
+    code 0, saving nothing. This callback keeps that machinery and adds two things:
+
+    - the stop waits for a step boundary outside validation. With gradient accumulation a checkpoint between two
+      micro-batches would drop the micro-batches already summed (LitDecoderLM keeps them outside the checkpoint), and
+      a stop inside validation would lose the validation loss summed so far: validation runs to its end first. To
+      that end the callback wraps Lightning's SIGTERM handler (from ``on_train_start``) so that Lightning's flag,
+      ``trainer.received_sigterm``, is only raised at such a boundary;
+    - it saves the checkpoint there (``saved_path``): after the validation, as ModelCheckpoint does (a
+      :class:`~pytorch_lightning.callbacks.Checkpoint`, so Lightning calls it after the ModelCheckpoint listed before
+      it, whose state it then holds), else when Lightning's ``SIGTERMException`` comes. ``train.py`` then writes
+      summary.json with ``"interrupted": true`` and exits 143 (128 + SIGTERM).
+
+    The default ``filename`` is ``last``, where ModelCheckpoint's ``save_last`` writes, so the newest state is always
+    ``<run>/checkpoints/last.ckpt``. SLURM: Lightning's ``SLURMEnvironment(auto_requeue=True)`` (its default under
+    SLURM) keeps handling the requeue signal (SIGUSR1: ``hpc_ckpt_<n>.ckpt`` in ``trainer.default_root_dir``, then
+    ``scontrol requeue``; the requeued job restores from it); a SIGTERM that SLURM sends lands here.
+    """
+
+    def __init__(self, *, dirpath: str, filename: str = "last") -> None:
+        self.path = Path(dirpath) / f"{filename}.ckpt"
+        self.saved_path: Path | None = None  # set once the checkpoint is written
+        self._pending = False  # a SIGTERM was received
+        self._boundary = False  # Lightning may stop here: between optimizer steps, outside validation
+        self._mid_step = False  # the last training batch left a step accumulating
+        self._step_at_batch_start = 0
+        self._trainer: pl.Trainer | None = None
+
+    # -- the SIGTERM handler --------------------------------------------------------------------------------------
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self.saved_path, self._trainer = None, trainer
+        self._pending = trainer._signal_connector.received_sigterm  # one may have come before training started
+        self._boundary = self._mid_step = False
+        self._publish()
+        if threading.current_thread() is threading.main_thread():  # where Python delivers signals
+            lightning_handler = signal.getsignal(signal.SIGTERM)  # installed by the Trainer for this fit
+
+            def handler(signum: int, frame: Any) -> None:
+                if callable(lightning_handler):
+                    lightning_handler(signum, frame)  # logs, forwards to the DDP ranks, sets received_sigterm
+                self._pending = True
+                self._publish()  # in the handler, so Lightning's loops never see the flag out of turn
+
+            signal.signal(signal.SIGTERM, handler)  # Lightning puts its predecessor back when the fit ends
+
+    def _publish(self) -> None:
+        """Lightning's flag, as its loops should see it now: raised only for a SIGTERM at a step boundary."""
+        if self._trainer is not None:
+            self._trainer._signal_connector.received_sigterm = self._pending and self._boundary
+
+    # -- where Lightning may stop ---------------------------------------------------------------------------------
+
+    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int) -> None:
+        self._step_at_batch_start = trainer.global_step
+        self._boundary = False
+        self._publish()
+
+    def on_train_batch_end(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        # Lightning checks its flag after this hook, after validation if validation is due now.
+        self._mid_step = trainer.global_step == self._step_at_batch_start  # no optimizer step: still accumulating
+        self._boundary = not self._mid_step
+        self._publish()
+
+    def on_validation_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._boundary = False
+        self._publish()
+
+    def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._boundary = not self._mid_step  # validation between two steps, or inside one (val_check_interval)
+        if self._trainer is not None and self._pending and self._boundary:
+            # Saved here, where ModelCheckpoint saves: Lightning restores a checkpoint of this moment exactly (its
+            # loops count the batch after the validation once more on restoring one saved later).
+            self._save(trainer)
+        self._publish()
+
+    # -- the checkpoint -------------------------------------------------------------------------------------------
+
+    def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
+        if isinstance(exception, SIGTERMException) and trainer.state.fn == "fit" and self.saved_path is None:
+            self._save(trainer)
+
+    def _save(self, trainer: pl.Trainer) -> None:
+        for checkpoint in trainer.checkpoint_callbacks:
+            if isinstance(checkpoint, ModelCheckpoint) and checkpoint.save_last and checkpoint.dirpath and (
+                os.path.realpath(checkpoint.dirpath) == os.path.realpath(self.path.parent)
+                and self.path.stem == checkpoint.CHECKPOINT_NAME_LAST
+            ):
+                # Its last.ckpt from now on (saved in the checkpoint's state): after the resume it overwrites this
+                # file rather than writing last-v1.ckpt beside it.
+                checkpoint.last_model_path = str(self.path)
+        trainer.save_checkpoint(self.path)  # every rank calls it (a collective under DDP); rank 0 writes
+        self.saved_path = self.path
+        log.warning("SIGTERM: stopping at step %d; checkpoint saved to %s", trainer.global_step, self.path)
+
+    def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        self._trainer = None
+
+
+class ResumeMarker(pl.Callback):
+    """On a resumed fit, log ``resumed_at_step`` (the checkpoint's global step) at the logger step of the first batch
+    trained, as the first row of the attempt's log.
+
+    A run resumed in its own folder logs each attempt to a new logger version (``csv/version_<n>/``, since
+    ``configs/logger/csv.yaml`` leaves ``version`` to the logger), so nothing logged before is overwritten.
+    :func:`mhaplug.compare.read_curve` reads the versions as one run: from a later version's first logged step on,
+    its rows replace the earlier ones (the steps trained after the checkpoint and lost with the interruption). This
+    row makes that first step exactly the one training resumed at. Logged at the first batch, not at the start of
+    training: restoring a checkpoint saved after validation, Lightning counts one more logger step before it.
+    """
+
+    def __init__(self) -> None:
+        self._resumed = False
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._resumed = trainer.ckpt_path is not None
+
+    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int) -> None:
+        if not self._resumed:
+            return
+        self._resumed = False
+        step = trainer.fit_loop.epoch_loop._batches_that_stepped  # the loggers' step for this batch
+        for logger in trainer.loggers:
+            logger.log_metrics({"resumed_at_step": float(trainer.global_step)}, step=step)
 
 
 def peak_memory_mb(device: torch.device) -> float:

@@ -8,7 +8,9 @@ Usage::
 A run is a directory anywhere below RUNS_DIR (a Hydra multirun directory, say) that holds ``summary.json``,
 written by training when a run ends, and the Lightning CSVLogger ``metrics.csv`` it names. A directory with
 a ``.hydra/`` folder or a ``metrics.csv`` but no ``summary.json`` is listed as incomplete (crashed or still
-running), never silently dropped.
+running), never silently dropped. A run resumed in its folder logged each attempt to its own logger version
+(``csv/version_0/``, ``csv/version_1/``, ...): it is one run, whose curves take each step from the latest attempt
+that logged it (:func:`read_curve`).
 
 The equivalence check is the point of the tool. Runs with the same ``equivalence_key`` are the same
 computation (same data, model, seed, steps, layout and batching): a correct mask strategy or padding side
@@ -57,7 +59,8 @@ Status = Literal["ok", "alone", "mismatch", "divergence", "invalid_equal", "inva
 @dataclass(frozen=True)
 class Run:
     """One run directory. ``complete`` is False without ``summary.json``: then only ``name``, ``path``,
-    ``metrics_csv`` and ``steps`` (the last step logged to metrics.csv, if any) are known."""
+    ``metrics_csv(s)`` and ``steps`` (the last step logged to metrics.csv, if any) are known. ``metrics_csvs`` are
+    the run's attempts, oldest first (one unless it was resumed); ``metrics_csv`` the latest."""
 
     name: str
     path: Path
@@ -76,6 +79,7 @@ class Run:
     wall_time_s: float | None = None
     steps: int | None = None
     metrics_csv: Path | None = None
+    metrics_csvs: tuple[Path, ...] = ()
     audit_passed: bool | None = None  # None: no audit in summary.json (an older run, or no MaskAudit callback)
     audit_failed: tuple[str, ...] = ()  # the audit's failed checks
     summary: dict[str, Any] = field(default_factory=dict, repr=False, compare=False)
@@ -133,19 +137,39 @@ def load_runs(runs_dir: str | os.PathLike[str]) -> list[Run]:
     return [replace(r, name=f"{r.name} ({_rel(r.path, root)})") if counts[r.name] > 1 else r for r in runs]
 
 
-def read_curve(csv_path: str | os.PathLike[str], column: str = "val/loss") -> list[tuple[int, float]]:
+def read_curve(csv_path: str | os.PathLike[str] | Sequence[str | os.PathLike[str]],
+               column: str = "val/loss") -> list[tuple[int, float]]:
     """``(step, value)`` for every row of a Lightning CSVLogger metrics.csv where ``column`` is filled in
-    (Lightning writes train and val metrics on different rows, so most rows leave a column empty)."""
-    points = []
+    (Lightning writes train and val metrics on different rows, so most rows leave a column empty).
+
+    Given the metrics.csv of a run's attempts, oldest first (:attr:`Run.metrics_csvs`), one curve: each attempt's
+    rows replace the earlier attempts' from its first logged step on (the step it resumed at, where
+    :class:`mhaplug.callbacks.ResumeMarker` logs ``resumed_at_step``); the earlier rows past it were trained after
+    the checkpoint it resumed from, and lost."""
+    paths = [csv_path] if isinstance(csv_path, (str, os.PathLike)) else list(csv_path)
+    points: list[tuple[int, float]] = []
+    for path in paths:
+        first, own = _read_points(path, column)
+        if first is not None:
+            points = [p for p in points if p[0] < first]
+        points += own
+    return points
+
+
+def _read_points(csv_path: str | os.PathLike[str], column: str) -> tuple[int | None, list[tuple[int, float]]]:
+    """The first step of any row of one metrics.csv, and ``(step, value)`` of the rows that fill ``column``."""
+    first, points = None, []
     with open(csv_path, newline="") as f:
         for line, row in enumerate(csv.DictReader(f), start=2):
             value, step = row.get(column), row.get("step")
-            if value and step:
-                try:
+            try:
+                if step:
+                    first = int(float(step)) if first is None else min(first, int(float(step)))
+                if value and step:
                     points.append((int(float(step)), float(value)))
-                except ValueError as err:
-                    raise ValueError(f"{csv_path}, line {line}: step {step!r}, {column} {value!r}: {err}") from err
-    return points
+            except ValueError as err:
+                raise ValueError(f"{csv_path}, line {line}: step {step!r}, {column} {value!r}: {err}") from err
+    return first, points
 
 
 def _load_summary(path: Path, root: Path) -> Run:
@@ -175,7 +199,7 @@ def _load_summary(path: Path, root: Path) -> Run:
     run_dir = path.parent
     metrics = run_dir / data["metrics_csv"] if data.get("metrics_csv") else _find_metrics(run_dir)
     return Run(name=str(data["run_name"]) or _rel(run_dir, root), path=run_dir, valid=data["valid"], **texts,
-               **numbers, metrics_csv=metrics, summary=data,
+               **numbers, metrics_csv=metrics, metrics_csvs=_attempts(metrics), summary=data,
                audit_passed=None if audit is None else audit["passed"],
                audit_failed=() if audit is None else tuple(map(str, audit.get("failed", []))))
 
@@ -190,8 +214,10 @@ def _incomplete_run(run_dir: Path, root: Path) -> Run:
         if isinstance(items, list) and items:
             name = ",".join(map(str, items))
     metrics = _find_metrics(run_dir)
-    steps = [step for step, _ in read_curve(metrics, "step")] if metrics else []
-    return Run(name=name, path=run_dir, complete=False, metrics_csv=metrics, steps=max(steps, default=None))
+    attempts = _attempts(metrics)
+    steps = [step for step, _ in read_curve(attempts, "step")]
+    return Run(name=name, path=run_dir, complete=False, metrics_csv=metrics, metrics_csvs=attempts,
+               steps=max(steps, default=None))
 
 
 def _run_dir_of_metrics(csv_path: Path, root: Path) -> Path:
@@ -203,6 +229,16 @@ def _run_dir_of_metrics(csv_path: Path, root: Path) -> Path:
 def _find_metrics(run_dir: Path) -> Path | None:
     found = sorted(run_dir.rglob(METRICS_FILE), key=lambda p: p.stat().st_mtime)
     return found[-1] if found else None  # the newest, should a resumed run have several versions
+
+
+def _attempts(csv_path: Path | None) -> tuple[Path, ...]:
+    """Every attempt's metrics.csv beside ``csv_path`` (``<logger>/version_<n>/metrics.csv``, by ``n``), or just it."""
+    if csv_path is None:
+        return ()
+    if not re.fullmatch(r"version_\d+", csv_path.parent.name):
+        return (csv_path,)
+    versions = {p for p in csv_path.parent.parent.glob(f"version_*/{METRICS_FILE}") if re.fullmatch(r"version_\d+", p.parent.name)}
+    return tuple(sorted(versions | {csv_path}, key=lambda p: int(p.parent.name.removeprefix("version_"))))
 
 
 def _rel(path: Path, root: Path) -> str:
@@ -393,7 +429,7 @@ def plot(runs: Sequence[Run], path: str | os.PathLike[str], *, title: str | None
             if r.complete:
                 warnings.warn(f"{r.name}: no metrics.csv at {r.metrics_csv or r.path}; no loss curve", stacklevel=2)
             continue
-        points = read_curve(r.metrics_csv)
+        points = read_curve(r.metrics_csvs or r.metrics_csv)
         if points:
             steps, losses = zip(*points)
             style = ":" if not r.complete else "-" if r.valid else "--"

@@ -304,3 +304,49 @@ def test_malformed_audit_entry_names_file_and_key(tmp_path: Path) -> None:
     make_run(tmp_path, "0", audit="passed")
     with pytest.raises(ValueError, match=r"0/summary.json: key 'audit' must be null or an object with 'passed'"):
         compare.load_runs(tmp_path)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Resumed runs (one folder, a logger version per attempt)
+# ----------------------------------------------------------------------------------------------------------
+
+RESUMED_HEADER = "epoch,resumed_at_step,step,train/loss,val/loss\n"
+
+
+def write_attempt(run_dir: Path, version: int, steps: range, *, resumed_at: int | None = None, offset: float = 0.0) -> Path:
+    """``csv/version_<version>/metrics.csv`` as CSVLogger writes one attempt: ResumeMarker's row first on a resume,
+    train/loss 10 + offset - step/10 every step, val/loss every 10th step."""
+    path = run_dir / "csv" / f"version_{version}" / "metrics.csv"
+    path.parent.mkdir(parents=True)
+    rows = [f",{resumed_at},{resumed_at},,\n"] if resumed_at is not None else []
+    for step in steps:
+        rows.append(f"0,,{step},{10 + offset - step / 10},\n")
+        if step % 10 == 9:
+            rows.append(f"0,,{step},,{5 + offset - step / 100}\n")
+    path.write_text(RESUMED_HEADER + "".join(rows))
+    return path
+
+
+def test_a_resumed_run_is_one_run_with_every_step(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """Killed at step 27 after a checkpoint at 20, resumed there: version_0 holds steps 0-27 (20-27 trained again
+    after the resume), version_1 steps 20-39. One run; its curve takes steps 0-19 from version_0, the rest from
+    version_1 (offset 100 tells them apart)."""
+    run_dir = make_run(tmp_path, "run", steps=40, metrics_csv="csv/version_11/metrics.csv")
+    (run_dir / "csv" / "version_0" / "metrics.csv").unlink()
+    (run_dir / "csv" / "version_0").rmdir()
+    first = write_attempt(run_dir, 0, range(28))
+    second = write_attempt(run_dir, 11, range(20, 40), resumed_at=20, offset=100)  # 11: versions sort as numbers
+    write_attempt(run_dir, 2, range(20, 23), resumed_at=20, offset=50)  # an attempt killed before its checkpoint
+    runs = compare.load_runs(tmp_path)
+    assert len(runs) == 1 and runs[0].metrics_csvs == (first, run_dir / "csv" / "version_2" / "metrics.csv", second)
+    expected = [(s, 10 - s / 10) for s in range(20)] + [(s, 110 - s / 10) for s in range(20, 40)]
+    assert compare.read_curve(runs[0].metrics_csvs, "train/loss") == expected
+    assert compare.read_curve(runs[0].metrics_csvs) == [(9, 5 - 9 / 100), (19, 5 - 19 / 100), (29, 105 - 29 / 100),
+                                                        (39, 105 - 39 / 100)]
+    assert compare.read_curve(first, "train/loss") == [(s, 10 - s / 10) for s in range(28)]  # one file alone
+    assert compare.main([str(tmp_path), "--plot", str(tmp_path / "p.png")]) == 0
+    assert len([line for line in capsys.readouterr().out.splitlines() if line.startswith("attention=")]) == 1
+
+    (run_dir / "summary.json").unlink()  # the same run while its last attempt still trains: incomplete, every step
+    assert [(r.complete, r.steps) for r in compare.load_runs(tmp_path)] == [(False, 39)]
+

@@ -14,6 +14,7 @@ import sys
 import time
 from datetime import datetime
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -22,6 +23,7 @@ from hydra.errors import ConfigCompositionException, MissingConfigException
 from omegaconf import DictConfig
 
 import train as train_script
+from mhaplug import compare
 from mhaplug.attention import CAPABILITIES, STRATEGIES
 from mhaplug.config import ConfigError, SkipRun, checkpoint_run_dir, claim_job_subdir, claim_run_dir, validate
 from mhaplug.lit import LitDecoderLM
@@ -297,40 +299,89 @@ def run_train(*overrides: str, timeout: float = 300) -> subprocess.CompletedProc
     )
 
 
+def wait_for(condition: Any, what: str, timeout: float = 240) -> None:
+    deadline = time.time() + timeout
+    while not condition():
+        if time.time() > deadline:
+            raise TimeoutError(f"waited {timeout} s for {what}")
+        time.sleep(0.05)
+
+
+def logged_batches(path: Path) -> list[tuple[int, str]]:
+    """BatchLog's (global step, hash of input_ids) of every batch trained (whole lines only: it may be writing one)."""
+    lines = path.read_text().split("\n")[:-1] if path.exists() else []
+    return [(r["step"], r["input_ids"]) for r in map(json.loads, lines)]
+
+
 @pytest.mark.slow
-def test_sigkill_mid_epoch_and_resume_matches_an_uninterrupted_run(tmp_path: Path) -> None:
-    common = [*FAST, "data.synthetic_documents=400", "trainer.max_steps=40", "trainer.val_check_interval=10",
-              f"data.cache_dir={tmp_path / 'cache'}", "+callbacks.batch_log._target_=mhaplug.callbacks.BatchLog"]
+def test_sigkill_then_sigterm_mid_epoch_and_resume_match_an_uninterrupted_run(tmp_path: Path) -> None:
+    """One run, three attempts: SIGKILL after the checkpoint of step 20 or 30, resumed; SIGTERM a few steps after the
+    resume (exit 143, checkpoint at that very step, summary "interrupted"), resumed again to step 50. Every resume
+    writes on in the run's folder (no hydra.run.dir given), to a new logger version; together the attempts train
+    exactly the batches of an uninterrupted run, log every step once (as compare reads them), keep tracking the
+    best checkpoint, and end with its loss."""
+    common = [*FAST, "data.synthetic_documents=400", "trainer.max_steps=50", "trainer.val_check_interval=10",
+              "trainer.log_every_n_steps=1", f"data.cache_dir={tmp_path / 'cache'}",
+              "+callbacks.batch_log._target_=mhaplug.callbacks.BatchLog"]
     full = run_train(*common, f"hydra.run.dir={tmp_path / 'full'}", f"+callbacks.batch_log.path={tmp_path / 'full.jsonl'}")
     assert full.returncode == 0, full.stderr[-3000:]
+    expected = logged_batches(tmp_path / "full.jsonl")
 
-    run_dir = tmp_path / "killed"
-    process = subprocess.Popen(
-        [sys.executable, "train.py", *common, f"hydra.run.dir={run_dir}", f"+callbacks.batch_log.path={tmp_path / 'killed.jsonl'}",
-         "+trainer.limit_val_batches=1.0"],
-        cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-    )
+    run_dir = tmp_path / "run"
     last = run_dir / "checkpoints" / "last.ckpt"
-    deadline = time.time() + 240
-    while time.time() < deadline and not (last.exists() and torch.load(last, weights_only=False)["global_step"] >= 20):
-        time.sleep(0.2)
-    process.send_signal(signal.SIGKILL)
-    process.wait()
-    step = torch.load(last, weights_only=False)["global_step"]
-    assert 20 <= step < 40, step  # killed mid-run (and mid-epoch: an epoch here is 46 batches)
+    killed = subprocess.Popen([sys.executable, "train.py", *common, f"hydra.run.dir={run_dir}",
+                               f"+callbacks.batch_log.path={tmp_path / 'killed.jsonl'}"],
+                              cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    wait_for(lambda: last.exists() and torch.load(last, weights_only=False)["global_step"] >= 20, "step 20")
+    killed.send_signal(signal.SIGKILL)
+    killed.wait()
+    killed_at = torch.load(last, weights_only=False)["global_step"]
+    assert killed_at in (20, 30), killed_at  # the checkpoint of a validation, mid-epoch (an epoch is 46 batches)
 
-    resumed = run_train(*common, f"hydra.run.dir={run_dir}", f"ckpt_path={last}", f"+callbacks.batch_log.path={tmp_path / 'resumed.jsonl'}")
-    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    def resume(name: str) -> subprocess.Popen[str]:
+        return subprocess.Popen([sys.executable, "train.py", *common, f"ckpt_path={last}",
+                                 f"+callbacks.batch_log.path={tmp_path / name}"],
+                                cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                env={**os.environ, "PYTHONUNBUFFERED": "1"})
+
+    terminated = resume("terminated.jsonl")
+    wait_for(lambda: len(logged_batches(tmp_path / "terminated.jsonl")) >= 3, "three steps after the resume")
+    terminated.send_signal(signal.SIGTERM)
+    out, err = terminated.communicate(timeout=240)
+    assert terminated.returncode == 143, err[-3000:]
+    interrupted = json.loads((run_dir / "summary.json").read_text())
+    stopped_at = interrupted["steps"]
+    assert interrupted["status"] == "interrupted" and interrupted["interrupted"] is True and killed_at < stopped_at < 50
+    assert interrupted["resume_ckpt_path"] == str(last) and interrupted["resumed_from"] == str(last)
+    assert torch.load(last, weights_only=False)["global_step"] == stopped_at  # saved at that step, not the last validation
+    assert f"mhaplug run INTERRUPTED by SIGTERM at step {stopped_at}" in out and f"ckpt_path={last}" in out
+    assert logged_batches(tmp_path / "terminated.jsonl") == [b for b in expected if killed_at <= b[0] < stopped_at]
+
+    final = resume("final.jsonl")
+    out, err = final.communicate(timeout=240)
+    assert final.returncode == 0, err[-3000:]
+    assert logged_batches(tmp_path / "final.jsonl") == [b for b in expected if b[0] >= stopped_at]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["cache", "final.jsonl", "full", "full.jsonl", "killed.jsonl", "run",
+                                                       "terminated.jsonl"]  # no other run folder
     full_summary = json.loads((tmp_path / "full" / "summary.json").read_text())
-    resumed_summary = json.loads((run_dir / "summary.json").read_text())
-    assert resumed_summary["steps"] == full_summary["steps"] == 40
-    assert resumed_summary["final_val_loss"] == pytest.approx(full_summary["final_val_loss"], abs=1e-6)
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["status"] == "finished" and summary["steps"] == full_summary["steps"] == 50
+    assert summary["final_val_loss"] == pytest.approx(full_summary["final_val_loss"], abs=1e-6)
+    assert summary["best_val_loss"] == pytest.approx(full_summary["best_val_loss"], abs=1e-6)
+    # ModelCheckpoint's state came back with each resume: one best checkpoint and last.ckpt, named as in the full run
+    assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == sorted(p.name for p in (tmp_path / "full" / "checkpoints").iterdir())
 
-    def batches(name: str) -> list[tuple[int, str]]:
-        return [(r["step"], r["input_ids"]) for r in map(json.loads, (tmp_path / name).read_text().splitlines())]
-
-    expected = batches("full.jsonl")
-    assert batches("resumed.jsonl") == [b for b in expected if b[0] >= step]  # the same batches after the resume
+    # Each attempt logged to its own version, none overwritten; read together they are the full run's log.
+    attempts = sorted((run_dir / "csv").glob("version_*/metrics.csv"))
+    assert [p.parent.name for p in attempts] == ["version_0", "version_1", "version_2"]
+    assert min(s for s, _ in compare.read_curve(attempts[0], "train/loss")) == 0  # the first attempt's steps are kept
+    for name in ("train/loss", "val/loss"):
+        got, want = compare.read_curve(attempts, name), compare.read_curve(tmp_path / "full" / "csv" / "version_0" / "metrics.csv", name)
+        assert [s for s, _ in got] == [s for s, _ in want] and len(want) >= 5, name
+        assert [v for _, v in got] == pytest.approx([v for _, v in want], abs=1e-6), name
+    report = subprocess.run([sys.executable, "-m", "mhaplug.compare", str(tmp_path)], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert report.returncode == 0, report.stdout + report.stderr
+    assert report.stdout.count("ok (2 equivalent runs)") == 2  # the resumed run is one run, equal to the full one
 
 
 @pytest.mark.slow
