@@ -5,9 +5,9 @@
 ``train(cfg)`` is a pure function of the config (tests call it); ``main`` is the thin Hydra entry point.
 
 Exit codes of ``python train.py``: 0 finished (or skipped on purpose: skipped.txt), 1 crashed (Hydra prints the
-traceback), 2 a setting that cannot train (one line on stderr, no run folder left), 143 interrupted by SIGTERM
-(checkpoint saved, resume with ``ckpt_path``). A sweep (``-m``) runs every job and exits with the largest code of its
-jobs; SIGTERM stops it at once with 143.
+traceback), 2 a setting that cannot train (one line on stderr, no run folder left), 3 diverged (NaN or inf
+train/loss), 143 interrupted by SIGTERM (checkpoint saved, resume with ``ckpt_path``). A sweep (``-m``) runs every job
+and exits with the largest code of its jobs; SIGTERM stops it at once with 143.
 """
 
 from __future__ import annotations
@@ -32,12 +32,12 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 from pytorch_lightning.utilities.exceptions import SIGTERMException
 
-from mhaplug.callbacks import CheckpointOnSigterm, MaskAudit, ThroughputMonitor
+from mhaplug.callbacks import CheckpointOnSigterm, DivergedError, MaskAudit, ThroughputMonitor
 from mhaplug.config import ConfigError, SkipRun, register_configs, validate
 
 log = logging.getLogger("mhaplug.train")
 
-EXIT_REFUSED, EXIT_INTERRUPTED = 2, 143  # 143 = 128 + SIGTERM, what a shell reports for it
+EXIT_REFUSED, EXIT_DIVERGED, EXIT_INTERRUPTED = 2, 3, 143  # 143 = 128 + SIGTERM, what a shell reports for it
 
 # Settings that do not change the computation when the masks are right: runs that differ only in these
 # must reach the same loss (mhaplug.compare checks it).
@@ -103,6 +103,8 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     except SIGTERMException:  # a SystemExit (code 0) from Lightning's loops: CheckpointOnSigterm saved the state
         saved = next((c.saved_path for c in callbacks if isinstance(c, CheckpointOnSigterm)), None)
         outcome = {"status": "interrupted", "resume_ckpt_path": None if saved is None else str(saved)}
+    except DivergedError as err:
+        outcome = {"status": "diverged", "diverged_at_step": err.step}
     wall = time.perf_counter() - start
 
     summary = _summary(cfg, trainer, datamodule, wall, invalid_reason, outcome)
@@ -116,8 +118,9 @@ def train(cfg: DictConfig) -> dict[str, Any]:
 
 def _summary(cfg: DictConfig, trainer: pl.Trainer, datamodule: Any, wall: float, invalid: str | None,
              outcome: dict[str, Any]) -> dict[str, Any]:
-    """What the run did. ``status``: ``finished`` or ``interrupted`` (SIGTERM: ``steps`` is where it stopped and
-    ``resume_ckpt_path`` the checkpoint saved there)."""
+    """What the run did. ``status``: ``finished``, ``interrupted`` (SIGTERM: ``steps`` is where it stopped and
+    ``resume_ckpt_path`` the checkpoint saved there) or ``diverged`` (``diverged_at_step``: the first step whose
+    train/loss was NaN or inf)."""
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
     checkpoint = next((c for c in trainer.checkpoint_callbacks), None)
     best = getattr(checkpoint, "best_model_score", None)
@@ -129,6 +132,8 @@ def _summary(cfg: DictConfig, trainer: pl.Trainer, datamodule: Any, wall: float,
         "run_name": _run_name(),
         "status": status,
         "interrupted": status == "interrupted",
+        "diverged": status == "diverged",
+        "diverged_at_step": outcome.get("diverged_at_step"),
         "resume_ckpt_path": outcome.get("resume_ckpt_path"),
         "resumed_from": cfg.ckpt_path,
         "strategy": cfg.attention.strategy,
@@ -174,6 +179,7 @@ def _print_summary(summary: dict[str, Any], output_dir: Path) -> None:
     what = {
         "finished": f"mhaplug run finished: {summary['steps']} steps",
         "interrupted": f"mhaplug run INTERRUPTED by SIGTERM at step {summary['steps']}",
+        "diverged": f"mhaplug run DIVERGED: train/loss NaN or inf at step {summary['diverged_at_step']}",
     }[summary["status"]]
     lines = [
         "",
@@ -193,6 +199,9 @@ def _print_summary(summary: dict[str, Any], output_dir: Path) -> None:
     if summary["status"] == "interrupted":
         lines.insert(2, f"  checkpoint saved: {summary['resume_ckpt_path']}; resume (writes on in this folder): "
                         f"python train.py {_resume_command(summary['resume_ckpt_path'])}")
+    elif summary["status"] == "diverged":
+        lines.insert(2, "  stopped there, no checkpoint of the diverged weights saved: lower model.lr, or resume "
+                        "from an earlier checkpoint")
     print("\n".join(lines), flush=True)
 
 
@@ -225,8 +234,8 @@ _sweep_dir: Path | None = None
 
 @hydra.main(version_base="1.3", config_path="configs", config_name="train")
 def main(cfg: DictConfig) -> float | None:
-    """One run, or one job of a sweep. A refused setting sets the exit code and lets a sweep go on to its next job;
-    SIGTERM ends the process at once (a preempted sweep stops)."""
+    """One run, or one job of a sweep. A refused setting or a divergence sets the exit code and lets a sweep go on
+    to its next job; SIGTERM ends the process at once (a preempted sweep stops)."""
     global _exit_code, _sweep_dir
     output_dir = Path(cfg.paths.output_dir)
     hydra_cfg = HydraConfig.get()
@@ -253,6 +262,8 @@ def main(cfg: DictConfig) -> float | None:
         raise
     if summary["status"] == "interrupted":
         raise SystemExit(EXIT_INTERRUPTED)
+    if summary["status"] == "diverged":
+        _exit_code = max(_exit_code, EXIT_DIVERGED)
     return summary["final_val_loss"]  # for Hydra sweepers that optimise a value
 
 

@@ -19,12 +19,13 @@ import pytorch_lightning as pl
 import torch
 from pytorch_lightning.callbacks import Checkpoint, ModelCheckpoint
 from pytorch_lightning.utilities.exceptions import SIGTERMException
+from torch import Tensor
 
 from mhaplug.audit import AuditReport, audit
 from mhaplug.collate import add_token_counts
 
-__all__ = ["BatchLog", "CheckpointOnSigterm", "MaskAudit", "MaskAuditError", "ResumeMarker", "ThroughputMonitor",
-           "peak_memory_mb"]
+__all__ = ["BatchLog", "CheckpointOnSigterm", "DivergedError", "MaskAudit", "MaskAuditError", "ResumeMarker",
+           "StopOnNonFiniteLoss", "ThroughputMonitor", "peak_memory_mb"]
 
 log = logging.getLogger(__name__)
 
@@ -357,6 +358,78 @@ class CheckpointOnSigterm(Checkpoint):
 
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         self._trainer = None
+
+
+class DivergedError(RuntimeError):
+    """The training loss became NaN or inf: ``step`` is the first optimizer step whose loss was, ``value`` the loss."""
+
+    def __init__(self, monitor: str, step: int, value: float) -> None:
+        super().__init__(
+            f"{monitor} is {value} at step {step}: training diverged, and stopped there (no checkpoint of the "
+            f"diverged weights is saved). Lower the learning rate (model.lr), keep gradient clipping on "
+            f"(model.gradient_clip_val), or resume from an earlier checkpoint"
+        )
+        self.monitor, self.step, self.value = monitor, step, value
+
+
+class StopOnNonFiniteLoss(pl.Callback):
+    """Stop training with :class:`DivergedError` once ``monitor`` (the logged ``train/loss``) is NaN or inf, naming
+    the first optimizer step where it was; ``train.py`` writes summary.json with ``"diverged": true`` and exits 3.
+
+    Every step's loss is folded into a "first non-finite step" tensor on the loss's device, so that no step waits for
+    the device. It is read (one synchronisation) when Lightning reads the logged values anyway (every
+    ``trainer.log_every_n_steps`` steps), before any checkpoint is written (so none holds diverged weights) and when
+    training ends. The error is raised at the next hook after the read, once Lightning has logged the step (the
+    NaN is in metrics.csv) and before validation runs: the run stops at most ``log_every_n_steps - 1`` steps after it
+    diverged, and says where it did.
+    """
+
+    def __init__(self, *, monitor: str = "train/loss") -> None:
+        self.monitor = monitor
+        self._first: tuple[Tensor, Tensor] | None = None  # (step, value) of the first non-finite value; step -1: none
+        self._found: tuple[int, float] | None = None  # the same, read on the host
+        self._last_step = -1
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._first, self._found, self._last_step = None, None, trainer.global_step
+
+    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int) -> None:
+        self._raise_if_found()
+
+    def on_train_batch_end(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        value = trainer.callback_metrics.get(self.monitor)
+        if trainer.global_step == self._last_step or value is None:
+            return  # a micro-batch of a step still accumulating: no new loss
+        self._last_step = step = trainer.global_step
+        value = value.detach()
+        if self._first is None:
+            self._first = (torch.full((), -1, dtype=torch.long, device=value.device), torch.zeros_like(value))
+        first_step, first_value = self._first
+        new = ~torch.isfinite(value) & (first_step < 0)
+        self._first = (torch.where(new, step, first_step), torch.where(new, value, first_value))  # no sync
+        if step % max(trainer.log_every_n_steps, 1) == 0:
+            self._read()
+
+    def on_validation_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._raise_if_found()
+
+    def on_save_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]) -> None:
+        self._read()
+        self._raise_if_found()  # before the checkpoint is written: raising here writes none
+
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._read()
+        self._raise_if_found()
+
+    def _read(self) -> None:
+        if self._found is None and self._first is not None and int(self._first[0]) >= 0:
+            self._found = (int(self._first[0]), float(self._first[1]))
+
+    def _raise_if_found(self) -> None:
+        if self._found is not None:
+            raise DivergedError(self.monitor, *self._found)
 
 
 class ResumeMarker(pl.Callback):

@@ -10,7 +10,9 @@ written by training when a run ends, and the Lightning CSVLogger ``metrics.csv``
 a ``.hydra/`` folder or a ``metrics.csv`` but no ``summary.json`` is listed as incomplete (crashed or still
 running), never silently dropped. A run resumed in its folder logged each attempt to its own logger version
 (``csv/version_0/``, ``csv/version_1/``, ...): it is one run, whose curves take each step from the latest attempt
-that logged it (:func:`read_curve`).
+that logged it (:func:`read_curve`). A run stopped by SIGTERM (``"status": "interrupted"``) is listed with the
+checkpoint to resume from and not compared; one whose train/loss became NaN or inf (``"diverged"``) is listed with
+the step.
 
 The equivalence check is the point of the tool. Runs with the same ``equivalence_key`` are the same
 computation (same data, model, seed, steps, layout and batching): a correct mask strategy or padding side
@@ -21,7 +23,7 @@ difference is shown and never fails.
 
 The ``audit`` column is the run's step-0 mask audit (:mod:`mhaplug.audit`, in ``summary.json``): ``pass``, or the
 checks that failed. A valid run that failed it has a mask bug (exit code 1); invalid runs are expected to fail it
-(``expected FAIL``). Exit codes: 0 fine, 1 mismatch or a valid run that failed the audit, 2 bad input.
+(``expected FAIL``). Exit codes: 0 fine, 1 mismatch, a valid run that failed the audit or diverged, 2 bad input.
 """
 
 from __future__ import annotations
@@ -41,8 +43,8 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal
 
-__all__ = ["Finding", "Run", "audit_cell", "audit_failures", "check_equivalence", "choose_baseline", "format_table",
-           "load_runs", "main", "plot", "read_curve", "summary_lines"]
+__all__ = ["Finding", "Run", "audit_cell", "audit_failures", "check_equivalence", "choose_baseline", "diverged_runs",
+           "format_table", "load_runs", "main", "plot", "read_curve", "summary_lines"]
 
 SUMMARY_FILE = "summary.json"
 METRICS_FILE = "metrics.csv"
@@ -51,16 +53,19 @@ SKIPPED_FILE = "skipped.txt"  # written by train.py for a combination skipped as
 REQUIRED_KEYS = ("run_name", "strategy", "layout", "padding_side", "batching", "valid", "equivalence_key",
                  "final_val_loss")
 NUMBER_KEYS = ("final_val_loss", "best_val_loss", "real_tokens_per_sec", "pad_fraction", "peak_memory_mb",
-               "wall_time_s", "steps")
+               "wall_time_s", "steps", "diverged_at_step")
+RUN_STATUSES = ("finished", "interrupted", "diverged")  # summary.json's "status" (absent in older runs: finished)
 SortKey = Literal["val_loss", "tokens", "name"]
-Status = Literal["ok", "alone", "mismatch", "divergence", "invalid_equal", "invalid_alone", "incomplete"]
+Status = Literal["ok", "alone", "mismatch", "divergence", "invalid_equal", "invalid_alone", "incomplete", "interrupted",
+                 "diverged"]
 
 
 @dataclass(frozen=True)
 class Run:
     """One run directory. ``complete`` is False without ``summary.json``: then only ``name``, ``path``,
     ``metrics_csv(s)`` and ``steps`` (the last step logged to metrics.csv, if any) are known. ``metrics_csvs`` are
-    the run's attempts, oldest first (one unless it was resumed); ``metrics_csv`` the latest."""
+    the run's attempts, oldest first (one unless it was resumed); ``metrics_csv`` the latest. ``status``:
+    ``finished``, ``interrupted`` (SIGTERM; ``resume_ckpt_path``) or ``diverged`` (at ``diverged_at_step``)."""
 
     name: str
     path: Path
@@ -80,6 +85,9 @@ class Run:
     steps: int | None = None
     metrics_csv: Path | None = None
     metrics_csvs: tuple[Path, ...] = ()
+    status: str = "finished"
+    diverged_at_step: int | None = None
+    resume_ckpt_path: str | None = None
     audit_passed: bool | None = None  # None: no audit in summary.json (an older run, or no MaskAudit callback)
     audit_failed: tuple[str, ...] = ()  # the audit's failed checks
     summary: dict[str, Any] = field(default_factory=dict, repr=False, compare=False)
@@ -184,12 +192,16 @@ def _load_summary(path: Path, root: Path) -> Run:
         raise ValueError(f"{path}: missing key {', '.join(map(repr, missing))} (required: {', '.join(REQUIRED_KEYS)})")
     if not isinstance(data["valid"], bool):
         raise ValueError(f"{path}: key 'valid' must be true or false, got {data['valid']!r}")
+    status = data.get("status", "finished")
+    if status not in RUN_STATUSES:
+        raise ValueError(f"{path}: key 'status' must be one of {', '.join(RUN_STATUSES)}; got {status!r}")
     for key in NUMBER_KEYS:
         value = data.get(key)
         if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))):
             raise ValueError(f"{path}: key {key!r} must be a number or null, got {value!r}")
     numbers: dict[str, Any] = {key: None if data.get(key) is None else float(data[key]) for key in NUMBER_KEYS}
-    numbers["steps"] = None if numbers["steps"] is None else int(numbers["steps"])
+    for key in ("steps", "diverged_at_step"):
+        numbers[key] = None if numbers[key] is None else int(numbers[key])
     texts = {key: str(data[key]) for key in ("strategy", "layout", "padding_side", "batching", "equivalence_key")}
     audit = data.get("audit")
     if audit is not None and not (isinstance(audit, dict) and isinstance(audit.get("passed"), bool)
@@ -198,8 +210,10 @@ def _load_summary(path: Path, root: Path) -> Run:
                          f"'failed', got {audit!r}")
     run_dir = path.parent
     metrics = run_dir / data["metrics_csv"] if data.get("metrics_csv") else _find_metrics(run_dir)
+    resume = data.get("resume_ckpt_path")
     return Run(name=str(data["run_name"]) or _rel(run_dir, root), path=run_dir, valid=data["valid"], **texts,
-               **numbers, metrics_csv=metrics, metrics_csvs=_attempts(metrics), summary=data,
+               **numbers, metrics_csv=metrics, metrics_csvs=_attempts(metrics), status=status,
+               resume_ckpt_path=None if resume is None else str(resume), summary=data,
                audit_passed=None if audit is None else audit["passed"],
                audit_failed=() if audit is None else tuple(map(str, audit.get("failed", []))))
 
@@ -257,14 +271,19 @@ def check_equivalence(runs: Sequence[Run], tolerance: float = 1e-3) -> list[Find
         raise ValueError(f"tolerance must be a number >= 0, got {tolerance!r}")
     groups: dict[str, list[Run]] = defaultdict(list)
     for run in runs:
-        if run.complete and run.valid:
+        if _finished(run) and run.valid:
             groups[run.equivalence_key].append(run)
     findings = []
     for run in runs:
-        group = groups.get(run.equivalence_key, []) if run.complete else []
+        group = groups.get(run.equivalence_key, []) if _finished(run) else []
         if not run.complete:
             last = "" if run.steps is None else f", last logged step {run.steps}"
             findings.append(Finding(run.name, "incomplete", f"incomplete: no {SUMMARY_FILE}{last}"))
+        elif run.status == "interrupted":
+            findings.append(Finding(run.name, "interrupted", f"interrupted at step {run.steps} (SIGTERM): resume with "
+                                                             f"ckpt_path={run.resume_ckpt_path}"))
+        elif run.status == "diverged":
+            findings.append(Finding(run.name, "diverged", f"DIVERGED: train/loss NaN or inf at step {run.diverged_at_step}"))
         elif run.valid:
             others = [o for o in group if o is not run]
             bad = [(o.name, _loss(run) - _loss(o)) for o in others if not abs(_loss(run) - _loss(o)) <= tolerance]
@@ -287,6 +306,15 @@ def check_equivalence(runs: Sequence[Run], tolerance: float = 1e-3) -> list[Find
         else:
             findings.append(Finding(run.name, "invalid_alone", "invalid (no valid run with its equivalence_key)"))
     return findings
+
+
+def _finished(run: Run) -> bool:
+    return run.complete and run.status == "finished"
+
+
+def diverged_runs(runs: Sequence[Run]) -> list[Run]:
+    """Valid runs whose train/loss became NaN or inf: the comparison of their group is missing a member."""
+    return [r for r in runs if r.complete and r.valid and r.status == "diverged"]
 
 
 def choose_baseline(runs: Sequence[Run], name: str | None = None) -> Run | None:
@@ -402,6 +430,14 @@ def summary_lines(runs: Sequence[Run], findings: Sequence[Finding], *, tolerance
     if invalid:
         lines.append(f"{len(invalid)} invalid run(s) kept for teaching (valid=false), never a failure: "
                      + ", ".join(invalid))
+    diverged = diverged_runs(runs)
+    if diverged:
+        lines.append(f"DIVERGED: {len(diverged)} valid run(s) stopped at a NaN or inf train/loss: "
+                     + "; ".join(f"{r.name} (step {r.diverged_at_step})" for r in diverged))
+    interrupted = [r.name for r in runs if r.complete and r.status == "interrupted"]
+    if interrupted:
+        lines.append(f"{len(interrupted)} interrupted run(s) (SIGTERM), not compared until resumed: "
+                     + ", ".join(interrupted))
     incomplete = [r.name for r in runs if not r.complete]
     if incomplete:
         lines.append(f"{len(incomplete)} incomplete run(s) without {SUMMARY_FILE}: " + ", ".join(incomplete))
@@ -411,7 +447,7 @@ def summary_lines(runs: Sequence[Run], findings: Sequence[Finding], *, tolerance
 def plot(runs: Sequence[Run], path: str | os.PathLike[str], *, title: str | None = None) -> Path:
     """Val loss per step (left) and real tokens/s per run (right) in one PNG, written atomically.
 
-    Invalid runs are dashed and hatched, incomplete ones dotted. Returns the path written.
+    Invalid runs are dashed and hatched, incomplete and interrupted ones dotted. Returns the path written.
     """
     from matplotlib.backends.backend_agg import FigureCanvasAgg  # Agg: no display, no pyplot global state
     from matplotlib.figure import Figure
@@ -432,8 +468,9 @@ def plot(runs: Sequence[Run], path: str | os.PathLike[str], *, title: str | None
         points = read_curve(r.metrics_csvs or r.metrics_csv)
         if points:
             steps, losses = zip(*points)
-            style = ":" if not r.complete else "-" if r.valid else "--"
-            label = r.name + ("" if r.valid else " (invalid)") + ("" if r.complete else " (incomplete)")
+            style = ":" if not _finished(r) and r.status != "diverged" else "-" if r.valid else "--"
+            label = (r.name + ("" if r.valid else " (invalid)") + ("" if r.complete else " (incomplete)")
+                     + ("" if r.status == "finished" else f" ({r.status})"))
             loss_ax.plot(steps, losses, style, color=colors[r.name], marker=".", label=label)
             curves += 1
     loss_ax.set(xlabel="step", ylabel="val loss", title="validation loss")
@@ -498,7 +535,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (OSError, ValueError) as err:
         print(f"mhaplug.compare: error: {err}", file=sys.stderr)
         return 2
-    return 1 if any(f.status == "mismatch" for f in findings) or audit_failures(runs) else 0
+    return 1 if any(f.status == "mismatch" for f in findings) or audit_failures(runs) or diverged_runs(runs) else 0
 
 
 if __name__ == "__main__":

@@ -1,7 +1,7 @@
 """ThroughputMonitor in a real Trainer on a tiny LitDecoderLM: what it logs per optimizer step equals what the batches
 literally hold, on a fake clock that makes step times exact. CheckpointOnSigterm with a real SIGTERM: the stop waits
 for the optimizer step and the validation in progress, and the checkpoint resumes exactly (ResumeMarker: the logs of
-both attempts read as one). (MaskAudit: tests/test_audit.py.)"""
+both attempts read as one). (MaskAudit: tests/test_audit.py; StopOnNonFiniteLoss: tests/test_train.py.)"""
 
 from __future__ import annotations
 

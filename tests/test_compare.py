@@ -307,7 +307,7 @@ def test_malformed_audit_entry_names_file_and_key(tmp_path: Path) -> None:
 
 
 # ----------------------------------------------------------------------------------------------------------
-# Resumed runs (one folder, a logger version per attempt)
+# Resumed runs (one folder, a logger version per attempt), interrupted and diverged runs
 # ----------------------------------------------------------------------------------------------------------
 
 RESUMED_HEADER = "epoch,resumed_at_step,step,train/loss,val/loss\n"
@@ -350,3 +350,36 @@ def test_a_resumed_run_is_one_run_with_every_step(tmp_path: Path, capsys: pytest
     (run_dir / "summary.json").unlink()  # the same run while its last attempt still trains: incomplete, every step
     assert [(r.complete, r.steps) for r in compare.load_runs(tmp_path)] == [(False, 39)]
 
+
+def test_interrupted_and_diverged_runs_are_reported_not_compared(equivalent: Path,
+                                                                 capsys: pytest.CaptureFixture[str]) -> None:
+    ckpt = "/runs/a/checkpoints/last.ckpt"
+    make_run(equivalent, "3", strategy="reference", final=6.0, status="interrupted", interrupted=True, steps=26,
+             resume_ckpt_path=ckpt)
+    make_run(equivalent, "4", strategy="merged_additive", final=5.0, status="diverged", diverged=True,
+             diverged_at_step=3, final_train_loss=float("nan"))
+    findings = {f.run: f for f in compare.check_equivalence(compare.load_runs(equivalent))}
+    interrupted = findings["attention=reference,data.padding_side=right"]
+    diverged = findings["attention=merged_additive,data.padding_side=right"]
+    assert (interrupted.status, interrupted.message) == (
+        "interrupted", f"interrupted at step 26 (SIGTERM): resume with ckpt_path={ckpt}")
+    assert (diverged.status, diverged.message) == ("diverged", "DIVERGED: train/loss NaN or inf at step 3")
+    assert all(f.message == "ok (3 equivalent runs)" for f in findings.values() if f.status == "ok")  # not in the group
+    assert compare.main([str(equivalent)]) == 1  # a valid run that diverged
+    out = capsys.readouterr().out
+    assert ("DIVERGED: 1 valid run(s) stopped at a NaN or inf train/loss: "
+            "attention=merged_additive,data.padding_side=right (step 3)") in out
+    assert "1 interrupted run(s) (SIGTERM), not compared until resumed: attention=reference,data.padding_side=right" in out
+
+
+def test_a_diverged_invalid_run_is_no_failure(equivalent: Path) -> None:
+    make_run(equivalent, "3", strategy="torch_mha", final=5.0, valid=False, status="diverged", diverged=True,
+             diverged_at_step=7)
+    assert compare.main([str(equivalent)]) == 0
+
+
+def test_an_unknown_status_names_file_and_key(tmp_path: Path) -> None:
+    run_dir = make_run(tmp_path, "a", status="paused")
+    with pytest.raises(ValueError, match=rf"{run_dir / 'summary.json'}: key 'status' must be one of finished, "
+                                         "interrupted, diverged; got 'paused'"):
+        compare.load_runs(tmp_path)

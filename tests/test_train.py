@@ -275,6 +275,25 @@ def test_without_the_throughput_monitor_the_summary_says_n_a(tmp_path: Path, cap
     assert "  real tokens/s n/a, pad fraction n/a, peak memory n/a MB\n" in capsys.readouterr().out
 
 
+@pytest.mark.parametrize("log_every_n_steps", [1, 5])
+def test_a_run_whose_loss_becomes_nan_stops_and_says_where(tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                                                           log_every_n_steps: int) -> None:
+    """model.lr=1e6: train/loss is finite, about 1e12, then NaN at the third step. Read at every step, or every 5th
+    (no sync per step), the run stops, names step 3, and writes no checkpoint of NaN weights: with 5, the validation
+    after step 3 (val/loss NaN) would save one, and ModelCheckpoint takes a first score even when it is NaN."""
+    cfg = config(tmp_path, "debug=fast", *FAST, "model.lr=1e6", f"trainer.log_every_n_steps={log_every_n_steps}")
+    summary = train_script.train(cfg)
+    assert json.loads((tmp_path / "summary.json").read_text(), parse_constant=str) == json.loads(json.dumps(summary), parse_constant=str)
+    assert summary["status"] == "diverged" and summary["diverged"] is True and summary["interrupted"] is False
+    assert summary["diverged_at_step"] == 3 and summary["steps"] == 3
+    assert not list(tmp_path.glob("checkpoints/*.ckpt"))
+    if log_every_n_steps == 1:  # logged, NaN included, and nothing after it (not even the validation due at step 3)
+        rows = metrics(tmp_path)
+        losses = column(rows, "train/loss")
+        assert len(losses) == 3 and math.isfinite(losses[1]) and math.isnan(losses[2]) and not column(rows, "val/loss")
+    assert "mhaplug run DIVERGED: train/loss NaN or inf at step 3 in " in capsys.readouterr().out
+
+
 def test_loss_is_normalised_by_the_tokens_of_the_whole_step(tmp_path: Path) -> None:
     """batch 8 vs. two accumulated micro-batches of 4 (the same rows): the same step losses and final model.
     A mean of per-batch means would weight the two halves equally whatever their token counts."""
@@ -382,6 +401,49 @@ def test_sigkill_then_sigterm_mid_epoch_and_resume_match_an_uninterrupted_run(tm
     report = subprocess.run([sys.executable, "-m", "mhaplug.compare", str(tmp_path)], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert report.returncode == 0, report.stdout + report.stderr
     assert report.stdout.count("ok (2 equivalent runs)") == 2  # the resumed run is one run, equal to the full one
+
+
+@pytest.mark.slow
+def test_runs_started_together_get_their_own_folders_and_exit_codes_say_what_happened(tmp_path: Path) -> None:
+    """Default folders (outputs/ under the working directory): two identical runs started at once, each in its own
+    folder with its own logs and checkpoints; a refused setting (exit 2, one line, no folder); a sweep with a job
+    that diverges and one that is refused (every job runs; exit 3, the largest code of its jobs)."""
+    script = [sys.executable, str(ROOT / "train.py"), *FAST, "debug=fast", f"data.cache_dir={tmp_path / 'cache'}"]
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+
+    def start(*overrides: str) -> subprocess.Popen[str]:
+        return subprocess.Popen([*script, *overrides], cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                text=True, env=env)
+
+    pair = [start(), start()]
+    for process in pair:
+        _, err = process.communicate(timeout=300)
+        assert process.returncode == 0, err[-3000:]
+    runs = sorted((tmp_path / "outputs" / "train" / "runs").iterdir())
+    names = [re.fullmatch(r"\d{4}-\d\d-\d\d_\d\d-\d\d-\d\d\.\d{3}_(\d+)", r.name) for r in runs]
+    assert len(runs) == 2 and all(names) and {int(n.group(1)) for n in names} == {p.pid for p in pair}  # who ran where
+    for run in runs:
+        assert json.loads((run / "summary.json").read_text())["steps"] == 6
+        assert len(column(metrics(run), "train/loss")) == 6  # its own rows only
+        assert not [c.name for c in (run / "checkpoints").iterdir() if re.search(r"-v\d+\.ckpt$", c.name)]
+
+    refused = subprocess.run([*script, "data.max_length=1"], cwd=tmp_path, capture_output=True, text=True, env=env, timeout=120)
+    assert refused.returncode == 2
+    assert refused.stderr.splitlines() == [
+        ("train.py: error: data.max_length=1 cannot train: a row of L tokens has L-1 next-token targets (1 trains on "
+         "nothing and reports loss 0); use data.max_length >= 2, e.g. data.max_length=256")]
+    assert sorted((tmp_path / "outputs" / "train" / "runs").iterdir()) == runs  # no folder left behind
+
+    sweep = subprocess.run([*script[:2], "-m", *script[2:], "model.lr=1e6,-1"], cwd=tmp_path, capture_output=True, text=True,
+                           env=env, timeout=300)
+    assert sweep.returncode == 3, sweep.stderr[-3000:]
+    assert [line for line in sweep.stderr.splitlines() if "error" in line] == [
+        ("train.py: error: job 1 (data=synthetic,debug=fast,model.lr=-1,model=tiny): model.lr=-1.0 cannot train: use a "
+         "learning rate > 0, e.g. model.lr=3e-3")]
+    (sweep_dir,) = (tmp_path / "outputs" / "train" / "multiruns").iterdir()
+    assert sorted(p.name for p in sweep_dir.iterdir()) == ["data=synthetic,debug=fast,model.lr=1000000.0,model=tiny", "multirun.yaml"]
+    diverged = json.loads((sweep_dir / "data=synthetic,debug=fast,model.lr=1000000.0,model=tiny" / "summary.json").read_text())
+    assert diverged["status"] == "diverged" and diverged["diverged_at_step"] == 3
 
 
 @pytest.mark.slow
