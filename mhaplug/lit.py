@@ -134,7 +134,7 @@ class LitDecoderLM(pl.LightningModule):
                 param.grad.mul_(scale)
         optimizer = self.optimizers()
         if self.hparams.gradient_clip_val:
-            if self._fused_adamw():
+            if optimizer.optimizer.defaults.get("fused"):  # as configure_optimizers chose it
                 # torch's own clip: Lightning refuses to clip for a fused optimizer under mixed precision (it
                 # assumes the optimizer unscales a GradScaler's gradients), and no GradScaler runs with one
                 torch.nn.utils.clip_grad_norm_(self.parameters(), self.hparams.gradient_clip_val)
