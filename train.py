@@ -53,7 +53,16 @@ def equivalence_key(cfg: DictConfig) -> str:
         data.pop(knob, None)
     kept["data"] = data
     trainer = dict(kept.get("trainer", {}))
-    for knob in ("accelerator", "devices", "strategy", "num_nodes", "enable_progress_bar", "default_root_dir", "logger", "callbacks"):
+    for knob in (
+        "accelerator",
+        "devices",
+        "strategy",
+        "num_nodes",
+        "enable_progress_bar",
+        "default_root_dir",
+        "logger",
+        "callbacks",
+    ):
         trainer.pop(knob, None)
     kept["trainer"] = trainer
     return hashlib.sha256(json.dumps(kept, sort_keys=True, default=str).encode()).hexdigest()[:12]
@@ -116,8 +125,9 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     return summary
 
 
-def _summary(cfg: DictConfig, trainer: pl.Trainer, datamodule: Any, wall: float, invalid: str | None,
-             outcome: dict[str, Any]) -> dict[str, Any]:
+def _summary(
+    cfg: DictConfig, trainer: pl.Trainer, datamodule: Any, wall: float, invalid: str | None, outcome: dict[str, Any]
+) -> dict[str, Any]:
     """What the run did. ``status``: ``finished``, ``interrupted`` (SIGTERM: ``steps`` is where it stopped and
     ``resume_ckpt_path`` the checkpoint saved there) or ``diverged`` (``diverged_at_step``: the first step whose
     train/loss was NaN or inf)."""
@@ -183,13 +193,19 @@ def _print_summary(summary: dict[str, Any], output_dir: Path) -> None:
     }[summary["status"]]
     lines = [
         "",
-        f"{what} in {summary['wall_time_s']:.0f} s "
-        f"(attention={summary['strategy']}, layout={summary['layout']}, padding={summary['padding_side']}, "
-        f"batching={summary['batching']})",
-        f"  val/loss {fmt(summary['final_val_loss'], '.4f')} (best {fmt(summary['best_val_loss'], '.4f')}), "
-        f"train/loss {fmt(summary['final_train_loss'], '.4f')}",
-        f"  real tokens/s {fmt(summary['real_tokens_per_sec'], ',.0f')}, pad fraction {fmt(summary['pad_fraction'], '.1%')}, "
-        f"peak memory {fmt(summary['peak_memory_mb'], ',.0f')} MB",
+        (
+            f"{what} in {summary['wall_time_s']:.0f} s "
+            f"(attention={summary['strategy']}, layout={summary['layout']}, padding={summary['padding_side']}, "
+            f"batching={summary['batching']})"
+        ),
+        (
+            f"  val/loss {fmt(summary['final_val_loss'], '.4f')} (best {fmt(summary['best_val_loss'], '.4f')}), "
+            f"train/loss {fmt(summary['final_train_loss'], '.4f')}"
+        ),
+        (
+            f"  real tokens/s {fmt(summary['real_tokens_per_sec'], ',.0f')}, pad fraction {fmt(summary['pad_fraction'], '.1%')}, "
+            f"peak memory {fmt(summary['peak_memory_mb'], ',.0f')} MB"
+        ),
         f"  {_audit_line(summary['audit'], valid=summary['valid'])}",
         f"  logs: {output_dir}  checkpoints: {summary['checkpoint_dir']}",
         f"  compare runs: python -m mhaplug.compare {output_dir.parent if summary['run_name'] != 'default' else output_dir}",
@@ -197,11 +213,17 @@ def _print_summary(summary: dict[str, Any], output_dir: Path) -> None:
     if not summary["valid"]:
         lines.insert(2, f"  INVALID on purpose: {summary['invalid_reason']}")
     if summary["status"] == "interrupted":
-        lines.insert(2, f"  checkpoint saved: {summary['resume_ckpt_path']}; resume (writes on in this folder): "
-                        f"python train.py {_resume_command(summary['resume_ckpt_path'])}")
+        lines.insert(
+            2,
+            f"  checkpoint saved: {summary['resume_ckpt_path']}; resume (writes on in this folder): "
+            f"python train.py {_resume_command(summary['resume_ckpt_path'])}",
+        )
     elif summary["status"] == "diverged":
-        lines.insert(2, "  stopped there, no checkpoint of the diverged weights saved: lower model.lr, or resume "
-                        "from an earlier checkpoint")
+        lines.insert(
+            2,
+            "  stopped there, no checkpoint of the diverged weights saved: lower model.lr, or resume "
+            "from an earlier checkpoint",
+        )
     print("\n".join(lines), flush=True)
 
 

@@ -47,13 +47,13 @@ from unittest.mock import patch
 
 import torch
 import torch.nn.functional as F
+from _report import device_slug, markdown_table, write_report  # benchmarks/_report.py
 from torch import Tensor, nn
 from torch.nn.attention import flex_attention as flex_module
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
 import mhaplug
-from _report import device_slug, markdown_table, write_report  # benchmarks/_report.py
 
 BATCH, EMBED, HEADS, FFN, SEED, WARMUP = 8, 128, 4, 512, 0, 2
 GENERAL = ("auto", "merged_bool", "merged_additive")  # serve every call, for speed (reference: the ground truth)
@@ -119,9 +119,11 @@ class EntryMasks(_Largest):
             self.record(leaves, f"BlockMask, {len(leaves)} tensors")
             return block_mask
 
-        with patch.object(F, "scaled_dot_product_attention", sdpa_spy):
-            with patch.object(flex_module, "create_block_mask", create_block_mask_spy):
-                yield
+        with (
+            patch.object(F, "scaled_dot_product_attention", sdpa_spy),
+            patch.object(flex_module, "create_block_mask", create_block_mask_spy),
+        ):
+            yield
 
 
 def sync(device: torch.device) -> None:
@@ -159,9 +161,9 @@ def configurations(
         BARE_ROW: lambda x: bare_sdpa(ref, x),
     }
     for name, mha in mods.items():
-        rows[f"mhaplug {name}"] = lambda x, m=mha: m(
-            x, x, x, key_padding_mask=kpm, need_weights=False, is_causal=True
-        )[0]
+        rows[f"mhaplug {name}"] = lambda x, m=mha: m(x, x, x, key_padding_mask=kpm, need_weights=False, is_causal=True)[
+            0
+        ]
     return rows
 
 
@@ -217,7 +219,9 @@ def bench_length(
     for name, r in results.items():
         timing = [NO_FLEX_BWD, "n/a", "n/a"]
         if r["ms"] is None:
-            notes.append(f"`{name}` forward only, under torch.no_grad() (eager Flex on CPU): {r['forward_ms']:.1f} ms median")
+            notes.append(
+                f"`{name}` forward only, under torch.no_grad() (eager Flex on CPU): {r['forward_ms']:.1f} ms median"
+            )
         else:
             over_bare[name] = r["ms"] / bare["ms"]
             timing = [f"{r['ms']:.1f}", f"{base['ms'] / r['ms']:.2f}x", f"{over_bare[name]:.2f}x"]
@@ -246,7 +250,9 @@ def pattern_rows(
     return rows
 
 
-def measure(rows: dict[str, Forward], x: Tensor, kpm: Tensor, params: list[nn.Parameter], repeats: int) -> dict[str, dict]:
+def measure(
+    rows: dict[str, Forward], x: Tensor, kpm: Tensor, params: list[nn.Parameter], repeats: int
+) -> dict[str, dict]:
     """Median ms (None without a backward), masks reaching the kernel and the F.sdpa entry, output, per row."""
     timings = time_round_robin(rows, x, kpm, params, repeats)
     results = {}
@@ -256,12 +262,18 @@ def measure(rows: dict[str, Forward], x: Tensor, kpm: Tensor, params: list[nn.Pa
         # Python dispatch mode: for flex the BlockMask is what reaches the kernel.
         is_flex = name == "mhaplug flex"
         entry, kernel = EntryMasks(), KernelMasks()
-        with torch.enable_grad() if with_backward else torch.no_grad(), entry.watching():
-            with contextlib.nullcontext() if is_flex else kernel:
-                out = fn(x).detach()
+        with (
+            torch.enable_grad() if with_backward else torch.no_grad(),
+            entry.watching(),
+            contextlib.nullcontext() if is_flex else kernel,
+        ):
+            out = fn(x).detach()
         results[name] = {
-            "ms": median_ms if with_backward else None, "forward_ms": median_ms, "kernel": entry if is_flex else kernel,
-            "entry": entry, "out": out,
+            "ms": median_ms if with_backward else None,
+            "forward_ms": median_ms,
+            "kernel": entry if is_flex else kernel,
+            "entry": entry,
+            "out": out,
         }
     return results
 
@@ -278,8 +290,10 @@ def bench_patterns(
     device = torch.device(args.device)
     x, kpm, causal = make_inputs(length, device)
     params = [p for m in (ref, *mods.values()) for p in m.parameters()]
-    per_pattern = {pattern: measure(pattern_rows(pattern, ref, mods, kpm, causal), x, kpm, params, args.repeats)
-                   for pattern in PATTERNS}
+    per_pattern = {
+        pattern: measure(pattern_rows(pattern, ref, mods, kpm, causal), x, kpm, params, args.repeats)
+        for pattern in PATTERNS
+    }
     ratios: dict[tuple[str, str], float] = {}
     table = []
     last = list(PATTERNS)[-1]
@@ -305,7 +319,9 @@ def bench_decoder(length: int, args: argparse.Namespace) -> tuple[list[list[str]
     x, kpm, causal = make_inputs(length, device)
     torch.manual_seed(SEED)
     layer = nn.TransformerDecoderLayer(EMBED, HEADS, dim_feedforward=FFN, dropout=0.0, batch_first=True, device=device)
-    decoders = {TORCH_ROW.replace("MultiheadAttention", "TransformerDecoder"): nn.TransformerDecoder(layer, num_layers=2)}
+    decoders = {
+        TORCH_ROW.replace("MultiheadAttention", "TransformerDecoder"): nn.TransformerDecoder(layer, num_layers=2)
+    }
     for strategy in GENERAL + ("reference",):
         swapped = nn.TransformerDecoder(layer, num_layers=2)
         swapped.load_state_dict(next(iter(decoders.values())).state_dict())
@@ -320,8 +336,16 @@ def bench_decoder(length: int, args: argparse.Namespace) -> tuple[list[list[str]
     table, ratios = [], {}
     for name, r in results.items():
         ratios[name] = base["ms"] / r["ms"]
-        table.append([name, f"{r['ms']:.1f}", f"{ratios[name]:.2f}x", str(r["kernel"]), str(r["entry"]),
-                      real_rows_diff(r["out"], base["out"], kpm)])
+        table.append(
+            [
+                name,
+                f"{r['ms']:.1f}",
+                f"{ratios[name]:.2f}x",
+                str(r["kernel"]),
+                str(r["entry"]),
+                real_rows_diff(r["out"], base["out"], kpm),
+            ]
+        )
     return table, ratios
 
 
@@ -371,18 +395,24 @@ def main(argv: list[str] | None = None) -> None:
         "# Attention benchmark: mask strategies in the calls users make, forward + backward",
         "",
         f"- command: `python {' '.join(shlex.quote(a) for a in sys.argv)}`",
-        f"- torch {torch.__version__}, mhaplug {mhaplug.__version__}, device `{slug}`, "
-        f"threads {torch.get_num_threads()}",
+        (
+            f"- torch {torch.__version__}, mhaplug {mhaplug.__version__}, device `{slug}`, "
+            f"threads {torch.get_num_threads()}"
+        ),
         f"- date {datetime.datetime.now(datetime.timezone.utc).isoformat(timespec='seconds')}",
-        f"- B={BATCH}, E={EMBED}, H={HEADS}, D={EMBED // HEADS}, causal self-attention, right padding, float32; "
-        f"median of {args.repeats} after {WARMUP} warm-up, rows timed in turn within each repeat; "
-        f"lengths round(L * linspace(0.2, 1, B)); loss = sum of outputs over non-pad rows",
+        (
+            f"- B={BATCH}, E={EMBED}, H={HEADS}, D={EMBED // HEADS}, causal self-attention, right padding, float32; "
+            f"median of {args.repeats} after {WARMUP} warm-up, rows timed in turn within each repeat; "
+            f"lengths round(L * linspace(0.2, 1, B)); loss = sum of outputs over non-pad rows"
+        ),
         "- `vs torch` = torch's ms / row ms in the same call pattern (higher is faster; >= 1.00x: at least as fast)",
-        "- mask bytes reaching kernel: storage of the largest `attn_mask`/`attn_bias` of an aten SDPA kernel op, or "
-        "bias of `aten.baddbmm`, in one forward (torch turns a bool SDPA mask into float before its CPU kernel); "
-        "`reference` and the `need_weights=True` path apply their mask with `masked_fill`, not counted. Passed to "
-        "F.sdpa: the mask before that conversion; for flex, the BlockMask's tensors (eager Flex on CPU still "
-        "materialises the scores)",
+        (
+            "- mask bytes reaching kernel: storage of the largest `attn_mask`/`attn_bias` of an aten SDPA kernel op, or "
+            "bias of `aten.baddbmm`, in one forward (torch turns a bool SDPA mask into float before its CPU kernel); "
+            "`reference` and the `need_weights=True` path apply their mask with `masked_fill`, not counted. Passed to "
+            "F.sdpa: the mask before that conversion; for flex, the BlockMask's tensors (eager Flex on CPU still "
+            "materialises the scores)"
+        ),
     ]
     print("\n".join(sections), flush=True)
     pattern_header = ["configuration"]
@@ -392,8 +422,14 @@ def main(argv: list[str] | None = None) -> None:
     own_header = ["configuration", "fwd+bwd ms (median)", "speed-up vs nn.MHA default", "time / bare SDPA is_causal"]
     own_header += ["mask bytes reaching kernel", "mask bytes passed to F.sdpa / BlockMask"]
     own_header += ["max abs diff vs nn.MHA (real rows)"] + (["peak MiB"] if device.type == "cuda" else [])
-    decoder_header = ["nn.TransformerDecoder, 2 layers", "fwd+bwd ms", "vs torch", "largest mask reaching kernel",
-                      "largest mask passed to F.sdpa", "max abs diff vs torch (real rows)"]
+    decoder_header = [
+        "nn.TransformerDecoder, 2 layers",
+        "fwd+bwd ms",
+        "vs torch",
+        "largest mask reaching kernel",
+        "largest mask passed to F.sdpa",
+        "max abs diff vs torch (real rows)",
+    ]
     worst: dict[str, tuple[float, str]] = {}  # general strategy -> (lowest speed vs torch, where)
     over_bare_auto: dict[int, float] = {}
     for length in args.lengths:
@@ -409,12 +445,25 @@ def main(argv: list[str] | None = None) -> None:
             if strategy and ratio < worst[strategy][0]:
                 worst[strategy] = (ratio, f"nn.TransformerDecoder, L={length}")
         over_bare_auto[length] = over_bare["mhaplug auto"]
-        block = ["", f"## L = S = {length} (pad fraction {pad:.3f})", "", "### 1. Call patterns", "",
-                 markdown_table(pattern_header, patterns), "", "### 2. mhaplug's own call (`is_causal=True`, no "
-                 "`attn_mask`)", "", markdown_table(own_header, own)]
+        block = [
+            "",
+            f"## L = S = {length} (pad fraction {pad:.3f})",
+            "",
+            "### 1. Call patterns",
+            "",
+            markdown_table(pattern_header, patterns),
+            "",
+            "### 2. mhaplug's own call (`is_causal=True`, no `attn_mask`)",
+            "",
+            markdown_table(own_header, own),
+        ]
         block += ["", *(f"- {n}" for n in notes)] if notes else []
-        block += ["", "### 3. A whole nn.TransformerDecoder, torch's and after `swap_attention`", "",
-                  markdown_table(decoder_header, decoder)]
+        block += [
+            "",
+            "### 3. A whole nn.TransformerDecoder, torch's and after `swap_attention`",
+            "",
+            markdown_table(decoder_header, decoder),
+        ]
         print("\n".join(block), flush=True)
         sections += block
     block = ["", "## Targets", ""]
@@ -423,16 +472,24 @@ def main(argv: list[str] | None = None) -> None:
         block.append(f"- `{strategy}` at least 1.0x torch in every pattern: {verdict} (lowest {ratio:.2f}x: {where})")
     for length, ratio in over_bare_auto.items():
         verdict = "met" if ratio <= 1.1 else "NOT met"
-        block.append(f"- causal self-attention with padding (`auto`) within 1.1x of bare SDPA is_causal at L={length}: "
-                     f"{verdict} ({ratio:.2f}x)")
+        block.append(
+            f"- causal self-attention with padding (`auto`) within 1.1x of bare SDPA is_causal at L={length}: "
+            f"{verdict} ({ratio:.2f}x)"
+        )
     print("\n".join(block), flush=True)
     sections += block
     # Where the time goes for the fastest padded-mask strategy at the largest L: the attention kernel itself.
     length = max(args.lengths)
     x, kpm, causal = make_inputs(length, device)
     fn = configurations(ref, mods, kpm, causal)["mhaplug auto"]
-    block = ["", f"## Profile: mhaplug auto (causal_kpm), L = {length}, one forward + backward", "", "```",
-             profile_table(fn, x, kpm).rstrip(), "```"]
+    block = [
+        "",
+        f"## Profile: mhaplug auto (causal_kpm), L = {length}, one forward + backward",
+        "",
+        "```",
+        profile_table(fn, x, kpm).rstrip(),
+        "```",
+    ]
     print("\n".join(block), flush=True)
     sections += block
     write_report(out_path, sections)

@@ -34,9 +34,9 @@ from typing import Any
 
 import numpy as np
 import torch
+from _report import device_slug, markdown_table, write_report  # benchmarks/_report.py
 
 import mhaplug
-from _report import device_slug, markdown_table, write_report  # benchmarks/_report.py
 from mhaplug.collate import PackCollator, PadCollator
 from mhaplug.data import PAD_TOKEN, TextDataModule
 
@@ -91,9 +91,13 @@ def collator_table(dm: TextDataModule, args: argparse.Namespace) -> tuple[list[s
         f"mhaplug PackCollator(max_length={MAX_LENGTH}) (info: re-packs each batch)": pack,
     }
     hf = hf_collator(dm)
-    notes = [f"{args.batches} batches of {BATCH_SIZE} rows, {real:,} real tokens per pass; rows are Python lists "
-             f"of dicts `{{'input_ids': [...]}}`, prepared before timing; median of {args.repeats} passes after one "
-             "warm-up batch, collators timed in turn within each repeat"]
+    notes = [
+        (
+            f"{args.batches} batches of {BATCH_SIZE} rows, {real:,} real tokens per pass; rows are Python lists "
+            f"of dicts `{{'input_ids': [...]}}`, prepared before timing; median of {args.repeats} passes after one "
+            "warm-up batch, collators timed in turn within each repeat"
+        )
+    ]
     if hf is None:
         notes.append("transformers is not importable: the Hugging Face row is skipped (`pip install transformers`)")
     else:
@@ -114,11 +118,15 @@ def collator_table(dm: TextDataModule, args: argparse.Namespace) -> tuple[list[s
     if hf_name:
         speedup = seconds[hf_name] / seconds["mhaplug PadCollator()"]
         verdict = "met" if speedup >= TARGET_SPEEDUP else "NOT met"
-        notes.append(f"target: PadCollator >= {TARGET_SPEEDUP:.0f}x DataCollatorWithPadding in real tokens/s: "
-                     f"{speedup:.2f}x, {verdict}")
-    notes.append("the Hugging Face collator makes input_ids and attention_mask only; mhaplug's also make labels "
-                 "(-100 on padding), key_padding_mask, position_ids and lengths (packed: document_ids, cu_seqlens, "
-                 "max_seqlen), so it does more work per batch")
+        notes.append(
+            f"target: PadCollator >= {TARGET_SPEEDUP:.0f}x DataCollatorWithPadding in real tokens/s: "
+            f"{speedup:.2f}x, {verdict}"
+        )
+    notes.append(
+        "the Hugging Face collator makes input_ids and attention_mask only; mhaplug's also make labels "
+        "(-100 on padding), key_padding_mask, position_ids and lengths (packed: document_ids, cu_seqlens, "
+        "max_seqlen), so it does more work per batch"
+    )
     header = ["collator", "s per pass (min-max)", "µs per batch", "real tokens/s", "speed vs HF", "batch keys"]
     return [markdown_table(header, rows)], notes
 
@@ -151,15 +159,31 @@ def padding_table(args: argparse.Namespace) -> tuple[list[str], list[str]]:
         batches, real, padded, pad = epoch_stats(max_length=MAX_LENGTH, seed=SEED, **kwargs)
         goal = f"< {target:.0%}: {'met' if pad < target else 'NOT met'}" if target else "baseline"
         rows.append([layout, batching, size, f"{batches}", f"{real:.0f}", f"{padded:.0f}", f"{pad:.1%}", goal])
-    header = ["layout", "batching", "batch", "batches / epoch", "real tokens / batch", "padded tokens / batch",
-              "pad fraction", "target"]
-    notes = [f"one epoch of `TextDataModule(**kwargs).train_dataloader()`, max_length={MAX_LENGTH}, seed={SEED}, "
-             "pad_to_multiple_of=None; pad fraction = 1 - sum(lengths) / sum(input_ids.numel())",
-             "packed: whole documents packed offline first-fit decreasing into rows of <= 256 tokens, rows batched "
-             "at random; each row is padded to the fullest row of its batch",
-             "DESIGN section 7 quotes 74% (batch 8) to 87% (batch 32) for random batching: that is for whole "
-             "documents (longest 1,581 tokens; 73% / 81% / 86% at batch 8 / 16 / 32 when checked with an unchunked "
-             "max_length); here documents are cut into chunks of <= 256 tokens, which caps the padding per row"]
+    header = [
+        "layout",
+        "batching",
+        "batch",
+        "batches / epoch",
+        "real tokens / batch",
+        "padded tokens / batch",
+        "pad fraction",
+        "target",
+    ]
+    notes = [
+        (
+            f"one epoch of `TextDataModule(**kwargs).train_dataloader()`, max_length={MAX_LENGTH}, seed={SEED}, "
+            "pad_to_multiple_of=None; pad fraction = 1 - sum(lengths) / sum(input_ids.numel())"
+        ),
+        (
+            "packed: whole documents packed offline first-fit decreasing into rows of <= 256 tokens, rows batched "
+            "at random; each row is padded to the fullest row of its batch"
+        ),
+        (
+            "DESIGN section 7 quotes 74% (batch 8) to 87% (batch 32) for random batching: that is for whole "
+            "documents (longest 1,581 tokens; 73% / 81% / 86% at batch 8 / 16 / 32 when checked with an unchunked "
+            "max_length); here documents are cut into chunks of <= 256 tokens, which caps the padding per row"
+        ),
+    ]
     return [markdown_table(header, rows)], notes
 
 
@@ -191,11 +215,15 @@ def main(argv: list[str] | None = None) -> None:
         "# Data benchmark: collator throughput and padding waste",
         "",
         f"- command: `python {' '.join(shlex.quote(a) for a in sys.argv)}`",
-        f"- torch {torch.__version__}, mhaplug {mhaplug.__version__}, {packages}, Python {sys.version.split()[0]}, "
-        f"device `{slug}`, threads {torch.get_num_threads()}",
+        (
+            f"- torch {torch.__version__}, mhaplug {mhaplug.__version__}, {packages}, Python {sys.version.split()[0]}, "
+            f"device `{slug}`, threads {torch.get_num_threads()}"
+        ),
         f"- date {datetime.datetime.now(datetime.timezone.utc).isoformat(timespec='seconds')}",
-        f"- data: `TextDataModule()` default (stdlib_docs, vocab {dm.vocab_size}, max_length {MAX_LENGTH}): "
-        f"{len(dm.splits['train']):,} train rows, {dm.stats['train_tokens']:,} tokens",
+        (
+            f"- data: `TextDataModule()` default (stdlib_docs, vocab {dm.vocab_size}, max_length {MAX_LENGTH}): "
+            f"{len(dm.splits['train']):,} train rows, {dm.stats['train_tokens']:,} tokens"
+        ),
     ]
     print("\n".join(sections), flush=True)
     builds = {

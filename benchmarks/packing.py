@@ -94,8 +94,17 @@ def against_quadratic(doc_lengths: np.ndarray, args: argparse.Namespace) -> tupl
             new_times.append(seconds)
             same &= new_rows == old_rows
         ratio = statistics.median(old_times) / statistics.median(new_times)
-        rows.append([f"{count:,}", spread(old_times), spread(new_times, digits=3), f"{ratio:,.0f}x",
-                     f"{len(new_rows):,}", fill(new_rows, lengths, CAPACITY), "yes" if same else "NO"])
+        rows.append(
+            [
+                f"{count:,}",
+                spread(old_times),
+                spread(new_times, digits=3),
+                f"{ratio:,.0f}x",
+                f"{len(new_rows):,}",
+                fill(new_rows, lengths, CAPACITY),
+                "yes" if same else "NO",
+            ]
+        )
         print(f"  {count:,} documents: {ratio:,.0f}x", flush=True)
     # One batch, as PackCollator packs it on every call: many small calls, timed together.
     batches = [rng.choice(doc_lengths, BATCH_DOCUMENTS).tolist() for _ in range(args.batches)]
@@ -108,8 +117,17 @@ def against_quadratic(doc_lengths: np.ndarray, args: argparse.Namespace) -> tupl
                 pack(lengths, CAPACITY)
             times.append((time.perf_counter() - start) / len(batches))
     ratio = statistics.median(old_times) / statistics.median(new_times)
-    rows.append([f"{BATCH_DOCUMENTS} (one batch; µs per call)", spread(old_times, 1e6, 1), spread(new_times, 1e6, 1),
-                 f"{ratio:.2f}x", "", "", "yes" if same else "NO"])
+    rows.append(
+        [
+            f"{BATCH_DOCUMENTS} (one batch; µs per call)",
+            spread(old_times, 1e6, 1),
+            spread(new_times, 1e6, 1),
+            f"{ratio:.2f}x",
+            "",
+            "",
+            "yes" if same else "NO",
+        ]
+    )
     batch_cost = (statistics.median(new_times) - statistics.median(old_times)) * 1e6
     # The same batches through PackCollator, which packs each call: with the quadratic first-fit patched in, and as is.
     documents = [[{"input_ids": [1] * n} for n in lengths] for lengths in batches]
@@ -126,15 +144,26 @@ def against_quadratic(doc_lengths: np.ndarray, args: argparse.Namespace) -> tupl
     ratio = statistics.median(old_times) / statistics.median(new_times)
     label = f"PackCollator(max_length={CAPACITY}) call, {BATCH_DOCUMENTS} documents (µs)"
     rows.append([label, spread(old_times, 1e6, 0), spread(new_times, 1e6, 0), f"{ratio:.2f}x", "", "", ""])
-    header = ["documents", "quadratic s (min-max)", "first_fit_pack s (min-max)", "speed-up", "rows", "fill",
-              "identical rows"]
+    header = [
+        "documents",
+        "quadratic s (min-max)",
+        "first_fit_pack s (min-max)",
+        "speed-up",
+        "rows",
+        "fill",
+        "identical rows",
+    ]
     notes = [
-        (f"median of {args.repeats} runs, the two implementations timed in turn on the same lengths; the batch row: "
-         f"{args.batches:,} different batches of {BATCH_DOCUMENTS} documents per run, µs per call"),
+        (
+            f"median of {args.repeats} runs, the two implementations timed in turn on the same lengths; the batch row: "
+            f"{args.batches:,} different batches of {BATCH_DOCUMENTS} documents per run, µs per call"
+        ),
         "fill = real tokens / (rows x 256); first-fit decreasing leaves only the tail rows part-empty",
-        (f"one batch of {BATCH_DOCUMENTS}: the tree costs more to set up than a scan of a few rows costs in all, "
-         f"{batch_cost:+.0f} µs per call; the PackCollator row shows what that is in a collator call that re-packs "
-         "its batch (TextDataModule packs its split once, offline, and its collator does not re-pack)"),
+        (
+            f"one batch of {BATCH_DOCUMENTS}: the tree costs more to set up than a scan of a few rows costs in all, "
+            f"{batch_cost:+.0f} µs per call; the PackCollator row shows what that is in a collator call that re-packs "
+            "its batch (TextDataModule packs its split once, offline, and its collator does not re-pack)"
+        ),
     ]
     return [markdown_table(header, rows)], notes
 
@@ -142,8 +171,10 @@ def against_quadratic(doc_lengths: np.ndarray, args: argparse.Namespace) -> tupl
 def alone(doc_lengths: np.ndarray, args: argparse.Namespace) -> tuple[list[str], list[str]]:
     """Table 2 as Markdown lines, and notes."""
     rng = np.random.default_rng(SEED + 1)
-    cases = [(f"{count:,}", "stdlib docstring chunks, 1..256", rng.choice(doc_lengths, count).tolist(), CAPACITY)
-             for count in args.alone]
+    cases = [
+        (f"{count:,}", "stdlib docstring chunks, 1..256", rng.choice(doc_lengths, count).tolist(), CAPACITY)
+        for count in args.alone
+    ]
     uniform = args.alone[0]
     cases.append((f"{uniform:,}", "uniform 1..65536", rng.integers(1, 65537, uniform).tolist(), 65536))
     rows = []
@@ -153,21 +184,44 @@ def alone(doc_lengths: np.ndarray, args: argparse.Namespace) -> tuple[list[str],
             seconds, packed = timed(first_fit_pack, lengths, capacity)
             times.append(seconds)
         documents_per_s = len(lengths) / statistics.median(times)
-        rows.append([count, drawn, f"{capacity:,}", spread(times), f"{documents_per_s:,.0f}", f"{len(packed):,}",
-                     fill(packed, lengths, capacity)])
+        rows.append(
+            [
+                count,
+                drawn,
+                f"{capacity:,}",
+                spread(times),
+                f"{documents_per_s:,.0f}",
+                f"{len(packed):,}",
+                fill(packed, lengths, capacity),
+            ]
+        )
         print(f"  {count} documents, {drawn}: {statistics.median(times):.2f} s", flush=True)
     header = ["documents", "lengths", "capacity", "first_fit_pack s (min-max)", "documents/s", "rows", "fill"]
-    notes = [(f"median of {args.repeats} runs; lengths as Python lists of ints (what TextDataModule passes), "
-              "prepared before timing; Python's garbage collector left on, as in use")]
+    notes = [
+        (
+            f"median of {args.repeats} runs; lengths as Python lists of ints (what TextDataModule passes), "
+            "prepared before timing; Python's garbage collector left on, as in use"
+        )
+    ]
     return [markdown_table(header, rows)], notes
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--compare", type=int, nargs="+", default=[12_500, 25_000, 50_000],
-                        help="document counts for the quadratic reference against first_fit_pack")
-    parser.add_argument("--alone", type=int, nargs="+", default=[1_000_000, 3_000_000],
-                        help="document counts for first_fit_pack alone (the first also with uniform lengths)")
+    parser.add_argument(
+        "--compare",
+        type=int,
+        nargs="+",
+        default=[12_500, 25_000, 50_000],
+        help="document counts for the quadratic reference against first_fit_pack",
+    )
+    parser.add_argument(
+        "--alone",
+        type=int,
+        nargs="+",
+        default=[1_000_000, 3_000_000],
+        help="document counts for first_fit_pack alone (the first also with uniform lengths)",
+    )
     parser.add_argument("--batches", type=int, default=2000, help=f"batches of {BATCH_DOCUMENTS} documents per run")
     parser.add_argument("--repeats", type=int, default=3, help="runs per measurement (median reported)")
     parser.add_argument("--out", type=Path, help="Markdown file (default benchmarks/results/packing-<device>.md)")
@@ -196,14 +250,18 @@ def main(argv: list[str] | None = None) -> None:
         "# Packing benchmark: first_fit_pack, quadratic scan against the max-tree (issue 10)",
         "",
         f"- command: `python {' '.join(shlex.quote(a) for a in sys.argv)}`",
-        (f"- torch {torch.__version__}, mhaplug {mhaplug.__version__}, numpy {np.__version__}, "
-         f"Python {sys.version.split()[0]}, device `{slug}` (first_fit_pack is pure Python: one core)"),
+        (
+            f"- torch {torch.__version__}, mhaplug {mhaplug.__version__}, numpy {np.__version__}, "
+            f"Python {sys.version.split()[0]}, device `{slug}` (first_fit_pack is pure Python: one core)"
+        ),
         f"- date {datetime.datetime.now(datetime.timezone.utc).isoformat(timespec='seconds')}",
-        (f"- lengths drawn with replacement (seed {SEED}) from the {len(doc_lengths):,} document lengths of "
-         f"`TextDataModule()`'s train split (stdlib docstrings in chunks of <= 256 tokens): {doc_lengths.min()}.."
-         f"{doc_lengths.max()}, mean {doc_lengths.mean():.0f}, 10/50/90th percentiles "
-         f"{q[0]:.0f}/{q[1]:.0f}/{q[2]:.0f}, {(doc_lengths == doc_lengths.max()).mean():.0%} exactly "
-         f"{doc_lengths.max()}; rows of {CAPACITY} tokens"),
+        (
+            f"- lengths drawn with replacement (seed {SEED}) from the {len(doc_lengths):,} document lengths of "
+            f"`TextDataModule()`'s train split (stdlib docstrings in chunks of <= 256 tokens): {doc_lengths.min()}.."
+            f"{doc_lengths.max()}, mean {doc_lengths.mean():.0f}, 10/50/90th percentiles "
+            f"{q[0]:.0f}/{q[1]:.0f}/{q[2]:.0f}, {(doc_lengths == doc_lengths.max()).mean():.0%} exactly "
+            f"{doc_lengths.max()}; rows of {CAPACITY} tokens"
+        ),
     ]
     print("\n".join(sections), flush=True)
     builds = {
@@ -220,9 +278,11 @@ def main(argv: list[str] | None = None) -> None:
     load_after = os.getloadavg()
     sections += [
         "",
-        (f"- machine load (1-min average) {load_before[0]:.2f} before, {load_after[0]:.2f} after (this run adds 1 to "
-         "it): the 2 cores are shared, and another process on them slows every timing here; ratios are taken within "
-         "the same run, so they move less than the seconds"),
+        (
+            f"- machine load (1-min average) {load_before[0]:.2f} before, {load_after[0]:.2f} after (this run adds 1 to "
+            "it): the 2 cores are shared, and another process on them slows every timing here; ratios are taken within "
+            "the same run, so they move less than the seconds"
+        ),
     ]
     print(sections[-1])
     write_report(out_path, sections)

@@ -114,24 +114,39 @@ def default_row() -> Row:
     precision = str(OmegaConf.select(cfg, "trainer.precision", default="32"))
     if precision not in ("32", "32-true", "bf16-mixed", "None"):
         raise ValueError(f"trainer.precision={precision!r}: this benchmark runs 32 and bf16-mixed only")
-    return Row("mhaplug default", "mhaplug", cfg.data.batching, cfg.data.layout, strategy, data,
-               bf16=precision == "bf16-mixed", compile=bool(OmegaConf.select(cfg, "model.compile", default=False)))
+    return Row(
+        "mhaplug default",
+        "mhaplug",
+        cfg.data.batching,
+        cfg.data.layout,
+        strategy,
+        data,
+        bf16=precision == "bf16-mixed",
+        compile=bool(OmegaConf.select(cfg, "model.compile", default=False)),
+    )
 
 
 def all_rows() -> list[Row]:
-    return [Row("hf random", "hf", "random", strategy="sdpa"),
-            Row("hf group_by_length", "hf", "group_by_length", strategy="sdpa"),
-            Row("hf flattening", "hf", "flattening", "packed", strategy="sdpa"),
-            Row("mhaplug random", "mhaplug", "random"),
-            Row("mhaplug length_grouped", "mhaplug", "length_grouped"),
-            Row("mhaplug packed", "mhaplug", "random", "packed"),
-            default_row(),
-            # what each lever is worth, measured against its own "before" in the same run
-            Row("mhaplug random before (all positions + logits loss)", "mhaplug", "random", fused_loss=False,
-                real_tokens_only=False),
-            Row("mhaplug packed logits-loss", "mhaplug", "random", "packed", fused_loss=False),
-            Row("mhaplug packed merged_bool", "mhaplug", "random", "packed", "merged_bool"),
-            Row("mhaplug packed compiled", "mhaplug", "random", "packed", compile=True)]
+    return [
+        Row("hf random", "hf", "random", strategy="sdpa"),
+        Row("hf group_by_length", "hf", "group_by_length", strategy="sdpa"),
+        Row("hf flattening", "hf", "flattening", "packed", strategy="sdpa"),
+        Row("mhaplug random", "mhaplug", "random"),
+        Row("mhaplug length_grouped", "mhaplug", "length_grouped"),
+        Row("mhaplug packed", "mhaplug", "random", "packed"),
+        default_row(),
+        # what each lever is worth, measured against its own "before" in the same run
+        Row(
+            "mhaplug random before (all positions + logits loss)",
+            "mhaplug",
+            "random",
+            fused_loss=False,
+            real_tokens_only=False,
+        ),
+        Row("mhaplug packed logits-loss", "mhaplug", "random", "packed", fused_loss=False),
+        Row("mhaplug packed merged_bool", "mhaplug", "random", "packed", "merged_bool"),
+        Row("mhaplug packed compiled", "mhaplug", "random", "packed", compile=True),
+    ]
 
 
 def shares_random_order(row: Row) -> bool:
@@ -148,16 +163,40 @@ def new_decoder(strategy: str = "auto", *, compile: bool = False) -> DecoderLM:
 
 def gpt2_from(decoder: DecoderLM) -> nn.Module:
     """GPT-2 of exactly DecoderLM's architecture, holding a copy of ``decoder``'s weights."""
-    config = GPT2Config(vocab_size=VOCAB, n_positions=MAX_LENGTH, n_embd=E, n_head=MODEL["num_heads"],
-                        n_layer=MODEL["num_layers"], n_inner=FF, activation_function="gelu",  # exact, as nn.GELU()
-                        layer_norm_epsilon=1e-5, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
-                        tie_word_embeddings=True, use_cache=False, pad_token_id=0, bos_token_id=1, eos_token_id=1)
+    config = GPT2Config(
+        vocab_size=VOCAB,
+        n_positions=MAX_LENGTH,
+        n_embd=E,
+        n_head=MODEL["num_heads"],
+        n_layer=MODEL["num_layers"],
+        n_inner=FF,
+        activation_function="gelu",  # exact, as nn.GELU()
+        layer_norm_epsilon=1e-5,
+        resid_pdrop=0.0,
+        embd_pdrop=0.0,
+        attn_pdrop=0.0,
+        tie_word_embeddings=True,
+        use_cache=False,
+        pad_token_id=0,
+        bos_token_id=1,
+        eos_token_id=1,
+    )
     gpt2 = AutoModelForCausalLM.from_config(config, attn_implementation="sdpa")
     ours = decoder.state_dict()
-    state = {"transformer.wte.weight": ours["tok_emb.weight"], "transformer.wpe.weight": ours["pos_emb.weight"],
-             "transformer.ln_f.weight": ours["ln_f.weight"], "transformer.ln_f.bias": ours["ln_f.bias"]}
-    names = {"ln_1": "ln_1", "attn.c_attn": "attn.in_proj", "attn.c_proj": "attn.out_proj", "ln_2": "ln_2",
-             "mlp.c_fc": "mlp.0", "mlp.c_proj": "mlp.2"}  # GPT-2 module -> DecoderLM module (torch MHA names)
+    state = {
+        "transformer.wte.weight": ours["tok_emb.weight"],
+        "transformer.wpe.weight": ours["pos_emb.weight"],
+        "transformer.ln_f.weight": ours["ln_f.weight"],
+        "transformer.ln_f.bias": ours["ln_f.bias"],
+    }
+    names = {
+        "ln_1": "ln_1",
+        "attn.c_attn": "attn.in_proj",
+        "attn.c_proj": "attn.out_proj",
+        "ln_2": "ln_2",
+        "mlp.c_fc": "mlp.0",
+        "mlp.c_proj": "mlp.2",
+    }  # GPT-2 module -> DecoderLM module (torch MHA names)
     for i, (theirs, mine) in itertools.product(range(MODEL["num_layers"]), names.items()):
         for kind in ("weight", "bias"):
             src = ours[f"blocks.{i}.{mine}{'_' if mine == 'attn.in_proj' else '.'}{kind}"]
@@ -190,21 +229,29 @@ def check_equivalence(data: datasets.Dataset, lengths: list[int], tokenizer: Pre
     rows = [data[i] for i in next(iter(RandomBatchSampler(lengths, BATCH_SIZE, seed=SEED)))]
     ours, padded = PadCollator(pad_token_id=0)(rows), hf_collator("random", tokenizer)(rows)
     with torch.no_grad():
-        losses = {"mhaplug": float(mhaplug_loss_sum(decoder, ours) / ours["num_targets"]),
-                  "hf padded": float(gpt2(**padded, use_cache=False).loss),
-                  "hf flattened": float(gpt2(**hf_collator("flattening", tokenizer)(rows), use_cache=False).loss)}
+        losses = {
+            "mhaplug": float(mhaplug_loss_sum(decoder, ours) / ours["num_targets"]),
+            "hf padded": float(gpt2(**padded, use_cache=False).loss),
+            "hf flattened": float(gpt2(**hf_collator("flattening", tokenizer)(rows), use_cache=False).loss),
+        }
         real = padded["attention_mask"].bool()  # (B, L); logits of padding positions differ and do not matter
-        logits = decoder(ours["input_ids"], key_padding_mask=ours["key_padding_mask"],
-                         position_ids=ours["position_ids"])[real]  # (N, V)
+        logits = decoder(
+            ours["input_ids"], key_padding_mask=ours["key_padding_mask"], position_ids=ours["position_ids"]
+        )[real]  # (N, V)
         logit_diff = float((logits - gpt2(**padded, use_cache=False).logits[real]).abs().max())
     worst = max(abs(v - losses["mhaplug"]) for v in losses.values())
     if worst > 1e-5 or logit_diff > 1e-4:  # logits are the finer test: gelu_new for gelu moves them by ~1e-3
-        sys.exit(f"GPT-2 does not compute DecoderLM's function: loss |diff| {worst:.2e} (limit 1e-5) in {losses}, "
-                 f"logits |diff| {logit_diff:.2e} (limit 1e-4). The architectures differ (activation, LayerNorm eps, "
-                 "scaling, tying) or the weight copy maps a name wrongly")
-    return (f"{counts[0]:,} parameters each; DecoderLM's weights (initial + N(0, 0.1) noise) copied into GPT-2, "
-            "one batch (`DecoderLM.loss_sum`) gives loss " + ", ".join(f"{k} {v:.6f}" for k, v in losses.items())
-            + f" (max |diff| {worst:.1e} <= 1e-5; logits of real tokens max |diff| {logit_diff:.1e} <= 1e-4)")
+        sys.exit(
+            f"GPT-2 does not compute DecoderLM's function: loss |diff| {worst:.2e} (limit 1e-5) in {losses}, "
+            f"logits |diff| {logit_diff:.2e} (limit 1e-4). The architectures differ (activation, LayerNorm eps, "
+            "scaling, tying) or the weight copy maps a name wrongly"
+        )
+    return (
+        f"{counts[0]:,} parameters each; DecoderLM's weights (initial + N(0, 0.1) noise) copied into GPT-2, "
+        "one batch (`DecoderLM.loss_sum`) gives loss "
+        + ", ".join(f"{k} {v:.6f}" for k, v in losses.items())
+        + f" (max |diff| {worst:.1e} <= 1e-5; logits of real tokens max |diff| {logit_diff:.1e} <= 1e-4)"
+    )
 
 
 def hf_collator(batching: str, tokenizer: PreTrainedTokenizerFast) -> Any:
@@ -225,13 +272,18 @@ def document_lengths(batch: Batch) -> Tensor:
     return torch.diff(starts, append=torch.tensor([batch["position_ids"].shape[1]]))
 
 
-def batches(row: Row, data: datasets.Dataset, lengths: list[int], tokenizer: PreTrainedTokenizerFast,
-            ) -> Iterator[Batch]:
+def batches(
+    row: Row,
+    data: datasets.Dataset,
+    lengths: list[int],
+    tokenizer: PreTrainedTokenizerFast,
+) -> Iterator[Batch]:
     """Endless training batches of ``row``, epoch after epoch."""
     if row.family == "mhaplug":
         settings = {"batch_size": BATCH_SIZE, "max_tokens": BATCH_SIZE * MAX_LENGTH, **row.data}  # default row: its own
-        dm = TextDataModule(batching=row.batching, layout=row.layout, max_length=MAX_LENGTH, vocab_size=VOCAB,
-                            seed=SEED, **settings)
+        dm = TextDataModule(
+            batching=row.batching, layout=row.layout, max_length=MAX_LENGTH, vocab_size=VOCAB, seed=SEED, **settings
+        )
         dm.setup("fit")
         for epoch in itertools.count():
             loader = dm.train_dataloader()
@@ -255,8 +307,13 @@ def mhaplug_loss_sum(model: nn.Module, batch: Batch, row: Row | None = None) -> 
         return model.loss_sum(batch)
     input_ids = batch["input_ids"]
     every_position = None if row.real_tokens_only else torch.arange(input_ids.numel())
-    logits = model(input_ids, key_padding_mask=batch["key_padding_mask"], position_ids=batch["position_ids"],
-                   document_ids=batch.get("document_ids"), token_index=every_position)
+    logits = model(
+        input_ids,
+        key_padding_mask=batch["key_padding_mask"],
+        position_ids=batch["position_ids"],
+        document_ids=batch.get("document_ids"),
+        token_index=every_position,
+    )
     return lm_loss_sum(logits, batch["labels"])
 
 
@@ -266,11 +323,17 @@ class Runner:
     def __init__(self, row: Row, shared: tuple[datasets.Dataset, list[int], PreTrainedTokenizerFast]) -> None:
         self.row, self.blocks = row, []
         self.stream = batches(row, *shared)
-        self.model = new_decoder(row.strategy, compile=row.compile) if row.family == "mhaplug" else gpt2_from(new_decoder())
+        self.model = (
+            new_decoder(row.strategy, compile=row.compile) if row.family == "mhaplug" else gpt2_from(new_decoder())
+        )
         decay = [p for p in self.model.parameters() if p.dim() >= 2]
         no_decay = [p for p in self.model.parameters() if p.dim() < 2]
-        self.optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": WEIGHT_DECAY},
-                                            {"params": no_decay, "weight_decay": 0.0}], lr=LR, betas=BETAS, fused=FUSED)
+        self.optimizer = torch.optim.AdamW(
+            [{"params": decay, "weight_decay": WEIGHT_DECAY}, {"params": no_decay, "weight_decay": 0.0}],
+            lr=LR,
+            betas=BETAS,
+            fused=FUSED,
+        )
 
     def loss(self, batch: Batch) -> Tensor:
         if self.row.family == "hf":
@@ -295,8 +358,15 @@ class Runner:
             self.optimizer.zero_grad(set_to_none=True)
             losses.append(loss.detach())
         seconds = time.perf_counter() - start
-        return {"seconds": seconds, "real": real, "padded": padded, "doc_sq": doc_sq, "steps": steps,
-                "loss": float(torch.stack(losses).float().mean()), "peak_mib": peak_memory_mib(CPU, baseline)}
+        return {
+            "seconds": seconds,
+            "real": real,
+            "padded": padded,
+            "doc_sq": doc_sq,
+            "steps": steps,
+            "loss": float(torch.stack(losses).float().mean()),
+            "peak_mib": peak_memory_mib(CPU, baseline),
+        }
 
 
 def round_robin(runners: list[Runner], rounds: int, steps: int) -> None:
@@ -332,11 +402,21 @@ def summarise(runner: Runner) -> dict[str, Any]:
     blocks, steps = runner.blocks, sum(b["steps"] for b in runner.blocks)
     tps = [b["real"] / b["seconds"] for b in blocks]
     real, padded = sum(b["real"] for b in blocks), sum(b["padded"] for b in blocks)
-    return {"row": runner.row, "tps": statistics.median(tps), "min": min(tps), "max": max(tps),
-            "padded_tps": statistics.median(b["padded"] / b["seconds"] for b in blocks), "pad": 1 - real / padded,
-            "real_step": real / steps, "padded_step": padded / steps, "t_eff": sum(b["doc_sq"] for b in blocks) / real,
-            "peak_mib": max(b["peak_mib"] for b in blocks), "loss": blocks[-1]["loss"], "mfu_mm": None,
-            "mfu_gemm": None}
+    return {
+        "row": runner.row,
+        "tps": statistics.median(tps),
+        "min": min(tps),
+        "max": max(tps),
+        "padded_tps": statistics.median(b["padded"] / b["seconds"] for b in blocks),
+        "pad": 1 - real / padded,
+        "real_step": real / steps,
+        "padded_step": padded / steps,
+        "t_eff": sum(b["doc_sq"] for b in blocks) / real,
+        "peak_mib": max(b["peak_mib"] for b in blocks),
+        "loss": blocks[-1]["loss"],
+        "mfu_mm": None,
+        "mfu_gemm": None,
+    }
 
 
 def best_of(results: list[dict[str, Any]], family: str) -> dict[str, Any] | None:
@@ -368,53 +448,120 @@ def report(results: list[dict[str, Any]], mm: float, args: argparse.Namespace) -
     def x(value: float | None, spec: str = ".2f", unit: str = "x") -> str:
         return "n/a" if value is None else f"{value:{spec}}{unit}"
 
-    header = ["row", "batching", "layout", "attention", "precision", "real tokens/s median (min-max)", "vs hf random",
-              "vs best HF", "padded tokens/s", "pad fraction", "real / padded tokens per step", "peak MiB",
-              "last-block loss", "MFU vs mm", "MFU vs GEMM shapes"]
-    table = [[r["row"].name, r["row"].batching, r["row"].layout, r["row"].strategy, "bf16" if r["row"].bf16 else "fp32",
-              f"{r['tps']:,.0f} ({r['min']:,.0f}-{r['max']:,.0f})", x(ratio(r, hf_random)), x(ratio(r, best_hf)),
-              f"{r['padded_tps']:,.0f}", f"{r['pad']:.1%}", f"{r['real_step']:,.0f} / {r['padded_step']:,.0f}",
-              f"{r['peak_mib']:.0f}", f"{r['loss']:.4f}", x(r["mfu_mm"], ".1%", ""), x(r["mfu_gemm"], ".1%", "")]
-             for r in results]
+    header = [
+        "row",
+        "batching",
+        "layout",
+        "attention",
+        "precision",
+        "real tokens/s median (min-max)",
+        "vs hf random",
+        "vs best HF",
+        "padded tokens/s",
+        "pad fraction",
+        "real / padded tokens per step",
+        "peak MiB",
+        "last-block loss",
+        "MFU vs mm",
+        "MFU vs GEMM shapes",
+    ]
+    table = [
+        [
+            r["row"].name,
+            r["row"].batching,
+            r["row"].layout,
+            r["row"].strategy,
+            "bf16" if r["row"].bf16 else "fp32",
+            f"{r['tps']:,.0f} ({r['min']:,.0f}-{r['max']:,.0f})",
+            x(ratio(r, hf_random)),
+            x(ratio(r, best_hf)),
+            f"{r['padded_tps']:,.0f}",
+            f"{r['pad']:.1%}",
+            f"{r['real_step']:,.0f} / {r['padded_step']:,.0f}",
+            f"{r['peak_mib']:.0f}",
+            f"{r['loss']:.4f}",
+            x(r["mfu_mm"], ".1%", ""),
+            x(r["mfu_gemm"], ".1%", ""),
+        ]
+        for r in results
+    ]
     same = [r for r in results if shares_random_order(r["row"]) and not r["row"].bf16 and not r["row"].compile]
     spread = max(r["loss"] for r in same) - min(r["loss"] for r in same) if same else 0.0
-    bf16 = [f"{r['row'].name}: {r['loss'] - by_name[r['row'].name.removesuffix(' bf16')]['loss']:+.4f}"
-            for r in results if r["row"].bf16 and r["row"].name.removesuffix(" bf16") in by_name]
+    bf16 = [
+        f"{r['row'].name}: {r['loss'] - by_name[r['row'].name.removesuffix(' bf16')]['loss']:+.4f}"
+        for r in results
+        if r["row"].bf16 and r["row"].name.removesuffix(" bf16") in by_name
+    ]
     t_eff = best_mh["t_eff"] if best_mh else 0.0
     ceilings = ", ".join(f"{r['row'].name} {r['gemm']:.1f}" for r in results if "gemm" in r)
     notes = [
-        (f"comparable losses: {', '.join(r['row'].name for r in same)} train on the same batches in the same order "
-         f"from the same weights: their last-block losses lie within {spread:.1e}" if len(same) > 1 else
-         "comparable losses: no two rows of this run share batches and order")
+        (
+            f"comparable losses: {', '.join(r['row'].name for r in same)} train on the same batches in the same order "
+            f"from the same weights: their last-block losses lie within {spread:.1e}"
+            if len(same) > 1
+            else "comparable losses: no two rows of this run share batches and order"
+        )
         + ". Not comparable: `hf group_by_length` (each megabatch of 50 batches runs longest to shortest, so its "
         "blocks alternate between long and short documents: wide min-max, and a last-block loss on whichever half "
         "came last), `mhaplug length_grouped` (batch order shuffled), `mhaplug packed` (16 rows of 256 tokens a step)",
         f"bf16 loss minus its float32 row, last block: {'; '.join(bf16) or 'no bf16 rows'}",
-        (f"MFU = achieved model GFLOP/s / ceiling. Model FLOPs per real token = 6 x {GEMM_PARAMS:,} (the linear "
-         f"layers' weights, the tied {E}x{VOCAB} output layer included) = {6 * GEMM_PARAMS / 1e6:.2f} MFLOP; not "
-         f"counted: padding, and attention scores (causal: 6 x n_layer x d_model x T_eff = "
-         f"{6 * MODEL['num_layers'] * E * t_eff / 1e6:.2f} MFLOP at the best mhaplug row's T_eff = sum(n^2) / sum(n) "
-         f"= {t_eff:.0f})"),
-        (f"ceilings, float32, measured in this run: `torch.mm` {args.matmul}^3 {mm:.1f} GFLOP/s (best of 5, before "
-         "and after the rows); the model's GEMM shapes at each row's mean real tokens per step, the useful work "
-         "(forward X W^T, grad dY W and dY^T X for qkv 128x384, out 128x128, fc 128x512, proj 512x128, head "
-         f"128x4096; each matmul's best of {3 if args.quick else 10} rounds, summed): {ceilings} GFLOP/s"),
-        (f"machine load (1-min average) {args.load[0]:.2f} before, {os.getloadavg()[0]:.2f} after (this run adds up "
-         "to 2 to it): other processes on the 2 cores make the OpenMP threads wait for time slices, which slows "
-         "small matmuls 10x or more; trust a run only when the load before it was near 0"),
+        (
+            f"MFU = achieved model GFLOP/s / ceiling. Model FLOPs per real token = 6 x {GEMM_PARAMS:,} (the linear "
+            f"layers' weights, the tied {E}x{VOCAB} output layer included) = {6 * GEMM_PARAMS / 1e6:.2f} MFLOP; not "
+            f"counted: padding, and attention scores (causal: 6 x n_layer x d_model x T_eff = "
+            f"{6 * MODEL['num_layers'] * E * t_eff / 1e6:.2f} MFLOP at the best mhaplug row's T_eff = sum(n^2) / sum(n) "
+            f"= {t_eff:.0f})"
+        ),
+        (
+            f"ceilings, float32, measured in this run: `torch.mm` {args.matmul}^3 {mm:.1f} GFLOP/s (best of 5, before "
+            "and after the rows); the model's GEMM shapes at each row's mean real tokens per step, the useful work "
+            "(forward X W^T, grad dY W and dY^T X for qkv 128x384, out 128x128, fc 128x512, proj 512x128, head "
+            f"128x4096; each matmul's best of {3 if args.quick else 10} rounds, summed): {ceilings} GFLOP/s"
+        ),
+        (
+            f"machine load (1-min average) {args.load[0]:.2f} before, {os.getloadavg()[0]:.2f} after (this run adds up "
+            "to 2 to it): other processes on the 2 cores make the OpenMP threads wait for time slices, which slows "
+            "small matmuls 10x or more; trust a run only when the load before it was near 0"
+        ),
     ]
     best_names = f"({best_mh and best_mh['row'].name} / {best_hf and best_hf['row'].name})"
-    checks = [(f"mhaplug's best float32 row / the best HF float32 row {best_names} >= 1.3x (goal 1.5x)",
-               ratio(best_mh, best_hf), 1.3, x),
-              ("`mhaplug default` / `hf random` >= 3x", ratio(by_name.get("mhaplug default"), hf_random), 3.0, x),
-              ("`mhaplug random` / `mhaplug length_grouped` >= 0.8x",
-               ratio(by_name.get("mhaplug random"), by_name.get("mhaplug length_grouped")), 0.8, x),
-              ("MFU of mhaplug's best float32 row vs its GEMM-shape ceiling >= 65%", best_mh and best_mh["mfu_gemm"],
-               0.65, lambda v: x(v, ".1%", ""))]
-    targets = [f"- {name}: {show(v)} **{'n/a' if v is None else 'PASS' if v >= goal else 'FAIL'}**"
-               for name, v, goal, show in checks]
-    return ["", "## Results", "", markdown_table(header, table), "", *[f"- {n}" for n in notes],
-            "", "## Targets (ratios measured in this run)", "", *targets]
+    checks = [
+        (
+            f"mhaplug's best float32 row / the best HF float32 row {best_names} >= 1.3x (goal 1.5x)",
+            ratio(best_mh, best_hf),
+            1.3,
+            x,
+        ),
+        ("`mhaplug default` / `hf random` >= 3x", ratio(by_name.get("mhaplug default"), hf_random), 3.0, x),
+        (
+            "`mhaplug random` / `mhaplug length_grouped` >= 0.8x",
+            ratio(by_name.get("mhaplug random"), by_name.get("mhaplug length_grouped")),
+            0.8,
+            x,
+        ),
+        (
+            "MFU of mhaplug's best float32 row vs its GEMM-shape ceiling >= 65%",
+            best_mh and best_mh["mfu_gemm"],
+            0.65,
+            lambda v: x(v, ".1%", ""),
+        ),
+    ]
+    targets = [
+        f"- {name}: {show(v)} **{'n/a' if v is None else 'PASS' if v >= goal else 'FAIL'}**"
+        for name, v, goal, show in checks
+    ]
+    return [
+        "",
+        "## Results",
+        "",
+        markdown_table(header, table),
+        "",
+        *[f"- {n}" for n in notes],
+        "",
+        "## Targets (ratios measured in this run)",
+        "",
+        *targets,
+    ]
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -449,9 +596,13 @@ def main(argv: list[str] | None = None) -> None:
     dm = TextDataModule(batch_size=BATCH_SIZE, max_length=MAX_LENGTH, vocab_size=VOCAB, seed=SEED)
     dm.setup("fit")
     lengths = dm.splits["train"]["length"]
-    shared = (dm.splits["train"].select_columns(["input_ids"]), lengths,
-              PreTrainedTokenizerFast(tokenizer_object=dm.tokenizer, pad_token=PAD_TOKEN, eos_token=EOS_TOKEN,
-                                      padding_side="right"))
+    shared = (
+        dm.splits["train"].select_columns(["input_ids"]),
+        lengths,
+        PreTrainedTokenizerFast(
+            tokenizer_object=dm.tokenizer, pad_token=PAD_TOKEN, eos_token=EOS_TOKEN, padding_side="right"
+        ),
+    )
     bf16_ok = torch.ops.mkldnn._is_mkldnn_bf16_supported()
     default = next((r for r in rows if r.name == "mhaplug default"), None)
     args.matmul = 1024
@@ -460,9 +611,11 @@ def main(argv: list[str] | None = None) -> None:
         "# Training throughput against transformers: mhaplug's batches and DecoderLM vs GPT-2 + HF collators",
         "",
         f"- command: `python {' '.join(shlex.quote(a) for a in sys.argv)}`",
-        (f"- torch {torch.__version__}, transformers {transformers.__version__}, mhaplug {mhaplug.__version__}, "
-        f"Python {sys.version.split()[0]}, device `{slug}`, threads {torch.get_num_threads()}, CPU bf16 "
-        f"{'supported' if bf16_ok else 'not supported (no bf16 rows)'}"),
+        (
+            f"- torch {torch.__version__}, transformers {transformers.__version__}, mhaplug {mhaplug.__version__}, "
+            f"Python {sys.version.split()[0]}, device `{slug}`, threads {torch.get_num_threads()}, CPU bf16 "
+            f"{'supported' if bf16_ok else 'not supported (no bf16 rows)'}"
+        ),
         f"- date {datetime.datetime.now(datetime.timezone.utc).isoformat(timespec='seconds')}",
         f"- check: {check_equivalence(*shared)}",
         f"- data: stdlib_docs train split, {len(lengths):,} documents (<= {MAX_LENGTH} tokens), vocab {VOCAB}, "
@@ -470,18 +623,28 @@ def main(argv: list[str] | None = None) -> None:
         "`DataCollatorForLanguageModeling` with mhaplug's tokenizer in `PreTrainedTokenizerFast` (pad `<|pad|>` = 0, "
         "right); `hf group_by_length` = `train_sampling_strategy='group_by_length'`; `mhaplug default` = "
         "`python train.py`: "
-        + (f"batching {default.batching}, layout {default.layout}, attention {default.strategy}, {default.data}, "
-           f"{'bf16' if default.bf16 else 'fp32'}, compile {default.compile}" if default else "not run"),
-        (f"- optimizer: AdamW lr {LR} constant (no warm-up or cosine, `mhaplug default` included), betas {BETAS}, "
-        f"weight decay {WEIGHT_DECAY} on >= 2-D parameters, "
-        f"gradient norm clipped to {CLIP}, `fused={FUSED}` for every row (transformers' `TrainingArguments.optim` "
-        f"default here: `{HF_OPTIM}`)"),
-        (f"- method: {args.rounds} rounds x {args.steps} steps round-robin after one warm-up block per row; real "
-        "tokens/s per block = non-pad tokens / block wall time (data loading included); median (min-max) over "
-        "blocks. bf16 rows run in a second round-robin, after the float32 rows chose them"),
-        ("- peak MiB: the largest growth of the process peak RSS (`getrusage ru_maxrss`) over one block, the mark "
-        "reset before each block (`malloc_trim`, `/proc/self/clear_refs` 5): activations, gradients and transient "
-        "buffers; weights and optimizer state exist before the first timed block"),
+        + (
+            f"batching {default.batching}, layout {default.layout}, attention {default.strategy}, {default.data}, "
+            f"{'bf16' if default.bf16 else 'fp32'}, compile {default.compile}"
+            if default
+            else "not run"
+        ),
+        (
+            f"- optimizer: AdamW lr {LR} constant (no warm-up or cosine, `mhaplug default` included), betas {BETAS}, "
+            f"weight decay {WEIGHT_DECAY} on >= 2-D parameters, "
+            f"gradient norm clipped to {CLIP}, `fused={FUSED}` for every row (transformers' `TrainingArguments.optim` "
+            f"default here: `{HF_OPTIM}`)"
+        ),
+        (
+            f"- method: {args.rounds} rounds x {args.steps} steps round-robin after one warm-up block per row; real "
+            "tokens/s per block = non-pad tokens / block wall time (data loading included); median (min-max) over "
+            "blocks. bf16 rows run in a second round-robin, after the float32 rows chose them"
+        ),
+        (
+            "- peak MiB: the largest growth of the process peak RSS (`getrusage ru_maxrss`) over one block, the mark "
+            "reset before each block (`malloc_trim`, `/proc/self/clear_refs` 5): activations, gradients and transient "
+            "buffers; weights and optimizer state exist before the first timed block"
+        ),
     ]
     print("\n".join(lines), flush=True)
     runners = [Runner(row, shared) for row in rows]

@@ -62,9 +62,9 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from _report import device_slug, markdown_table, write_report  # benchmarks/_report.py
 
 import mhaplug
-from _report import device_slug, markdown_table, write_report  # benchmarks/_report.py
 
 REPO = Path(__file__).resolve().parent.parent
 PLUGIN = "_mhaplug_torch_mha_swap"

@@ -36,10 +36,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from _report import device_slug, markdown_table, write_report  # benchmarks/_report.py
 from torch import Tensor, nn
 
 import mhaplug
-from _report import device_slug, markdown_table, write_report  # benchmarks/_report.py
 from mhaplug.data import TextDataModule
 from mhaplug.model import PACKED_STRATEGIES, DecoderConfig, DecoderLM, lm_loss_sum
 
@@ -69,8 +69,14 @@ def configurations(quick: bool) -> list[Config]:
 class TorchDecoder(nn.Module):
     """Baseline A: DecoderLM's architecture from stock torch modules (weights copied from a DecoderLM)."""
 
-    RENAMES = (("blocks.", "layers."), (".ln_1.", ".norm1."), (".ln_2.", ".norm2."), (".attn.", ".self_attn."),
-               (".mlp.0.", ".linear1."), (".mlp.2.", ".linear2."))
+    RENAMES = (
+        ("blocks.", "layers."),
+        (".ln_1.", ".norm1."),
+        (".ln_2.", ".norm2."),
+        (".attn.", ".self_attn."),
+        (".mlp.0.", ".linear1."),
+        (".mlp.2.", ".linear2."),
+    )
 
     def __init__(self, decoder: DecoderLM) -> None:
         super().__init__()
@@ -78,8 +84,9 @@ class TorchDecoder(nn.Module):
         self.tok_emb = nn.Embedding(c.vocab_size, c.d_model)
         self.pos_emb = nn.Embedding(c.max_positions, c.d_model)
         self.layers = nn.ModuleList(
-            nn.TransformerEncoderLayer(c.d_model, c.num_heads, c.d_ff, dropout=0.0, activation="gelu",
-                                       batch_first=True, norm_first=True)
+            nn.TransformerEncoderLayer(
+                c.d_model, c.num_heads, c.d_ff, dropout=0.0, activation="gelu", batch_first=True, norm_first=True
+            )
             for _ in range(c.num_layers)
         )
         self.ln_f = nn.LayerNorm(c.d_model)
@@ -102,8 +109,14 @@ class TorchDecoder(nn.Module):
 
 def build(config: Config, device: torch.device) -> tuple[Iterator[Batch], nn.Module, torch.optim.Optimizer]:
     """Endless train batches (``set_epoch`` per epoch), the model from seed SEED, and its AdamW."""
-    dm = TextDataModule(batching=config.batching, layout=config.layout, batch_size=BATCH_SIZE, max_length=MAX_LENGTH,
-                        max_tokens=BATCH_SIZE * MAX_LENGTH, seed=SEED)
+    dm = TextDataModule(
+        batching=config.batching,
+        layout=config.layout,
+        batch_size=BATCH_SIZE,
+        max_length=MAX_LENGTH,
+        max_tokens=BATCH_SIZE * MAX_LENGTH,
+        seed=SEED,
+    )
     dm.setup("fit")
 
     def batches() -> Iterator[Batch]:
@@ -128,8 +141,12 @@ def forward_loss(model: nn.Module, batch: Batch, device: torch.device) -> Tensor
     on = {k: v.to(device, non_blocking=True) for k, v in batch.items() if isinstance(v, Tensor)}
     if isinstance(model, DecoderLM):  # LitDecoderLM's training path: real tokens only, fused loss
         return model.loss_sum(on) / max(targets, 1)
-    logits = model(on["input_ids"], key_padding_mask=on["key_padding_mask"], position_ids=on["position_ids"],
-                   document_ids=on.get("document_ids"))
+    logits = model(
+        on["input_ids"],
+        key_padding_mask=on["key_padding_mask"],
+        position_ids=on["position_ids"],
+        document_ids=on.get("document_ids"),
+    )
     return lm_loss_sum(logits, on["labels"]) / max(targets, 1)
 
 
@@ -202,10 +219,18 @@ def run(config: Config, args: argparse.Namespace, val_batches: list[Batch]) -> d
         losses.append(train_step(model, optimizer, batch, device))
     sync(device)
     seconds = time.perf_counter() - start
-    return {"config": config, "real_tps": real / seconds, "padded_tps": padded / seconds, "pad": 1 - real / padded,
-            "step_s": seconds / args.steps, "data": data_s / seconds, "peak_mib": peak_memory_mib(device, baseline),
-            "seq_eff": doc_sq / real, "train_loss": float(torch.stack(losses[-10:]).mean()),
-            "val_loss": val_loss(model, val_batches, device)}
+    return {
+        "config": config,
+        "real_tps": real / seconds,
+        "padded_tps": padded / seconds,
+        "pad": 1 - real / padded,
+        "step_s": seconds / args.steps,
+        "data": data_s / seconds,
+        "peak_mib": peak_memory_mib(device, baseline),
+        "seq_eff": doc_sq / real,
+        "train_loss": float(torch.stack(losses[-10:]).mean()),
+        "val_loss": val_loss(model, val_batches, device),
+    }
 
 
 def profile_table(config: Config, args: argparse.Namespace, steps: int = 3, rows: int = 15) -> str:
@@ -255,8 +280,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
-def summary(results: list[dict[str, Any]], n_params: dict[str, int], gflops: float, args: argparse.Namespace,
-            ) -> tuple[list[str], dict[str, Any], list[str]]:
+def summary(
+    results: list[dict[str, Any]],
+    n_params: dict[str, int],
+    gflops: float,
+    args: argparse.Namespace,
+) -> tuple[list[str], dict[str, Any], list[str]]:
     """The results table, the notes (ratios, MFU), the best configuration and the targets it missed."""
     by_name = {r["config"].name: r for r in results}
     base_a, base_b = by_name.get(A_NAME), by_name.get(B_NAME)
@@ -265,38 +294,80 @@ def summary(results: list[dict[str, Any]], n_params: dict[str, int], gflops: flo
     def ratio(result: dict[str, Any], base: dict[str, Any] | None) -> str:
         return f"{result['real_tps'] / base['real_tps']:.2f}x" if base else "n/a"
 
-    header = ["configuration", "layout", "batching", "strategy", "real tokens/s", "padded tokens/s", "pad fraction",
-              "s / step", "data time", "peak MiB", "train loss (last 10)", "val loss", "vs A", "vs B"]
-    rows = [[r["config"].name, r["config"].layout, r["config"].batching, r["config"].strategy,
-             f"{r['real_tps']:,.0f}", f"{r['padded_tps']:,.0f}", f"{r['pad']:.1%}", f"{r['step_s']:.3f}",
-             f"{r['data']:.1%}", f"{r['peak_mib']:.0f}", f"{r['train_loss']:.3f}", f"{r['val_loss']:.3f}",
-             ratio(r, base_a), ratio(r, base_b)] for r in results]
+    header = [
+        "configuration",
+        "layout",
+        "batching",
+        "strategy",
+        "real tokens/s",
+        "padded tokens/s",
+        "pad fraction",
+        "s / step",
+        "data time",
+        "peak MiB",
+        "train loss (last 10)",
+        "val loss",
+        "vs A",
+        "vs B",
+    ]
+    rows = [
+        [
+            r["config"].name,
+            r["config"].layout,
+            r["config"].batching,
+            r["config"].strategy,
+            f"{r['real_tps']:,.0f}",
+            f"{r['padded_tps']:,.0f}",
+            f"{r['pad']:.1%}",
+            f"{r['step_s']:.3f}",
+            f"{r['data']:.1%}",
+            f"{r['peak_mib']:.0f}",
+            f"{r['train_loss']:.3f}",
+            f"{r['val_loss']:.3f}",
+            ratio(r, base_a),
+            ratio(r, base_b),
+        ]
+        for r in results
+    ]
     targets = {"A": (TARGET_VS_A, base_a), "B": (TARGET_VS_B, base_b)}
-    verdicts = {k: "n/a" if b is None else "met" if best["real_tps"] >= g * b["real_tps"] else "NOT met"
-                for k, (g, b) in targets.items()}
+    verdicts = {
+        k: "n/a" if b is None else "met" if best["real_tps"] >= g * b["real_tps"] else "NOT met"
+        for k, (g, b) in targets.items()
+    }
     n_flop = n_params["all"] - n_params["pos"]  # nanoGPT: every parameter but the position table
     flop_token = 6 * n_flop + 12 * MODEL["num_layers"] * MODEL["d_model"] * best["seq_eff"]
     achieved = flop_token * best["real_tps"] / 1e9
     notes = [
-        f"best mhaplug configuration: **{best['config'].name}**, {ratio(best, base_a)} baseline A (target >= "
-        f"{TARGET_VS_A:.0f}x: {verdicts['A']}) and {ratio(best, base_b)} baseline B (target >= {TARGET_VS_B:.0f}x: "
-        f"{verdicts['B']}) in real tokens/s",
-        f"MFU of the best configuration: {achieved:.1f} GFLOP/s of useful model FLOPs / {gflops:.1f} GFLOP/s "
-        f"(float32 {args.matmul}^3 matmul, best of 5 rounds before and after the runs in this process: "
-        f"{args.ceilings}) = **{achieved / gflops:.1%}**. FLOPs per real "
-        "token = 6 N + 12 n_layers d_model T_eff (PaLM appendix B, nanoGPT `estimate_mfu`; attention counted "
-        f"non-causal): N = {n_flop:,}, all parameters but the position table ({n_flop - n_params['tok']:,} "
-        f"non-embedding + {n_params['tok']:,} in the tied token table, i.e. the LM-head matmul); T_eff = sum(n^2) / "
-        f"sum(n) over the documents trained on (packed: per document, not per row) = {best['seq_eff']:.1f}; so "
-        f"{flop_token / 1e6:.2f} MFLOP per real token. FLOPs spent on padding or across documents are not counted",
+        (
+            f"best mhaplug configuration: **{best['config'].name}**, {ratio(best, base_a)} baseline A (target >= "
+            f"{TARGET_VS_A:.0f}x: {verdicts['A']}) and {ratio(best, base_b)} baseline B (target >= {TARGET_VS_B:.0f}x: "
+            f"{verdicts['B']}) in real tokens/s"
+        ),
+        (
+            f"MFU of the best configuration: {achieved:.1f} GFLOP/s of useful model FLOPs / {gflops:.1f} GFLOP/s "
+            f"(float32 {args.matmul}^3 matmul, best of 5 rounds before and after the runs in this process: "
+            f"{args.ceilings}) = **{achieved / gflops:.1%}**. FLOPs per real "
+            "token = 6 N + 12 n_layers d_model T_eff (PaLM appendix B, nanoGPT `estimate_mfu`; attention counted "
+            f"non-causal): N = {n_flop:,}, all parameters but the position table ({n_flop - n_params['tok']:,} "
+            f"non-embedding + {n_params['tok']:,} in the tied token table, i.e. the LM-head matmul); T_eff = sum(n^2) / "
+            f"sum(n) over the documents trained on (packed: per document, not per row) = {best['seq_eff']:.1f}; so "
+            f"{flop_token / 1e6:.2f} MFLOP per real token. FLOPs spent on padding or across documents are not counted"
+        ),
         "data time: share of the timed wall time spent in `next(train loader)` (sampling, collation; no workers)",
-        "runs see different batches (random: ~930 real tokens per step; token_budget, packed: ~3,900-4,100) for the "
-        "same steps: losses compare only roughly. Val loss: the same padded val split for all (`eval()`, no_grad)",
-        "skipped for time: `reference`, `torch_mha` (baseline A runs torch's own MHA), `flex` (no Flex backward on "
-        "CPU); `causal_kpm` / `causal_only` with packed rows are invalid (documents would attend each other)",
+        (
+            "runs see different batches (random: ~930 real tokens per step; token_budget, packed: ~3,900-4,100) for the "
+            "same steps: losses compare only roughly. Val loss: the same padded val split for all (`eval()`, no_grad)"
+        ),
+        (
+            "skipped for time: `reference`, `torch_mha` (baseline A runs torch's own MHA), `flex` (no Flex backward on "
+            "CPU); `causal_kpm` / `causal_only` with packed rows are invalid (documents would attend each other)"
+        ),
     ]
-    return [markdown_table(header, rows)] + [""] + [f"- {n}" for n in notes], best, \
-        [k for k, v in verdicts.items() if v == "NOT met"]
+    return (
+        [markdown_table(header, rows)] + [""] + [f"- {n}" for n in notes],
+        best,
+        [k for k, v in verdicts.items() if v == "NOT met"],
+    )
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -314,26 +385,40 @@ def main(argv: list[str] | None = None) -> None:
     val_dm.setup("fit")
     val_batches = list(val_dm.val_dataloader())
     probe = DecoderLM(DecoderConfig(vocab_size=val_dm.vocab_size, max_positions=MAX_LENGTH, **MODEL))
-    n_params = {"all": sum(p.numel() for p in probe.parameters()), "pos": probe.pos_emb.weight.numel(),
-                "tok": probe.tok_emb.weight.numel()}  # parameters() counts the tied table once
+    n_params = {
+        "all": sum(p.numel() for p in probe.parameters()),
+        "pos": probe.pos_emb.weight.numel(),
+        "tok": probe.tok_emb.weight.numel(),
+    }  # parameters() counts the tied table once
     args.matmul, repeats = (1024, 2) if args.quick else (2048, 20 if device.type == "cuda" else 3)
     ceilings = [matmul_gflops(device, args.matmul, repeats)]  # and again after the runs: the best is the ceiling
-    memory = "`torch.cuda.max_memory_allocated` (MiB)" if device.type == "cuda" else (
-        "growth of the process peak RSS during the run, `ru_maxrss` after minus before (MiB), with the peak mark reset "
-        "before each run (`malloc_trim`, `/proc/self/clear_refs` 5): activations, gradients, optimizer state and data")
+    memory = (
+        "`torch.cuda.max_memory_allocated` (MiB)"
+        if device.type == "cuda"
+        else (
+            "growth of the process peak RSS during the run, `ru_maxrss` after minus before (MiB), with the peak mark reset "
+            "before each run (`malloc_trim`, `/proc/self/clear_refs` 5): activations, gradients, optimizer state and data"
+        )
+    )
     sections = [
         "# Training throughput: real tokens per second, mhaplug against the stock PyTorch path",
         "",
         f"- command: `python {' '.join(shlex.quote(a) for a in sys.argv)}`",
-        f"- torch {torch.__version__}, mhaplug {mhaplug.__version__}, Python {sys.version.split()[0]}, "
-        f"device `{slug}`, threads {torch.get_num_threads()}",
+        (
+            f"- torch {torch.__version__}, mhaplug {mhaplug.__version__}, Python {sys.version.split()[0]}, "
+            f"device `{slug}`, threads {torch.get_num_threads()}"
+        ),
         f"- date {datetime.datetime.now(datetime.timezone.utc).isoformat(timespec='seconds')}",
-        f"- model: {', '.join(f'{k} {v}' for k, v in MODEL.items())}, vocab {val_dm.vocab_size}, max_length "
-        f"{MAX_LENGTH}, tied head, {n_params['all']:,} parameters, float32, the same initial weights for every run",
-        f"- data: `TextDataModule(batching=..., layout=..., batch_size={BATCH_SIZE}, max_length={MAX_LENGTH}, "
-        f"max_tokens={BATCH_SIZE * MAX_LENGTH}, seed={SEED})` (stdlib_docs); {args.steps} timed optimizer steps after "
-        f"{args.warmup} untimed ones, data loading included; real tokens = `lengths.sum()`, "
-        "padded = `input_ids.numel()`",
+        (
+            f"- model: {', '.join(f'{k} {v}' for k, v in MODEL.items())}, vocab {val_dm.vocab_size}, max_length "
+            f"{MAX_LENGTH}, tied head, {n_params['all']:,} parameters, float32, the same initial weights for every run"
+        ),
+        (
+            f"- data: `TextDataModule(batching=..., layout=..., batch_size={BATCH_SIZE}, max_length={MAX_LENGTH}, "
+            f"max_tokens={BATCH_SIZE * MAX_LENGTH}, seed={SEED})` (stdlib_docs); {args.steps} timed optimizer steps after "
+            f"{args.warmup} untimed ones, data loading included; real tokens = `lengths.sum()`, "
+            "padded = `input_ids.numel()`"
+        ),
         f"- AdamW lr {LR} constant, betas (0.9, 0.95), weight decay 0.1 on matrices, gradient norm clipped to 1.0",
         f"- peak memory: {memory}",
     ]
@@ -341,15 +426,24 @@ def main(argv: list[str] | None = None) -> None:
     results = []
     for config in configurations(args.quick):
         results.append(result := run(config, args, val_batches))
-        print(f"  {config.name}: {result['real_tps']:,.0f} real tokens/s, pad {result['pad']:.1%}, "
-              f"train loss {result['train_loss']:.3f}, val loss {result['val_loss']:.3f}", flush=True)
+        print(
+            f"  {config.name}: {result['real_tps']:,.0f} real tokens/s, pad {result['pad']:.1%}, "
+            f"train loss {result['train_loss']:.3f}, val loss {result['val_loss']:.3f}",
+            flush=True,
+        )
     ceilings.append(matmul_gflops(device, args.matmul, repeats))
     args.ceilings = ", ".join(f"{c:.1f}" for c in ceilings)
     table, best, misses = summary(results, n_params, max(ceilings), args)
     block = ["", "## Results", "", *table]
     if misses:
-        block += ["", f"## Profile: {best['config'].name}, 3 training steps (target vs {' and '.join(misses)} missed)",
-                  "", "```", profile_table(best["config"], args).rstrip(), "```"]
+        block += [
+            "",
+            f"## Profile: {best['config'].name}, 3 training steps (target vs {' and '.join(misses)} missed)",
+            "",
+            "```",
+            profile_table(best["config"], args).rstrip(),
+            "```",
+        ]
     print("\n".join(block), flush=True)
     write_report(out_path, sections + block)
 

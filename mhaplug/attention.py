@@ -74,22 +74,30 @@ CAPABILITIES: dict[str, Capabilities] = {
     ),
     "reference": Capabilities(kernel="explicit safe softmax(q k^T / sqrt(D) + mask) v", mask_memory="B*L*S (+ scores)"),
     "torch_mha": Capabilities(
-        kernel="torch's own MultiheadAttention.forward (NaN rows kept)", mask_memory="B*H*L*S float",
+        kernel="torch's own MultiheadAttention.forward (NaN rows kept)",
+        mask_memory="B*H*L*S float",
         empty_rows_zero=False,
     ),
     "merged_bool": Capabilities(kernel="one (B, 1, L, S) bool keep-mask to SDPA", mask_memory="B*L*S bytes"),
     "merged_additive": Capabilities(kernel="one (B, 1, L, S) 0/-inf float mask to SDPA", mask_memory="4*B*L*S bytes"),
     "causal_kpm": Capabilities(
         kernel="SDPA is_causal=True + (B, 1, 1, S) keep-mask (merged_bool where the backend cannot take both)",
-        mask_memory="B*S bytes", needs_is_causal=True, document_masks=False,
+        mask_memory="B*S bytes",
+        needs_is_causal=True,
+        document_masks=False,
     ),
     "causal_only": Capabilities(
-        kernel="SDPA is_causal=True, padding ignored", mask_memory="0", needs_is_causal=True, document_masks=False,
+        kernel="SDPA is_causal=True, padding ignored",
+        mask_memory="0",
+        needs_is_causal=True,
+        document_masks=False,
         left_padding=False,
     ),
     "flex": Capabilities(
-        kernel="FlexAttention BlockMask from causal & not-pad (or document) predicates", mask_memory="O(blocks)",
-        trains_on_cpu=False, dropout=False,
+        kernel="FlexAttention BlockMask from causal & not-pad (or document) predicates",
+        mask_memory="O(blocks)",
+        trains_on_cpu=False,
+        dropout=False,
     ),
 }
 STRATEGIES: tuple[str, ...] = tuple(CAPABILITIES)
@@ -163,7 +171,9 @@ class _Call:
 
 
 def _sdpa(call: _Call, mask: Tensor | None = None, *, is_causal: bool = False) -> Tensor:
-    return F.scaled_dot_product_attention(call.q, call.k, call.v, attn_mask=mask, dropout_p=call.dropout_p, is_causal=is_causal)
+    return F.scaled_dot_product_attention(
+        call.q, call.k, call.v, attn_mask=mask, dropout_p=call.dropout_p, is_causal=is_causal
+    )
 
 
 def zero_rows(out: Tensor, row_has_key: Tensor) -> Tensor:
@@ -284,7 +294,7 @@ def _causal_kpm(call: _Call) -> tuple[Tensor, str]:
         return _sdpa(call, is_causal=True), "causal_kpm"
     if not sdpa_takes_mask_with_causal(call.q, call.k, call.v, mask, call.dropout_p):
         return _fall_back(call, "the SDPA backend for this call cannot take is_causal=True with attn_mask")
-    batch_size, num_heads, tgt_len = call.shape
+    _batch_size, _num_heads, tgt_len = call.shape
     row_has_key = masks.causal_row_has_key(mask, tgt_len, call.src_len, device=call.q.device)  # (B, 1, L, 1)
     return zero_rows(_sdpa(call, mask, is_causal=True), row_has_key), "causal_kpm"
 
@@ -322,14 +332,20 @@ def _flex(call: _Call) -> tuple[Tensor, str]:
 
     if call.dropout_p > 0.0:
         raise ValueError("strategy='flex' has no attention dropout; set dropout=0.0 or use strategy='merged_bool'")
-    if call.q.device.type == "cpu" and torch.is_grad_enabled() and any(t.requires_grad for t in (call.q, call.k, call.v)):
+    if (
+        call.q.device.type == "cpu"
+        and torch.is_grad_enabled()
+        and any(t.requires_grad for t in (call.q, call.k, call.v))
+    ):
         raise NotImplementedError(
             "strategy='flex' has no backward on CPU (FlexAttention is forward-only there); train on CPU with "
             "strategy='auto' or 'merged_bool', or run flex under torch.no_grad()"
         )
     if call.extra_keys:
-        raise NotImplementedError("strategy='flex' does not support add_bias_kv / add_zero_attn; use strategy='merged_bool'")
-    batch_size, num_heads, tgt_len = call.shape
+        raise NotImplementedError(
+            "strategy='flex' does not support add_bias_kv / add_zero_attn; use strategy='merged_bool'"
+        )
+    batch_size, _num_heads, tgt_len = call.shape
     row_has_key = None
     if isinstance(call.attn_mask, BlockMask):
         block_mask = call.attn_mask  # built once per batch by the caller; it carries causality and padding
@@ -399,7 +415,7 @@ def _stay_out_of_torch_fast_paths(module: nn.Module, args: tuple[object, ...]) -
     """A forward pre-hook that does nothing. ``nn.TransformerEncoderLayer``'s inference fast path reads the
     attention's weights and never calls its ``forward``, unless a module in the layer has a hook (torch's
     ``why_not_sparsity_fast_path``): this hook keeps every call, in training and in eval, on mhaplug's path."""
-    return None
+    return
 
 
 class MultiheadAttention(nn.MultiheadAttention):
@@ -537,7 +553,9 @@ class MultiheadAttention(nn.MultiheadAttention):
         """
         is_batched = _check_inputs(self, query, key, value, key_padding_mask, attn_mask)
         if self.strategy == "torch_mha":
-            return self._forward_torch(query, key, value, key_padding_mask, need_weights, attn_mask, average_attn_weights, is_causal)
+            return self._forward_torch(
+                query, key, value, key_padding_mask, need_weights, attn_mask, average_attn_weights, is_causal
+            )
 
         same_qk, same_kv = query is key, key is value
         if not is_batched:
@@ -572,7 +590,9 @@ class MultiheadAttention(nn.MultiheadAttention):
         )
         weights = None
         if need_weights:
-            out, weights, row_has_key = explicit_attention(call.q, call.k, call.v, self._weights_mask(call), dropout_p=call.dropout_p)
+            out, weights, row_has_key = explicit_attention(
+                call.q, call.k, call.v, self._weights_mask(call), dropout_p=call.dropout_p
+            )
             weights = _finish_weights(weights, row_has_key, average=average_attn_weights)
             self._record_dispatch("explicit")
         else:
@@ -605,7 +625,12 @@ class MultiheadAttention(nn.MultiheadAttention):
             raise ValueError(f"x must be (N, embed_dim={self.embed_dim}), got shape {tuple(x.shape)}")
         if attn_mask is not None and len(layouts) != 1:
             raise ValueError(f"an attn_mask describes one (B, L) layout; got {len(layouts)} layouts")
-        if self.strategy == "torch_mha" or not self._qkv_same_embed_dim or self.bias_k is not None or self.add_zero_attn:
+        if (
+            self.strategy == "torch_mha"
+            or not self._qkv_same_embed_dim
+            or self.bias_k is not None
+            or self.add_zero_attn
+        ):
             outs = [self._forward_layout_padded(x[lay.start : lay.stop], lay, attn_mask, is_causal) for lay in layouts]
             return outs[0] if len(outs) == 1 else torch.cat(outs)
         qkv = F.linear(x, self.in_proj_weight, self.in_proj_bias)  # (N, 3E)
@@ -641,7 +666,9 @@ class MultiheadAttention(nn.MultiheadAttention):
         if not torch.compiler.is_compiling():
             self.last_dispatch = dispatch
 
-    def _project(self, query: Tensor, key: Tensor, value: Tensor, self_attention: bool, same_kv: bool) -> tuple[Tensor, Tensor, Tensor]:
+    def _project(
+        self, query: Tensor, key: Tensor, value: Tensor, self_attention: bool, same_kv: bool
+    ) -> tuple[Tensor, Tensor, Tensor]:
         """Input projections, packed where torch packs them (one matmul for self-attention)."""
         embed_dim = self.embed_dim
         bias = self.in_proj_bias
@@ -674,8 +701,9 @@ class MultiheadAttention(nn.MultiheadAttention):
         if strategy == "causal_kpm" or (strategy == "auto" and call.is_causal):
             _require_causal(call, strategy)
             call = call.taking_causal_hint(strategy)
+        # ValueError: a combination of arguments is a bad value, not a programming error
         if not isinstance(call.attn_mask, (Tensor, type(None))):
-            raise ValueError("need_weights=True cannot be served from a BlockMask; pass need_weights=False")
+            raise ValueError("need_weights=True cannot be served from a BlockMask; pass need_weights=False")  # noqa: TRY004
         return call.merged()
 
     def _forward_torch(
@@ -768,14 +796,20 @@ def _check_inputs(
     is_batched = query.dim() == 3
     for name, tensor in (("key", key), ("value", value)):
         if tensor.dim() != query.dim():
-            raise ValueError(f"{name} must be {query.dim()}-D like query (shape {tuple(query.shape)}), got shape {tuple(tensor.shape)}")
+            raise ValueError(
+                f"{name} must be {query.dim()}-D like query (shape {tuple(query.shape)}), got shape {tuple(tensor.shape)}"
+            )
     seq_dim = 1 if (is_batched and mha.batch_first) else 0
     layout = "(B, L, E)" if seq_dim == 1 else "(L, B, E)" if is_batched else "(L, E)"
     for name, tensor, features in (("query", query, mha.embed_dim), ("key", key, mha.kdim), ("value", value, mha.vdim)):
         if tensor.shape[-1] != features:
-            raise ValueError(f"{name} must have {features} features in its last dim {layout}, got shape {tuple(tensor.shape)}")
+            raise ValueError(
+                f"{name} must have {features} features in its last dim {layout}, got shape {tuple(tensor.shape)}"
+            )
     if key.shape[:-1] != value.shape[:-1]:
-        raise ValueError(f"key and value must agree in batch and length, got shapes {tuple(key.shape)} and {tuple(value.shape)}")
+        raise ValueError(
+            f"key and value must agree in batch and length, got shapes {tuple(key.shape)} and {tuple(value.shape)}"
+        )
     tgt_len, src_len = query.shape[seq_dim], key.shape[seq_dim]
     batch_size = query.shape[1 - seq_dim] if is_batched else 1
     if is_batched and key.shape[1 - seq_dim] != batch_size:
@@ -797,7 +831,9 @@ def _check_inputs(
 
         if isinstance(attn_mask, BlockMask) and mha.strategy == "flex":
             if key_padding_mask is not None:
-                raise ValueError("with a BlockMask attn_mask, fold the padding into the BlockMask and pass key_padding_mask=None")
+                raise ValueError(
+                    "with a BlockMask attn_mask, fold the padding into the BlockMask and pass key_padding_mask=None"
+                )
             return is_batched
         raise TypeError(
             f"attn_mask must be a torch.Tensor (or a BlockMask with strategy='flex'), got {type(attn_mask).__name__}"
@@ -850,7 +886,9 @@ def swap_attention(model: nn.Module, strategy: str = DEFAULT_STRATEGY) -> dict[s
                     child.strategy = strategy
             elif isinstance(child, nn.MultiheadAttention):
                 setattr(parent, name, MultiheadAttention.from_torch(child, strategy=strategy))
-                changed[prefix + name] = f"{type(child).__module__.replace('.modules.activation', '')}.{type(child).__name__}"
+                changed[prefix + name] = (
+                    f"{type(child).__module__.replace('.modules.activation', '')}.{type(child).__name__}"
+                )
         if isinstance(parent, nn.TransformerEncoder) and parent.use_nested_tensor:
             parent.use_nested_tensor = False
             changed[parent_name or "(model)"] = "nested-tensor fast path off"

@@ -130,8 +130,10 @@ class AuditReport:
     def __str__(self) -> str:
         verdict = "passed" if self.passed else "FAILED"
         parts = [str(check) for check in self.checks] + [f"{name} skipped" for name in self.skipped]
-        return (f"mask audit {verdict} ({self.call}, {self.forwards} forwards, {self.seconds * 1e3:.0f} ms): "
-                + ", ".join(parts))
+        return (
+            f"mask audit {verdict} ({self.call}, {self.forwards} forwards, {self.seconds * 1e3:.0f} ms): "
+            + ", ".join(parts)
+        )
 
     def as_dict(self) -> dict[str, Any]:
         """Plain JSON types only (a non-finite change is null; its check failed)."""
@@ -161,8 +163,14 @@ class AuditReport:
             )
             for name, c in data["checks"].items()
         )
-        return cls(checks, dict(data.get("skipped", {})), str(data.get("call", "")), float(data.get("tolerance", 1e-4)),
-                   int(data.get("forwards", 0)), float(data.get("seconds", 0.0)))
+        return cls(
+            checks,
+            dict(data.get("skipped", {})),
+            str(data.get("call", "")),
+            float(data.get("tolerance", 1e-4)),
+            int(data.get("forwards", 0)),
+            float(data.get("seconds", 0.0)),
+        )
 
 
 def audit(
@@ -238,16 +246,19 @@ def audit(
         reference = call(model, dict(batch)).float()  # (B, L, V)
         forwards += 1
         if reference.shape[:2] != input_ids.shape:
-            raise ValueError(f"the model's logits have shape {tuple(reference.shape)}; expected (B, L, V) with "
-                             f"(B, L) = {tuple(input_ids.shape)} ({how})")
+            raise ValueError(
+                f"the model's logits have shape {tuple(reference.shape)}; expected (B, L, V) with "
+                f"(B, L) = {tuple(input_ids.shape)} ({how})"
+            )
         checks.append(_finite_check(reference, real))
         largest = reference.abs().amax(dim=-1)  # (B, L), NaN where a logit is NaN
         largest = largest[real & torch.isfinite(largest)]  # (N,)
         threshold = max(tolerance * float(largest.max()) if largest.numel() else 0.0, 1e-7)  # floor: all-zero logits
         loss = _loss(reference, batch.get("labels"))
 
-        def compare(name: str, changed: dict[str, Any], keep: Tensor, detail: str, noise: Tensor | None = None
-                    ) -> Tensor:
+        def compare(
+            name: str, changed: dict[str, Any], keep: Tensor, detail: str, noise: Tensor | None = None
+        ) -> Tensor:
             nonlocal forwards
             with _noise_on(embedding, noise):
                 logits = call(model, changed).float()  # (B, L, V)
@@ -356,8 +367,10 @@ def _logits_of(output: Any) -> Tensor:
         return output["logits"]
     if isinstance(getattr(output, "logits", None), Tensor):
         return output.logits
-    raise TypeError(f"the model returned {type(output).__name__}; expected logits (B, L, V), or an output with "
-                    f"'logits'. Pass forward=lambda model, batch: <logits> to audit()")
+    raise TypeError(
+        f"the model returned {type(output).__name__}; expected logits (B, L, V), or an output with "
+        f"'logits'. Pass forward=lambda model, batch: <logits> to audit()"
+    )
 
 
 def _input_embedding(model: nn.Module) -> nn.Module | None:
@@ -382,8 +395,10 @@ def _is_pad(batch: Mapping[str, Any]) -> Tensor:
     if batch.get("key_padding_mask") is not None:
         is_pad = batch["key_padding_mask"]
         if is_pad.dtype != torch.bool or is_pad.shape != batch["input_ids"].shape:
-            raise ValueError(f"batch['key_padding_mask'] must be bool (B, L) = {tuple(batch['input_ids'].shape)} "
-                             f"(True = pad), got {_describe(is_pad)}")
+            raise ValueError(
+                f"batch['key_padding_mask'] must be bool (B, L) = {tuple(batch['input_ids'].shape)} "
+                f"(True = pad), got {_describe(is_pad)}"
+            )
         return is_pad
     if batch.get("attention_mask") is not None and batch["attention_mask"].dim() == 2:
         return masks.is_pad_from_attention_mask(batch["attention_mask"])
@@ -409,8 +424,14 @@ def _pad_noise(embedding: nn.Module, real: Tensor, factor: float, generator: tor
 
 
 # What a pad column holds, per batch key (PadCollator's and PackCollator's conventions).
-_PAD_VALUES: dict[str, int | bool] = {"input_ids": 0, "labels": -100, "key_padding_mask": True, "attention_mask": 0,
-                                      "position_ids": 0, "document_ids": -1}
+_PAD_VALUES: dict[str, int | bool] = {
+    "input_ids": 0,
+    "labels": -100,
+    "key_padding_mask": True,
+    "attention_mask": 0,
+    "position_ids": 0,
+    "document_ids": -1,
+}
 
 
 def _append_pad_columns(batch: dict[str, Any], count: int) -> tuple[dict[str, Any] | None, str]:
@@ -470,9 +491,13 @@ def _finite_check(logits: Tensor, real: Tensor) -> AuditCheck:
     sequence, and so does a loss that multiplies by a mask (0 * NaN = NaN)."""
     bad = ~torch.isfinite(logits).all(dim=-1)  # (B, L)
     at_real, at_pad = int((bad & real).sum()), int((bad & ~real).sum())
-    return AuditCheck("finite", not (at_real or at_pad), positions=bad.numel(), moved=at_real + at_pad,
-                      detail=f"NaN/inf logits at {at_real}/{int(real.sum())} real and {at_pad}/{int((~real).sum())} "
-                             f"pad positions")
+    return AuditCheck(
+        "finite",
+        not (at_real or at_pad),
+        positions=bad.numel(),
+        moved=at_real + at_pad,
+        detail=f"NaN/inf logits at {at_real}/{int(real.sum())} real and {at_pad}/{int((~real).sum())} pad positions",
+    )
 
 
 def _check(name: str, change: Tensor, threshold: float, detail: str) -> AuditCheck:
@@ -481,8 +506,15 @@ def _check(name: str, change: Tensor, threshold: float, detail: str) -> AuditChe
     max_change = float(change.amax()) if change.numel() else 0.0
     if bool(torch.isnan(change).any()):
         max_change = math.nan
-    return AuditCheck(name, not bool(moved.any()), positions=change.numel(), moved=int(moved.sum()),
-                      max_change=max_change, threshold=threshold, detail=detail)
+    return AuditCheck(
+        name,
+        not bool(moved.any()),
+        positions=change.numel(),
+        moved=int(moved.sum()),
+        max_change=max_change,
+        threshold=threshold,
+        detail=detail,
+    )
 
 
 def _loss(logits: Tensor, labels: Tensor | None) -> Tensor | None:

@@ -24,8 +24,17 @@ from torch import Tensor
 from mhaplug.audit import AuditReport, audit
 from mhaplug.collate import add_token_counts
 
-__all__ = ["BatchLog", "CheckpointOnSigterm", "DivergedError", "MaskAudit", "MaskAuditError", "ResumeMarker",
-           "StopOnNonFiniteLoss", "ThroughputMonitor", "peak_memory_mb"]
+__all__ = [
+    "BatchLog",
+    "CheckpointOnSigterm",
+    "DivergedError",
+    "MaskAudit",
+    "MaskAuditError",
+    "ResumeMarker",
+    "StopOnNonFiniteLoss",
+    "ThroughputMonitor",
+    "peak_memory_mb",
+]
 
 log = logging.getLogger(__name__)
 
@@ -41,7 +50,9 @@ class BatchLog(pl.Callback):
     def __init__(self, path: str) -> None:
         self.path = Path(path)
 
-    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int) -> None:
+    def on_train_batch_start(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
+    ) -> None:
         if not trainer.is_global_zero:
             return
         digest = hashlib.sha256(batch["input_ids"].cpu().numpy().tobytes()).hexdigest()[:16]
@@ -176,7 +187,9 @@ class ThroughputMonitor(pl.Callback):
         self._pending = {"batches": 0, "real": 0, "padded": 0}
         self._start = self._paused_at = None
 
-    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int) -> None:
+    def on_train_batch_start(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
+    ) -> None:
         if self._start is None:
             self._start = time.perf_counter()
 
@@ -312,7 +325,9 @@ class CheckpointOnSigterm(Checkpoint):
 
     # -- where Lightning may stop ---------------------------------------------------------------------------------
 
-    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int) -> None:
+    def on_train_batch_start(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
+    ) -> None:
         self._step_at_batch_start = trainer.global_step
         self._boundary = False
         self._publish()
@@ -345,9 +360,14 @@ class CheckpointOnSigterm(Checkpoint):
 
     def _save(self, trainer: pl.Trainer) -> None:
         for checkpoint in trainer.checkpoint_callbacks:
-            if isinstance(checkpoint, ModelCheckpoint) and checkpoint.save_last and checkpoint.dirpath and (
-                os.path.realpath(checkpoint.dirpath) == os.path.realpath(self.path.parent)
-                and self.path.stem == checkpoint.CHECKPOINT_NAME_LAST
+            if (
+                isinstance(checkpoint, ModelCheckpoint)
+                and checkpoint.save_last
+                and checkpoint.dirpath
+                and (
+                    os.path.realpath(checkpoint.dirpath) == os.path.realpath(self.path.parent)
+                    and self.path.stem == checkpoint.CHECKPOINT_NAME_LAST
+                )
             ):
                 # Its last.ckpt from now on (saved in the checkpoint's state): after the resume it overwrites this
                 # file rather than writing last-v1.ckpt beside it.
@@ -393,7 +413,9 @@ class StopOnNonFiniteLoss(pl.Callback):
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._first, self._found, self._last_step = None, None, trainer.global_step
 
-    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int) -> None:
+    def on_train_batch_start(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
+    ) -> None:
         self._raise_if_found()
 
     def on_train_batch_end(
@@ -415,7 +437,9 @@ class StopOnNonFiniteLoss(pl.Callback):
     def on_validation_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._raise_if_found()
 
-    def on_save_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]) -> None:
+    def on_save_checkpoint(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]
+    ) -> None:
         self._read()
         self._raise_if_found()  # before the checkpoint is written: raising here writes none
 
@@ -450,7 +474,9 @@ class ResumeMarker(pl.Callback):
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._resumed = trainer.ckpt_path is not None
 
-    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int) -> None:
+    def on_train_batch_start(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
+    ) -> None:
         if not self._resumed:
             return
         self._resumed = False

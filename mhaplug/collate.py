@@ -117,7 +117,9 @@ def add_token_counts(batch: dict[str, Any], *, label_pad_id: int = IGNORE_INDEX)
     elif "key_padding_mask" in batch:
         real = int(batch["key_padding_mask"].logical_not().sum())
     else:
-        raise KeyError(f"batch has neither 'lengths' nor 'key_padding_mask' to count real tokens; its keys are {sorted(batch)}")
+        raise KeyError(
+            f"batch has neither 'lengths' nor 'key_padding_mask' to count real tokens; its keys are {sorted(batch)}"
+        )
     batch["num_targets"] = int((labels[:, 1:] != label_pad_id).sum())
     batch["num_real_tokens"] = real
     batch["num_padded_tokens"] = labels.numel()
@@ -137,8 +139,10 @@ def _check_int(name: str, value: object, meaning: str) -> int:
         got = "None" if value is None else f"{type(value).__name__} {value!r}"
         hint = ""
         if name == "pad_token_id" and value is None:
-            hint = ("; tokenizer.pad_token_id is None when the tokenizer has no pad token: add one, or pass the EOS id "
-                    "(labels come from lengths, so a pad id equal to EOS still learns to stop)")
+            hint = (
+                "; tokenizer.pad_token_id is None when the tokenizer has no pad token: add one, or pass the EOS id "
+                "(labels come from lengths, so a pad id equal to EOS still learns to stop)"
+            )
         raise TypeError(f"{name} must be an int ({meaning}), got {got}{hint}")
     if not _INT64.min <= value <= _INT64.max:
         raise ValueError(f"{name} must fit int64, got {value}")
@@ -160,7 +164,9 @@ def _token_ids(row: Row, index: int, vocab_size: int | None) -> Tensor:
         array = _id_array(ids, index)
         tensor = torch.from_numpy(array) if array.size else torch.zeros(0, dtype=torch.int64)
     if tensor.dtype == torch.bool or tensor.is_floating_point() or tensor.is_complex():
-        raise TypeError(f"row {index}: input_ids must be integers, got dtype {tensor.dtype}: {tensor.flatten()[:8].tolist()}")
+        raise TypeError(
+            f"row {index}: input_ids must be integers, got dtype {tensor.dtype}: {tensor.flatten()[:8].tolist()}"
+        )
     if tensor.dim() != 1:
         raise ValueError(f"row {index}: input_ids must be 1-D, got shape {tuple(tensor.shape)}")
     if tensor.numel() == 0:
@@ -185,8 +191,10 @@ def _id_array(ids: object, index: int) -> np.ndarray:
     if kind == "i" or (kind == "u" and array.dtype.itemsize < 8):
         return array  # the common case, checked cheaply: the collators convert every row here
     if kind in "US":
-        raise TypeError(f"row {index}: input_ids must be token ids (ints), got strings {array.ravel()[:8].tolist()}; "
-                        "tokenise the text first")
+        raise TypeError(
+            f"row {index}: input_ids must be token ids (ints), got strings {array.ravel()[:8].tolist()}; "
+            "tokenise the text first"
+        )
     outside = _outside_int64(ids, array)
     if outside:
         raise ValueError(f"row {index}: input_ids has token ids {outside} that do not fit int64")
@@ -200,8 +208,11 @@ def _outside_int64(ids: object, array: np.ndarray) -> list[int]:
     """Up to 4 ids of ``ids`` outside int64. numpy makes Python ints past int64 a uint64, float64 or object array."""
     if array.dtype == np.uint64:
         return array[array > _INT64.max][:4].tolist()
-    ints = array.dtype.kind in "fO" and array.ndim == 1 and isinstance(ids, Sequence) and all(
-        isinstance(t, numbers.Integral) and not isinstance(t, (bool, np.bool_)) for t in ids
+    ints = (
+        array.dtype.kind in "fO"
+        and array.ndim == 1
+        and isinstance(ids, Sequence)
+        and all(isinstance(t, numbers.Integral) and not isinstance(t, (bool, np.bool_)) for t in ids)
     )
     return [int(t) for t in ids if not _INT64.min <= t <= _INT64.max][:4] if ints else []  # type: ignore[union-attr]
 
@@ -238,8 +249,10 @@ def _unstackable(key: str, values: list[Any], error: Exception) -> Exception:
         i = differ[0]
         detail = f"rows {differ[:8]} differ from row 0 (row 0: {_show(values[0])}; row {i}: {_show(values[i])})"
         cls = TypeError if type(values[i]) is not type(values[0]) else ValueError
-    return cls(f"passthrough key {key!r} cannot be stacked: {detail}; give {key!r} one type and shape in every row, "
-               "or leave it out of passthrough_keys")
+    return cls(
+        f"passthrough key {key!r} cannot be stacked: {detail}; give {key!r} one type and shape in every row, "
+        "or leave it out of passthrough_keys"
+    )
 
 
 @dataclass(kw_only=True)
@@ -373,9 +386,16 @@ class PadCollator(_Collator):
                 flat = np.array(tokens, dtype=np.int64) if all(type(t) is int for t in tokens) else None
         except (TypeError, ValueError, OverflowError):  # OverflowError: an int past int64
             flat = None
-        if flat is None or flat.dtype.kind not in "iu" or flat.ndim != 1 or not lengths.all() or (
-            flat.dtype == np.uint64 and flat.max() > _INT64.max  # would wrap to a negative id
-        ) or (self.vocab_size is not None and (flat.min() < 0 or flat.max() >= self.vocab_size)):
+        if (
+            flat is None
+            or flat.dtype.kind not in "iu"
+            or flat.ndim != 1
+            or not lengths.all()
+            or (
+                flat.dtype == np.uint64 and flat.max() > _INT64.max  # would wrap to a negative id
+            )
+            or (self.vocab_size is not None and (flat.min() < 0 or flat.max() >= self.vocab_size))
+        ):
             sequences = self._sequences(rows)  # raises, naming the row
             return torch.cat(sequences).numpy(), np.array([len(t) for t in sequences], dtype=np.int64)
         return flat.astype(np.int64, copy=False), lengths
@@ -388,7 +408,9 @@ class PadCollator(_Collator):
                 f"row {index} has {lengths[index]} tokens, more than max_length={self.max_length}; raise max_length, "
                 f"split long documents when tokenising, or pass overflow='truncate' to keep the first {self.max_length}"
             )
-        logger.debug("%d rows truncated to max_length=%d tokens", int((lengths > self.max_length).sum()), self.max_length)
+        logger.debug(
+            "%d rows truncated to max_length=%d tokens", int((lengths > self.max_length).sum()), self.max_length
+        )
         starts = np.concatenate([[0], np.cumsum(lengths)[:-1]])
         kept = np.minimum(lengths, self.max_length)
         flat = np.concatenate([flat[start : start + n] for start, n in zip(starts, kept)])
@@ -578,9 +600,14 @@ class PackCollator(_Collator):
         sequences = self._sequences(rows)
         prepacked = [isinstance(row, Mapping) and "document_lengths" in row for row in rows]
         if all(prepacked):
-            return [self._split_prepacked(ids, row["document_lengths"], i) for i, (ids, row) in enumerate(zip(sequences, rows))]  # type: ignore[index]
+            return [
+                self._split_prepacked(ids, row["document_lengths"], i)
+                for i, (ids, row) in enumerate(zip(sequences, rows))
+            ]  # type: ignore[index]
         if any(prepacked):
-            raise ValueError("rows mix pre-packed rows (with 'document_lengths') and plain documents; use one kind per batch")
+            raise ValueError(
+                "rows mix pre-packed rows (with 'document_lengths') and plain documents; use one kind per batch"
+            )
         documents = [chunk for i, ids in enumerate(sequences) for chunk in self._fit(ids, i)]
         return [[documents[i] for i in row] for row in first_fit_pack([len(d) for d in documents], self.max_length)]
 

@@ -43,21 +43,51 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal
 
-__all__ = ["Finding", "Run", "audit_cell", "audit_failures", "check_equivalence", "choose_baseline", "diverged_runs",
-           "format_table", "load_runs", "main", "plot", "read_curve", "summary_lines"]
+__all__ = [
+    "Finding",
+    "Run",
+    "audit_cell",
+    "audit_failures",
+    "check_equivalence",
+    "choose_baseline",
+    "diverged_runs",
+    "format_table",
+    "load_runs",
+    "main",
+    "plot",
+    "read_curve",
+    "summary_lines",
+]
 
 SUMMARY_FILE = "summary.json"
 METRICS_FILE = "metrics.csv"
 SKIPPED_FILE = "skipped.txt"  # written by train.py for a combination skipped as invalid (on_invalid=skip/run)
 # Keys the table and the check cannot do without; the other numbers may be absent or null (shown as "-").
-REQUIRED_KEYS = ("run_name", "strategy", "layout", "padding_side", "batching", "valid", "equivalence_key",
-                 "final_val_loss")
-NUMBER_KEYS = ("final_val_loss", "best_val_loss", "real_tokens_per_sec", "pad_fraction", "peak_memory_mb",
-               "wall_time_s", "steps", "diverged_at_step")
+REQUIRED_KEYS = (
+    "run_name",
+    "strategy",
+    "layout",
+    "padding_side",
+    "batching",
+    "valid",
+    "equivalence_key",
+    "final_val_loss",
+)
+NUMBER_KEYS = (
+    "final_val_loss",
+    "best_val_loss",
+    "real_tokens_per_sec",
+    "pad_fraction",
+    "peak_memory_mb",
+    "wall_time_s",
+    "steps",
+    "diverged_at_step",
+)
 RUN_STATUSES = ("finished", "interrupted", "diverged")  # summary.json's "status" (absent in older runs: finished)
 SortKey = Literal["val_loss", "tokens", "name"]
-Status = Literal["ok", "alone", "mismatch", "divergence", "invalid_equal", "invalid_alone", "incomplete", "interrupted",
-                 "diverged"]
+Status = Literal[
+    "ok", "alone", "mismatch", "divergence", "invalid_equal", "invalid_alone", "incomplete", "interrupted", "diverged"
+]
 
 
 @dataclass(frozen=True)
@@ -145,8 +175,9 @@ def load_runs(runs_dir: str | os.PathLike[str]) -> list[Run]:
     return [replace(r, name=f"{r.name} ({_rel(r.path, root)})") if counts[r.name] > 1 else r for r in runs]
 
 
-def read_curve(csv_path: str | os.PathLike[str] | Sequence[str | os.PathLike[str]],
-               column: str = "val/loss") -> list[tuple[int, float]]:
+def read_curve(
+    csv_path: str | os.PathLike[str] | Sequence[str | os.PathLike[str]], column: str = "val/loss"
+) -> list[tuple[int, float]]:
     """``(step, value)`` for every row of a Lightning CSVLogger metrics.csv where ``column`` is filled in
     (Lightning writes train and val metrics on different rows, so most rows leave a column empty).
 
@@ -185,13 +216,15 @@ def _load_summary(path: Path, root: Path) -> Run:
         data = json.loads(path.read_text())
     except json.JSONDecodeError as err:
         raise ValueError(f"{path}: not valid JSON ({err})") from err
+    # ValueError: a file's content is a bad value, not a programming error
     if not isinstance(data, dict):
-        raise ValueError(f"{path}: expected a JSON object, got {type(data).__name__}")
+        raise ValueError(f"{path}: expected a JSON object, got {type(data).__name__}")  # noqa: TRY004
     missing = [key for key in REQUIRED_KEYS if key not in data]
     if missing:
         raise ValueError(f"{path}: missing key {', '.join(map(repr, missing))} (required: {', '.join(REQUIRED_KEYS)})")
+    # ValueError: a file's content is a bad value, not a programming error
     if not isinstance(data["valid"], bool):
-        raise ValueError(f"{path}: key 'valid' must be true or false, got {data['valid']!r}")
+        raise ValueError(f"{path}: key 'valid' must be true or false, got {data['valid']!r}")  # noqa: TRY004
     status = data.get("status", "finished")
     if status not in RUN_STATUSES:
         raise ValueError(f"{path}: key 'status' must be one of {', '.join(RUN_STATUSES)}; got {status!r}")
@@ -204,18 +237,30 @@ def _load_summary(path: Path, root: Path) -> Run:
         numbers[key] = None if numbers[key] is None else int(numbers[key])
     texts = {key: str(data[key]) for key in ("strategy", "layout", "padding_side", "batching", "equivalence_key")}
     audit = data.get("audit")
-    if audit is not None and not (isinstance(audit, dict) and isinstance(audit.get("passed"), bool)
-                                  and isinstance(audit.get("failed", []), list)):
-        raise ValueError(f"{path}: key 'audit' must be null or an object with 'passed': true|false and a list "
-                         f"'failed', got {audit!r}")
+    if audit is not None and not (
+        isinstance(audit, dict) and isinstance(audit.get("passed"), bool) and isinstance(audit.get("failed", []), list)
+    ):
+        raise ValueError(
+            f"{path}: key 'audit' must be null or an object with 'passed': true|false and a list "
+            f"'failed', got {audit!r}"
+        )
     run_dir = path.parent
     metrics = run_dir / data["metrics_csv"] if data.get("metrics_csv") else _find_metrics(run_dir)
     resume = data.get("resume_ckpt_path")
-    return Run(name=str(data["run_name"]) or _rel(run_dir, root), path=run_dir, valid=data["valid"], **texts,
-               **numbers, metrics_csv=metrics, metrics_csvs=_attempts(metrics), status=status,
-               resume_ckpt_path=None if resume is None else str(resume), summary=data,
-               audit_passed=None if audit is None else audit["passed"],
-               audit_failed=() if audit is None else tuple(map(str, audit.get("failed", []))))
+    return Run(
+        name=str(data["run_name"]) or _rel(run_dir, root),
+        path=run_dir,
+        valid=data["valid"],
+        **texts,
+        **numbers,
+        metrics_csv=metrics,
+        metrics_csvs=_attempts(metrics),
+        status=status,
+        resume_ckpt_path=None if resume is None else str(resume),
+        summary=data,
+        audit_passed=None if audit is None else audit["passed"],
+        audit_failed=() if audit is None else tuple(map(str, audit.get("failed", []))),
+    )
 
 
 def _incomplete_run(run_dir: Path, root: Path) -> Run:
@@ -230,8 +275,14 @@ def _incomplete_run(run_dir: Path, root: Path) -> Run:
     metrics = _find_metrics(run_dir)
     attempts = _attempts(metrics)
     steps = [step for step, _ in read_curve(attempts, "step")]
-    return Run(name=name, path=run_dir, complete=False, metrics_csv=metrics, metrics_csvs=attempts,
-               steps=max(steps, default=None))
+    return Run(
+        name=name,
+        path=run_dir,
+        complete=False,
+        metrics_csv=metrics,
+        metrics_csvs=attempts,
+        steps=max(steps, default=None),
+    )
 
 
 def _run_dir_of_metrics(csv_path: Path, root: Path) -> Path:
@@ -251,7 +302,11 @@ def _attempts(csv_path: Path | None) -> tuple[Path, ...]:
         return ()
     if not re.fullmatch(r"version_\d+", csv_path.parent.name):
         return (csv_path,)
-    versions = {p for p in csv_path.parent.parent.glob(f"version_*/{METRICS_FILE}") if re.fullmatch(r"version_\d+", p.parent.name)}
+    versions = {
+        p
+        for p in csv_path.parent.parent.glob(f"version_*/{METRICS_FILE}")
+        if re.fullmatch(r"version_\d+", p.parent.name)
+    }
     return tuple(sorted(versions | {csv_path}, key=lambda p: int(p.parent.name.removeprefix("version_"))))
 
 
@@ -280,10 +335,17 @@ def check_equivalence(runs: Sequence[Run], tolerance: float = 1e-3) -> list[Find
             last = "" if run.steps is None else f", last logged step {run.steps}"
             findings.append(Finding(run.name, "incomplete", f"incomplete: no {SUMMARY_FILE}{last}"))
         elif run.status == "interrupted":
-            findings.append(Finding(run.name, "interrupted", f"interrupted at step {run.steps} (SIGTERM): resume with "
-                                                             f"ckpt_path={run.resume_ckpt_path}"))
+            findings.append(
+                Finding(
+                    run.name,
+                    "interrupted",
+                    f"interrupted at step {run.steps} (SIGTERM): resume with ckpt_path={run.resume_ckpt_path}",
+                )
+            )
         elif run.status == "diverged":
-            findings.append(Finding(run.name, "diverged", f"DIVERGED: train/loss NaN or inf at step {run.diverged_at_step}"))
+            findings.append(
+                Finding(run.name, "diverged", f"DIVERGED: train/loss NaN or inf at step {run.diverged_at_step}")
+            )
         elif run.valid:
             others = [o for o in group if o is not run]
             bad = [(o.name, _loss(run) - _loss(o)) for o in others if not abs(_loss(run) - _loss(o)) <= tolerance]
@@ -325,8 +387,10 @@ def choose_baseline(runs: Sequence[Run], name: str | None = None) -> Run | None:
         for run in timed:
             if run.name == name:
                 return run
-        raise ValueError(f"--baseline {name!r} is not a finished run with real_tokens_per_sec; "
-                         f"choose one of {[r.name for r in timed]}")
+        raise ValueError(
+            f"--baseline {name!r} is not a finished run with real_tokens_per_sec; "
+            f"choose one of {[r.name for r in timed]}"
+        )
     valid = [r for r in timed if r.valid]
     pool = [r for r in valid if r.strategy == "torch_mha"] or valid
     return min(pool, key=lambda r: r.real_tokens_per_sec or 0.0, default=None)
@@ -356,13 +420,33 @@ def _fmt_delta(delta: float) -> str:
     return f"{delta:+.1e}" if abs(delta) < 5e-3 else f"{delta:+.3f}"
 
 
-HEADER = ("run", "strategy", "layout", "padding", "batching", "final val", "best val", "real tok/s", "speed-up",
-          "pad", "peak MB", "wall s", "audit", "check")
+HEADER = (
+    "run",
+    "strategy",
+    "layout",
+    "padding",
+    "batching",
+    "final val",
+    "best val",
+    "real tok/s",
+    "speed-up",
+    "pad",
+    "peak MB",
+    "wall s",
+    "audit",
+    "check",
+)
 NUMERIC = range(5, 12)  # right-aligned columns
 
 
-def format_table(runs: Sequence[Run], findings: Sequence[Finding], *, baseline: Run | None = None,
-                 sort: SortKey = "name", markdown: bool = False) -> str:
+def format_table(
+    runs: Sequence[Run],
+    findings: Sequence[Finding],
+    *,
+    baseline: Run | None = None,
+    sort: SortKey = "name",
+    markdown: bool = False,
+) -> str:
     """The comparison table: aligned plain text, or a Markdown table (``markdown=True``)."""
     checks = {f.run: f.message for f in findings}
     keys = {
@@ -376,12 +460,24 @@ def format_table(runs: Sequence[Run], findings: Sequence[Finding], *, baseline: 
     rows = []
     for r in sorted(runs, key=keys[sort]):
         speed_up = r.real_tokens_per_sec / base if base and r.real_tokens_per_sec is not None else None
-        rows.append((
-            r.name, r.strategy or "-", r.layout or "-", r.padding_side or "-", r.batching or "-",
-            _num(r.final_val_loss, "{:.4f}"), _num(r.best_val_loss, "{:.4f}"), _num(r.real_tokens_per_sec, "{:,.0f}"),
-            _num(speed_up, "{:.2f}x"), _num(None if r.pad_fraction is None else 100 * r.pad_fraction, "{:.1f}%"),
-            _num(r.peak_memory_mb, "{:.1f}"), _num(r.wall_time_s, "{:.1f}"), audit_cell(r), checks.get(r.name, "-"),
-        ))
+        rows.append(
+            (
+                r.name,
+                r.strategy or "-",
+                r.layout or "-",
+                r.padding_side or "-",
+                r.batching or "-",
+                _num(r.final_val_loss, "{:.4f}"),
+                _num(r.best_val_loss, "{:.4f}"),
+                _num(r.real_tokens_per_sec, "{:,.0f}"),
+                _num(speed_up, "{:.2f}x"),
+                _num(None if r.pad_fraction is None else 100 * r.pad_fraction, "{:.1f}%"),
+                _num(r.peak_memory_mb, "{:.1f}"),
+                _num(r.wall_time_s, "{:.1f}"),
+                audit_cell(r),
+                checks.get(r.name, "-"),
+            )
+        )
     if markdown:
         rows = [tuple(cell.replace("|", "\\|") for cell in row) for row in rows]
     widths = [max(map(len, column)) for column in zip(HEADER, *rows)]
@@ -397,19 +493,26 @@ def format_table(runs: Sequence[Run], findings: Sequence[Finding], *, baseline: 
     return "\n".join([line(HEADER), rule, *map(line, rows)])
 
 
-def summary_lines(runs: Sequence[Run], findings: Sequence[Finding], *, tolerance: float = 1e-3,
-                  baseline: Run | None = None) -> list[str]:
+def summary_lines(
+    runs: Sequence[Run], findings: Sequence[Finding], *, tolerance: float = 1e-3, baseline: Run | None = None
+) -> list[str]:
     """The notes printed under the table; the MISMATCH line names every offending pair."""
     lines = []
     if baseline is not None:
         lines.append(f"speed-up: real tokens/s relative to {baseline.name} ({baseline.real_tokens_per_sec:,.0f})")
-    pairs = {tuple(sorted((f.run, o))): abs(d) for f in findings if f.status == "mismatch"
-             for o, d in zip(f.others, f.deltas)}
+    pairs = {
+        tuple(sorted((f.run, o))): abs(d)
+        for f in findings
+        if f.status == "mismatch"
+        for o, d in zip(f.others, f.deltas)
+    }
     groups = {f.run: f.group_size for f in findings if f.status in ("ok", "mismatch")}
     if pairs:
         listed = "; ".join(f"{a} vs {b} ({_fmt_delta(d).lstrip('+')})" for (a, b), d in sorted(pairs.items()))
-        lines.append(f"MISMATCH: {len(pairs)} pair(s) of equivalent valid runs differ in final val loss by more "
-                     f"than {tolerance:g}: {listed}. Same equivalence_key = same computation: a mask bug.")
+        lines.append(
+            f"MISMATCH: {len(pairs)} pair(s) of equivalent valid runs differ in final val loss by more "
+            f"than {tolerance:g}: {listed}. Same equivalence_key = same computation: a mask bug."
+        )
     elif groups:
         keys = {r.equivalence_key for r in runs if r.name in groups}
         lines.append(f"equivalence: {len(keys)} group(s), {len(groups)} valid runs, all within {tolerance:g}")
@@ -417,27 +520,35 @@ def summary_lines(runs: Sequence[Run], findings: Sequence[Finding], *, tolerance
         lines.append("equivalence: no two valid runs share an equivalence_key; nothing to compare")
     failed = audit_failures(runs)
     if failed:
-        lines.append(f"AUDIT FAILED: {len(failed)} valid run(s) failed the step-0 mask audit: "
-                     + "; ".join(f"{r.name} ({', '.join(r.audit_failed)})" for r in failed)
-                     + ". Pads, later tokens or other documents reach real positions: a mask bug.")
+        lines.append(
+            f"AUDIT FAILED: {len(failed)} valid run(s) failed the step-0 mask audit: "
+            + "; ".join(f"{r.name} ({', '.join(r.audit_failed)})" for r in failed)
+            + ". Pads, later tokens or other documents reach real positions: a mask bug."
+        )
     audited = [r for r in runs if r.complete and r.audit_passed is not None]
     if audited and not failed:
         passed = sum(r.valid and bool(r.audit_passed) for r in audited)
         expected = sum(not r.valid and not r.audit_passed for r in audited)
-        lines.append(f"mask audit: {passed} valid run(s) passed"
-                     + (f", {expected} invalid run(s) failed as expected" if expected else ""))
+        lines.append(
+            f"mask audit: {passed} valid run(s) passed"
+            + (f", {expected} invalid run(s) failed as expected" if expected else "")
+        )
     invalid = [f.run for f in findings if f.status in ("divergence", "invalid_equal", "invalid_alone")]
     if invalid:
-        lines.append(f"{len(invalid)} invalid run(s) kept for teaching (valid=false), never a failure: "
-                     + ", ".join(invalid))
+        lines.append(
+            f"{len(invalid)} invalid run(s) kept for teaching (valid=false), never a failure: " + ", ".join(invalid)
+        )
     diverged = diverged_runs(runs)
     if diverged:
-        lines.append(f"DIVERGED: {len(diverged)} valid run(s) stopped at a NaN or inf train/loss: "
-                     + "; ".join(f"{r.name} (step {r.diverged_at_step})" for r in diverged))
+        lines.append(
+            f"DIVERGED: {len(diverged)} valid run(s) stopped at a NaN or inf train/loss: "
+            + "; ".join(f"{r.name} (step {r.diverged_at_step})" for r in diverged)
+        )
     interrupted = [r.name for r in runs if r.complete and r.status == "interrupted"]
     if interrupted:
-        lines.append(f"{len(interrupted)} interrupted run(s) (SIGTERM), not compared until resumed: "
-                     + ", ".join(interrupted))
+        lines.append(
+            f"{len(interrupted)} interrupted run(s) (SIGTERM), not compared until resumed: " + ", ".join(interrupted)
+        )
     incomplete = [r.name for r in runs if not r.complete]
     if incomplete:
         lines.append(f"{len(incomplete)} incomplete run(s) without {SUMMARY_FILE}: " + ", ".join(incomplete))
@@ -469,8 +580,12 @@ def plot(runs: Sequence[Run], path: str | os.PathLike[str], *, title: str | None
         if points:
             steps, losses = zip(*points)
             style = ":" if not _finished(r) and r.status != "diverged" else "-" if r.valid else "--"
-            label = (r.name + ("" if r.valid else " (invalid)") + ("" if r.complete else " (incomplete)")
-                     + ("" if r.status == "finished" else f" ({r.status})"))
+            label = (
+                r.name
+                + ("" if r.valid else " (invalid)")
+                + ("" if r.complete else " (incomplete)")
+                + ("" if r.status == "finished" else f" ({r.status})")
+            )
             loss_ax.plot(steps, losses, style, color=colors[r.name], marker=".", label=label)
             curves += 1
     loss_ax.set(xlabel="step", ylabel="val loss", title="validation loss")
@@ -479,8 +594,12 @@ def plot(runs: Sequence[Run], path: str | os.PathLike[str], *, title: str | None
     else:
         loss_ax.text(0.5, 0.5, "no val/loss in any metrics.csv", ha="center", transform=loss_ax.transAxes)
     timed = [r for r in runs if r.complete and r.real_tokens_per_sec is not None]
-    speed_ax.barh([r.name for r in timed], [r.real_tokens_per_sec for r in timed],
-                  color=[colors[r.name] for r in timed], hatch=["" if r.valid else "//" for r in timed])
+    speed_ax.barh(
+        [r.name for r in timed],
+        [r.real_tokens_per_sec for r in timed],
+        color=[colors[r.name] for r in timed],
+        hatch=["" if r.valid else "//" for r in timed],
+    )
     speed_ax.invert_yaxis()  # first run on top, as in the table
     speed_ax.tick_params(axis="y", labelsize="small")
     speed_ax.set(xlabel="real tokens/s (padding excluded)", title="throughput")
@@ -513,8 +632,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m mhaplug.compare", description=__doc__.split("\n\n")[0])
     parser.add_argument("runs_dir", metavar="RUNS_DIR", help="directory searched recursively for runs")
     parser.add_argument("--plot", metavar="FILE.png", help="also write val loss curves and throughput bars")
-    parser.add_argument("--tolerance", type=float, default=1e-3,
-                        help="largest absolute final val loss difference between equivalent runs (default 1e-3)")
+    parser.add_argument(
+        "--tolerance",
+        type=float,
+        default=1e-3,
+        help="largest absolute final val loss difference between equivalent runs (default 1e-3)",
+    )
     parser.add_argument("--sort", choices=("val_loss", "tokens", "name"), default="name")
     parser.add_argument("--baseline", metavar="NAME", help="run name that speed-ups are relative to")
     parser.add_argument("--markdown", action="store_true", help="print the table as Markdown")

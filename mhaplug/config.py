@@ -22,7 +22,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 import torch
 from hydra.core.config_store import ConfigStore
@@ -31,8 +31,17 @@ from omegaconf import DictConfig, OmegaConf
 from mhaplug.attention import CAPABILITIES, DEFAULT_STRATEGY, STRATEGIES, strategies_where
 from mhaplug.data import BATCHINGS, EOS_TOKEN, LAYOUTS, PAD_TOKEN, SOURCES
 
-__all__ = ["ConfigError", "SkipRun", "TrainConfig", "checkpoint_run_dir", "claim_job_subdir", "claim_run_dir",
-           "min_vocab_size", "register_configs", "validate"]
+__all__ = [
+    "ConfigError",
+    "SkipRun",
+    "TrainConfig",
+    "checkpoint_run_dir",
+    "claim_job_subdir",
+    "claim_run_dir",
+    "min_vocab_size",
+    "register_configs",
+    "validate",
+]
 
 
 class ConfigError(ValueError):
@@ -44,23 +53,23 @@ class DataConfig:
     _target_: str = "mhaplug.data.TextDataModule"
     source: str = "stdlib_docs"
     path: Any = None
-    name: Optional[str] = None
+    name: str | None = None
     split: str = "train"
     text_column: str = "text"
-    tokenizer_path: Optional[str] = None
+    tokenizer_path: str | None = None
     vocab_size: int = 4096
     max_length: int = 256
     layout: str = "packed"
     padding_side: str = "right"
     batching: str = "random"
     batch_size: int = 16
-    max_tokens: Optional[int] = None
-    pad_to_multiple_of: Optional[int] = None
+    max_tokens: int | None = None
+    pad_to_multiple_of: int | None = None
     val_fraction: float = 0.05
     seed: int = 0
     num_workers: int = 0
-    cache_dir: Optional[str] = None
-    max_documents: Optional[int] = None
+    cache_dir: str | None = None
+    max_documents: int | None = None
     synthetic_documents: int = 512
     synthetic_max_words: int = 64
 
@@ -101,7 +110,7 @@ class TrainConfig:
     paths: dict[str, Any] = field(default_factory=dict)
     task_name: str = "train"
     seed: int = 0
-    ckpt_path: Optional[str] = None
+    ckpt_path: str | None = None
     on_invalid: str = "error"  # error | skip | run (run: train a wrong-but-runnable combination, for teaching)
 
 
@@ -172,7 +181,7 @@ def _folder_name(name: str) -> str:
     start and a hash of the whole, so names stay distinct)."""
     name = name.replace("/", "_").replace(os.sep, "_")
     if len(name) > _MAX_NAME:
-        name = f"{name[:_MAX_NAME - 9]}~{hashlib.sha1(name.encode()).hexdigest()[:8]}"
+        name = f"{name[: _MAX_NAME - 9]}~{hashlib.sha1(name.encode()).hexdigest()[:8]}"
     return name
 
 
@@ -205,22 +214,28 @@ def invalid_combination(cfg: DictConfig) -> tuple[str, bool] | None:
     packed, left = data.layout == "packed", data.padding_side == "left"
     if packed and left:
         return (
-            "data.padding_side=left has no effect with data.layout=packed (documents fill each row from the left, "
-            "padding only ends a row); add data.layout=padded to pad rows, or drop the padding_side override",
+            (
+                "data.padding_side=left has no effect with data.layout=packed (documents fill each row from the left, "
+                "padding only ends a row); add data.layout=padded to pad rows, or drop the padding_side override"
+            ),
             False,
         )
     if packed and not caps.document_masks:
         return (
-            f"attention={strategy} applies a plain causal mask, so with data.layout=packed the documents of a row "
-            f"would attend each other. Use attention={' or attention='.join(_usable(cfg, document_masks=True))}, "
-            f"or data.layout=padded",
+            (
+                f"attention={strategy} applies a plain causal mask, so with data.layout=packed the documents of a row "
+                f"would attend each other. Use attention={' or attention='.join(_usable(cfg, document_masks=True))}, "
+                f"or data.layout=padded"
+            ),
             False,
         )
     if left and not caps.left_padding:
         return (
-            f"attention={strategy} ignores the padding mask, which is only correct with right padding; with "
-            f"data.padding_side=left real tokens would attend the pads before them. Use attention="
-            f"{' or attention='.join(_usable(cfg, left_padding=True, needs_is_causal=True))}, or data.padding_side=right",
+            (
+                f"attention={strategy} ignores the padding mask, which is only correct with right padding; with "
+                f"data.padding_side=left real tokens would attend the pads before them. Use attention="
+                f"{' or attention='.join(_usable(cfg, left_padding=True, needs_is_causal=True))}, or data.padding_side=right"
+            ),
             True,
         )
     if (left or packed) and not caps.empty_rows_zero:
@@ -236,8 +251,10 @@ def invalid_combination(cfg: DictConfig) -> tuple[str, bool] | None:
         )
     if not caps.trains_on_cpu and not _cuda_training(cfg):
         return (
-            f"attention={strategy} trains on CUDA only (no backward on CPU); this run has no CUDA accelerator. "
-            f"Use attention=auto",
+            (
+                f"attention={strategy} trains on CUDA only (no backward on CPU); this run has no CUDA accelerator. "
+                f"Use attention=auto"
+            ),
             False,
         )
     if not caps.dropout and cfg.model.attn_dropout > 0:
@@ -295,7 +312,9 @@ def _check_values(cfg: DictConfig) -> None:
             f"{min_vocab_size()} (e.g. 4096), or data.tokenizer_path=<a tokenizer.json>"
         )
     if data.batch_size < 1:
-        raise ConfigError(f"data.batch_size={data.batch_size} cannot train: use data.batch_size >= 1, e.g. data.batch_size=16")
+        raise ConfigError(
+            f"data.batch_size={data.batch_size} cannot train: use data.batch_size >= 1, e.g. data.batch_size=16"
+        )
     if data.max_documents is not None and data.max_documents < 2:
         raise ConfigError(
             f"data.max_documents={data.max_documents} leaves too few documents to split into training and validation; "
@@ -305,7 +324,9 @@ def _check_values(cfg: DictConfig) -> None:
     per_epoch = trainer.get("check_val_every_n_epoch") is not None  # a float (None: 1.0) is then a fraction of an epoch
     fraction = interval is None or (isinstance(interval, float) and 0 < interval <= 1)
     if not ((_whole(interval) and interval >= 1) or (per_epoch and fraction)):
-        works = "a whole number of training batches >= 1" + (" or a fraction of an epoch in (0, 1]" if per_epoch else "")
+        works = "a whole number of training batches >= 1" + (
+            " or a fraction of an epoch in (0, 1]" if per_epoch else ""
+        )
         raise ConfigError(
             f"trainer.val_check_interval={interval!r} cannot schedule validation: use {works}, e.g. "
             f"trainer.val_check_interval=100"

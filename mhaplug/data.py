@@ -56,8 +56,17 @@ from mhaplug import sampling, unpad
 from mhaplug.collate import PackCollator, PadCollator, first_fit_pack
 
 __all__ = [
-    "BATCHINGS", "EOS_TOKEN", "LAYOUTS", "PAD_TOKEN", "SOURCES", "TextDataModule", "default_cache_dir", "read_text_files",
-    "stdlib_docstrings", "synthetic_texts", "train_tokenizer",
+    "BATCHINGS",
+    "EOS_TOKEN",
+    "LAYOUTS",
+    "PAD_TOKEN",
+    "SOURCES",
+    "TextDataModule",
+    "default_cache_dir",
+    "read_text_files",
+    "stdlib_docstrings",
+    "synthetic_texts",
+    "train_tokenizer",
 ]
 
 logger = logging.getLogger(__name__)
@@ -66,7 +75,17 @@ SOURCES = ("stdlib_docs", "synthetic", "text_files", "hf")
 LAYOUTS = ("padded", "packed")
 BATCHINGS = ("random", "length_grouped", "token_budget")
 PAD_TOKEN, EOS_TOKEN = "<|pad|>", "<|endoftext|>"  # ids 0 and 1: pad is never EOS (HF transformers #23530)
-_STDLIB_SKIP = {"site-packages", "test", "tests", "idlelib", "lib2to3", "tkinter", "turtledemo", "ensurepip", "__pycache__"}
+_STDLIB_SKIP = {
+    "site-packages",
+    "test",
+    "tests",
+    "idlelib",
+    "lib2to3",
+    "tkinter",
+    "turtledemo",
+    "ensurepip",
+    "__pycache__",
+}
 
 
 def default_cache_dir() -> Path:
@@ -113,7 +132,9 @@ def _cached(path: Path, *, read: Callable[[Path], _T], build: Callable[[Path], N
     if path.exists():
         try:
             return read(path)
-        except Exception as error:  # each format fails its own way: JSONDecodeError, ArrowInvalid, tokenizers' Exception
+        # Each format fails its own way (JSONDecodeError, ArrowInvalid, tokenizers' bare Exception); any of them
+        # means the entry is bad, and it is rebuilt.
+        except Exception as error:  # noqa: BLE001
             logger.warning("cache entry %s is unreadable (%s: %s); rebuilding it", path, type(error).__name__, error)
     with _atomic_path(path) as tmp:
         build(tmp)
@@ -156,9 +177,26 @@ def _read_docstrings(path: Path) -> list[str]:
     return docs
 
 
-_SUBJECTS = ["the parser", "a thread", "this module", "the socket", "each worker", "the buffer", "a process", "the queue"]
+_SUBJECTS = [
+    "the parser",
+    "a thread",
+    "this module",
+    "the socket",
+    "each worker",
+    "the buffer",
+    "a process",
+    "the queue",
+]
 _VERBS = ["returns", "reads", "writes", "closes", "opens", "sends", "waits for", "raises"]
-_OBJECTS = ["a list of strings", "the next line", "an error", "the result", "all pending data", "a new file", "the lock"]
+_OBJECTS = [
+    "a list of strings",
+    "the next line",
+    "an error",
+    "the result",
+    "all pending data",
+    "a new file",
+    "the lock",
+]
 
 
 def synthetic_texts(num_documents: int = 512, *, max_words: int = 64, seed: int = 0) -> list[str]:
@@ -206,9 +244,13 @@ def _data_files(path: str | Sequence[str]) -> list[Path]:
             files.append(Path(pattern))
     for file in files:
         if file.is_dir():
-            raise ValueError(f"data path {str(file)!r} is a directory: give files or a glob, e.g. {str(file / '*.txt')!r}")
+            raise ValueError(
+                f"data path {str(file)!r} is a directory: give files or a glob, e.g. {str(file / '*.txt')!r}"
+            )
         if file.suffix.lower() not in _READERS:
-            raise ValueError(f"data path {str(file)!r}: unsupported extension {file.suffix.lower()!r}; use {', '.join(_READERS)}")
+            raise ValueError(
+                f"data path {str(file)!r}: unsupported extension {file.suffix.lower()!r}; use {', '.join(_READERS)}"
+            )
     for file in files:
         if not file.exists():
             raise FileNotFoundError(f"data file {str(file)!r} does not exist; check data.path")
@@ -238,17 +280,24 @@ def _read_txt(file: Path, text_column: str) -> list[str | None]:
 
 
 def _json_kind(value: Any) -> str:
-    return {dict: "object", list: "array", str: "string", bool: "boolean", type(None): "null"}.get(type(value), "number")
+    return {dict: "object", list: "array", str: "string", bool: "boolean", type(None): "null"}.get(
+        type(value), "number"
+    )
 
 
 def _document(row: Any, text_column: str, where: str) -> str | None:
+    # ValueError: a file's content is a bad value, not a programming error
     if not isinstance(row, dict):
-        raise ValueError(f"{where}: a JSON {_json_kind(row)}, not an object with a {text_column!r} field")
+        raise ValueError(f"{where}: a JSON {_json_kind(row)}, not an object with a {text_column!r} field")  # noqa: TRY004
     if text_column not in row:
-        raise ValueError(f"{where}: text_column={text_column!r} is not in the row; its fields are {list(row)}; set data.text_column")
+        raise ValueError(
+            f"{where}: text_column={text_column!r} is not in the row; its fields are {list(row)}; set data.text_column"
+        )
     text = row[text_column]
     if text is not None and not isinstance(text, str):
-        raise ValueError(f"{where}: text_column={text_column!r} holds {reprlib.repr(text)} ({type(text).__name__}), not a string")
+        raise ValueError(
+            f"{where}: text_column={text_column!r} holds {reprlib.repr(text)} ({type(text).__name__}), not a string"
+        )
     return text
 
 
@@ -262,7 +311,8 @@ def _read_jsonl(file: Path, text_column: str) -> list[str | None]:
         except json.JSONDecodeError as error:
             raise ValueError(
                 f"data file {str(file)!r}, line {number}: not valid JSON ({error.msg} at column {error.colno}); "
-                f"{file.suffix} files hold one JSON object per line" + (", or one JSON array" if file.suffix.lower() == ".json" else "")
+                f"{file.suffix} files hold one JSON object per line"
+                + (", or one JSON array" if file.suffix.lower() == ".json" else "")
             ) from None
         texts.append(_document(row, text_column, f"data file {str(file)!r}, line {number}"))
     return texts
@@ -275,7 +325,9 @@ def _read_json(file: Path, text_column: str) -> list[str | None]:
     try:
         rows = json.loads(text)
     except json.JSONDecodeError as error:
-        raise ValueError(f"data file {str(file)!r}, line {error.lineno}: not valid JSON ({error.msg} at column {error.colno})") from None
+        raise ValueError(
+            f"data file {str(file)!r}, line {error.lineno}: not valid JSON ({error.msg} at column {error.colno})"
+        ) from None
     return [_document(row, text_column, f"data file {str(file)!r}, item [{i}]") for i, row in enumerate(rows)]
 
 
@@ -290,7 +342,9 @@ def _read_parquet(file: Path, text_column: str) -> list[str | None]:
     except (pa.ArrowException, OSError) as error:
         raise ValueError(f"data file {str(file)!r} is not a readable parquet file ({error})") from None
     if text_column not in schema.names:
-        raise ValueError(f"data file {str(file)!r}: text_column={text_column!r} is not in the file; its columns are {schema.names}; set data.text_column")
+        raise ValueError(
+            f"data file {str(file)!r}: text_column={text_column!r} is not in the file; its columns are {schema.names}; set data.text_column"
+        )
     kind = schema.field(text_column).type
     if not (pa.types.is_string(kind) or pa.types.is_large_string(kind) or pa.types.is_string_view(kind)):
         raise ValueError(f"data file {str(file)!r}: text_column={text_column!r} holds {kind}, not strings")
@@ -301,7 +355,10 @@ def _read_parquet(file: Path, text_column: str) -> list[str | None]:
 
 
 _READERS: dict[str, Callable[[Path, str], list[str | None]]] = {
-    ".txt": _read_txt, ".jsonl": _read_jsonl, ".json": _read_json, ".parquet": _read_parquet,
+    ".txt": _read_txt,
+    ".jsonl": _read_jsonl,
+    ".json": _read_json,
+    ".parquet": _read_parquet,
 }
 
 
@@ -397,13 +454,22 @@ class TextDataModule(pl.LightningDataModule):
         synthetic_max_words: int = 64,
     ) -> None:
         super().__init__()
-        for arg, value, allowed in (("source", source, SOURCES), ("layout", layout, LAYOUTS), ("batching", batching, BATCHINGS), ("padding_side", padding_side, ("right", "left"))):
+        for arg, value, allowed in (
+            ("source", source, SOURCES),
+            ("layout", layout, LAYOUTS),
+            ("batching", batching, BATCHINGS),
+            ("padding_side", padding_side, ("right", "left")),
+        ):
             if value not in allowed:
                 raise ValueError(f"{arg} must be one of {', '.join(allowed)}; got {value!r}")
         if source in ("text_files", "hf") and not path:
-            raise ValueError(f"source={source!r} needs path= (a file, glob or list for text_files; a dataset name or directory for hf)")
+            raise ValueError(
+                f"source={source!r} needs path= (a file, glob or list for text_files; a dataset name or directory for hf)"
+            )
         if batching == "token_budget" and not max_tokens:
-            raise ValueError("batching='token_budget' needs max_tokens (padded tokens per batch), e.g. batch_size * max_length")
+            raise ValueError(
+                "batching='token_budget' needs max_tokens (padded tokens per batch), e.g. batch_size * max_length"
+            )
         if not 0.0 < val_fraction < 1.0:
             raise ValueError(f"val_fraction must be in (0, 1), got {val_fraction}")
         self.save_hyperparameters()
@@ -421,13 +487,19 @@ class TextDataModule(pl.LightningDataModule):
         if hp.source == "stdlib_docs":
             return datasets.Dataset.from_dict({"text": stdlib_docstrings(cache_dir=self.cache_dir)})
         if hp.source == "synthetic":
-            return datasets.Dataset.from_dict({"text": synthetic_texts(hp.synthetic_documents, max_words=hp.synthetic_max_words, seed=hp.seed)})
+            return datasets.Dataset.from_dict(
+                {"text": synthetic_texts(hp.synthetic_documents, max_words=hp.synthetic_max_words, seed=hp.seed)}
+            )
         if hp.source == "text_files":
             return datasets.Dataset.from_dict({"text": read_text_files(hp.path, text_column=hp.text_column)})
         table = _load_hf(hp.path, hp.name, hp.split)
         if hp.text_column not in table.column_names:
             raise ValueError(f"text_column={hp.text_column!r} is not in the data; its columns are {table.column_names}")
-        return table.select_columns([hp.text_column]).rename_column(hp.text_column, "text") if hp.text_column != "text" else table.select_columns(["text"])
+        return (
+            table.select_columns([hp.text_column]).rename_column(hp.text_column, "text")
+            if hp.text_column != "text"
+            else table.select_columns(["text"])
+        )
 
     def prepare_data(self) -> None:
         """Collect text, train or load the tokenizer, tokenise: all cached on disk (rank 0 only under DDP)."""
@@ -451,11 +523,25 @@ class TextDataModule(pl.LightningDataModule):
         if len(texts) < 2:
             raise ValueError(f"source={hp.source!r} gave {len(texts)} non-empty documents; need at least 2 to split")
         split = texts.train_test_split(test_size=hp.val_fraction, seed=hp.seed, shuffle=True)
-        data_key = _key(hp.source, hp.path, hp.name, hp.split, hp.text_column, hp.seed, hp.val_fraction, hp.max_documents,
-                        hp.synthetic_documents, hp.synthetic_max_words, _fingerprint_texts(split["train"]["text"]))
+        data_key = _key(
+            hp.source,
+            hp.path,
+            hp.name,
+            hp.split,
+            hp.text_column,
+            hp.seed,
+            hp.val_fraction,
+            hp.max_documents,
+            hp.synthetic_documents,
+            hp.synthetic_max_words,
+            _fingerprint_texts(split["train"]["text"]),
+        )
         self.tokenizer = self._tokenizer(split["train"]["text"], data_key)
         token_key = _key(data_key, self.tokenizer.to_str(), hp.max_length)
-        self.splits = {name: self._tokenise(split[part], f"{token_key}-{name}") for name, part in (("train", "train"), ("val", "test"))}
+        self.splits = {
+            name: self._tokenise(split[part], f"{token_key}-{name}")
+            for name, part in (("train", "train"), ("val", "test"))
+        }
         self._datasets = {}
         self.stats["train_tokens"] = sum(self.splits["train"]["length"])
         self.stats["val_tokens"] = sum(self.splits["val"]["length"])
@@ -466,8 +552,10 @@ class TextDataModule(pl.LightningDataModule):
             name = f"tokenizer_path={hp.tokenizer_path!r}"
             try:
                 tokenizer = Tokenizer.from_file(str(hp.tokenizer_path))
-            except Exception as error:  # tokenizers raises a bare Exception that names no file
-                raise ValueError(f"{name} is not a tokenizers JSON file ({error}); give a tokenizer.json saved by tokenizers") from None
+            except Exception as error:  # noqa: BLE001 (tokenizers raises a bare Exception that names no file)
+                raise ValueError(
+                    f"{name} is not a tokenizers JSON file ({error}); give a tokenizer.json saved by tokenizers"
+                ) from None
             return self._check_tokenizer(tokenizer, name)
         path = self.cache_dir / "tokenizers" / f"bpe-{_key(data_key, hp.vocab_size)}.json"
 
@@ -476,7 +564,9 @@ class TextDataModule(pl.LightningDataModule):
             tmp.write_text(tokenizer.to_str(), encoding="utf-8")
             logger.info("trained a byte-level BPE tokenizer (%d tokens) -> %s", tokenizer.get_vocab_size(), path)
 
-        return _cached(path, read=lambda p: self._check_tokenizer(Tokenizer.from_file(str(p)), f"tokenizer {p}"), build=build)
+        return _cached(
+            path, read=lambda p: self._check_tokenizer(Tokenizer.from_file(str(p)), f"tokenizer {p}"), build=build
+        )
 
     def _check_tokenizer(self, tokenizer: Tokenizer, name: str) -> Tokenizer:
         for token, expected in ((PAD_TOKEN, 0), (EOS_TOKEN, 1)):
@@ -504,11 +594,20 @@ class TextDataModule(pl.LightningDataModule):
             return {"input_ids": ids, "length": lengths}
 
         def build(tmp: Path) -> None:
-            texts.map(encode, batched=True, remove_columns=texts.column_names, cache_file_name=str(tmp), load_from_cache_file=False, desc="tokenising")
+            texts.map(
+                encode,
+                batched=True,
+                remove_columns=texts.column_names,
+                cache_file_name=str(tmp),
+                load_from_cache_file=False,
+                desc="tokenising",
+            )
 
         def read(path: Path) -> datasets.Dataset:
             rows = datasets.Dataset.from_file(str(path))
-            _check_tokenised(rows, documents=len(texts), vocab_size=tokenizer.get_vocab_size(), max_length=max_length, eos=eos)
+            _check_tokenised(
+                rows, documents=len(texts), vocab_size=tokenizer.get_vocab_size(), max_length=max_length, eos=eos
+            )
             return rows
 
         return _cached(self.cache_dir / "tokenised" / f"{key}.arrow", read=read, build=build)
@@ -528,8 +627,19 @@ class TextDataModule(pl.LightningDataModule):
     def collator(self) -> PadCollator | PackCollator:
         hp = self.hparams
         if hp.layout == "packed":
-            return PackCollator(max_length=hp.max_length, pad_token_id=self.pad_token_id, pad_to_multiple_of=hp.pad_to_multiple_of, vocab_size=self.vocab_size)
-        return PadCollator(pad_token_id=self.pad_token_id, padding_side=hp.padding_side, pad_to_multiple_of=hp.pad_to_multiple_of, max_length=hp.max_length, vocab_size=self.vocab_size)
+            return PackCollator(
+                max_length=hp.max_length,
+                pad_token_id=self.pad_token_id,
+                pad_to_multiple_of=hp.pad_to_multiple_of,
+                vocab_size=self.vocab_size,
+            )
+        return PadCollator(
+            pad_token_id=self.pad_token_id,
+            padding_side=hp.padding_side,
+            pad_to_multiple_of=hp.pad_to_multiple_of,
+            max_length=hp.max_length,
+            vocab_size=self.vocab_size,
+        )
 
     def _dataset_and_lengths(self, name: str) -> tuple[Dataset | datasets.Dataset, list[int]]:
         if name not in self._datasets:
@@ -549,7 +659,9 @@ class TextDataModule(pl.LightningDataModule):
     def batch_sampler(self, name: str, lengths: Sequence[int], *, shuffle: bool) -> sampling.BaseBatchSampler:
         hp = self.hparams
         if hp.batching == "token_budget":
-            return sampling.TokenBudgetBatchSampler(lengths, hp.max_tokens, pad_to_multiple_of=hp.pad_to_multiple_of, shuffle=shuffle, seed=hp.seed)
+            return sampling.TokenBudgetBatchSampler(
+                lengths, hp.max_tokens, pad_to_multiple_of=hp.pad_to_multiple_of, shuffle=shuffle, seed=hp.seed
+            )
         cls = sampling.LengthGroupedBatchSampler if hp.batching == "length_grouped" else sampling.RandomBatchSampler
         return cls(lengths, hp.batch_size, shuffle=shuffle, seed=hp.seed, drop_last=False)
 
@@ -563,7 +675,9 @@ class TextDataModule(pl.LightningDataModule):
         :class:`mhaplug.sampling.ResumableDataLoader`) in checkpoints and restores it on resume."""
         dataset, lengths = self._dataset_and_lengths("train")
         batch_sampler = self.batch_sampler("train", lengths, shuffle=True)
-        loader = sampling.ResumableDataLoader(dataset, batch_sampler=batch_sampler, collate_fn=self.collator(), num_workers=self.hparams.num_workers)
+        loader = sampling.ResumableDataLoader(
+            dataset, batch_sampler=batch_sampler, collate_fn=self.collator(), num_workers=self.hparams.num_workers
+        )
         if self._legacy_sampler_state is not None:
             loader.load_state_dict(self._legacy_sampler_state)
             self._legacy_sampler_state = None
@@ -573,7 +687,9 @@ class TextDataModule(pl.LightningDataModule):
         dataset, lengths = self._dataset_and_lengths("val")
         batch_sampler = self.batch_sampler("val", lengths, shuffle=False)
         batch_sampler.even_batches = False  # validation sees every batch exactly once across ranks
-        return DataLoader(dataset, batch_sampler=batch_sampler, collate_fn=self.collator(), num_workers=self.hparams.num_workers)
+        return DataLoader(
+            dataset, batch_sampler=batch_sampler, collate_fn=self.collator(), num_workers=self.hparams.num_workers
+        )
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Checkpoints written before the train loader held the state keep it here (``train_sampler``, counted by the

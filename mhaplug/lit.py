@@ -139,7 +139,9 @@ class LitDecoderLM(pl.LightningModule):
                 # assumes the optimizer unscales a GradScaler's gradients), and no GradScaler runs with one
                 torch.nn.utils.clip_grad_norm_(self.parameters(), self.hparams.gradient_clip_val)
             else:  # Lightning unscales a GradScaler's gradients (fp16) before clipping
-                self.clip_gradients(optimizer, gradient_clip_val=self.hparams.gradient_clip_val, gradient_clip_algorithm="norm")
+                self.clip_gradients(
+                    optimizer, gradient_clip_val=self.hparams.gradient_clip_val, gradient_clip_algorithm="norm"
+                )
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         self.lr_schedulers().step()

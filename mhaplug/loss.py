@@ -57,7 +57,9 @@ def linear_cross_entropy(
             f"hidden must be (N, E) and weight (V, E) with the same E; got {tuple(hidden.shape)} and {tuple(weight.shape)}"
         )
     if targets.shape != hidden.shape[:1]:
-        raise ValueError(f"targets must be (N,) = {tuple(hidden.shape[:1])} like hidden's rows, got {tuple(targets.shape)}")
+        raise ValueError(
+            f"targets must be (N,) = {tuple(hidden.shape[:1])} like hidden's rows, got {tuple(targets.shape)}"
+        )
     if chunk_size is None:
         chunk_size = max(1, DEFAULT_CHUNK_ELEMENTS // weight.shape[0])
     elif isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:

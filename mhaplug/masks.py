@@ -45,12 +45,12 @@ from torch.utils.weak import WeakIdKeyDictionary
 
 __all__ = [
     "PaddingSide",
-    "additive_from_keep",
     "add_causal_to_attn_mask",
+    "additive_from_keep",
     "attention_mask_from_is_pad",
     "causal_keep",
-    "check_causal_hint",
     "causal_row_has_key",
+    "check_causal_hint",
     "check_mask",
     "document_causal_keep",
     "guard_empty_rows",
@@ -89,7 +89,6 @@ def host_read_is_free(tensor: Tensor) -> bool:
     return tensor.device.type == "cpu" or torch.is_anomaly_enabled()
 
 
-
 def check_mask(mask: Tensor | None, *, name: str) -> None:
     """Reject masks torch would reject with a bare assertion, or silently misread.
 
@@ -112,12 +111,11 @@ def check_mask(mask: Tensor | None, *, name: str) -> None:
             f"use {name}.bool(); for a Hugging Face attention_mask (1 = real token) use "
             f"mhaplug.masks.is_pad_from_attention_mask(attention_mask)."
         )
-    if host_read_is_free(mask):
-        if torch.isnan(mask).any():
-            raise ValueError(
-                f"{name} contains NaN at {torch.isnan(mask).nonzero()[:4].tolist()} (first positions); "
-                f"use -inf for positions that may not be attended and finite values elsewhere"
-            )
+    if host_read_is_free(mask) and torch.isnan(mask).any():
+        raise ValueError(
+            f"{name} contains NaN at {torch.isnan(mask).nonzero()[:4].tolist()} (first positions); "
+            f"use -inf for positions that may not be attended and finite values elsewhere"
+        )
 
 
 # ----------------------------------------------------------------------------------------------------------

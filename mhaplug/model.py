@@ -35,7 +35,7 @@ from mhaplug.attention import DEFAULT_STRATEGY, STRATEGIES, MultiheadAttention, 
 from mhaplug.loss import IGNORE_INDEX, linear_cross_entropy, next_token_targets
 from mhaplug.unpad import TokenLayout, plan_tokens
 
-__all__ = ["DecoderConfig", "DecoderLM", "PACKED_STRATEGIES"]
+__all__ = ["PACKED_STRATEGIES", "DecoderConfig", "DecoderLM"]
 
 PACKED_STRATEGIES = strategies_where(document_masks=True)  # packed rows need a document mask
 
@@ -55,7 +55,6 @@ class DecoderConfig:
     strategy: str = DEFAULT_STRATEGY
     tie_weights: bool = True
     compile: bool = False  # torch.compile the per-token modules (norms, MLP): fused elementwise kernels
-
 
     def __post_init__(self) -> None:
         for name in ("vocab_size", "max_positions", "d_model", "num_heads", "num_layers", "d_ff"):

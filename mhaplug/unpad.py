@@ -159,9 +159,7 @@ def _groups(extents: list[int], bucket_cost: float) -> list[tuple[int, int]]:
     n = len(extents)
     best, cut = [0.0] * (n + 1), [0] * (n + 1)
     for hi in range(1, n + 1):
-        best[hi], cut[hi] = min(
-            (best[lo] + (hi - lo) * extents[lo] ** 2 / 2 + bucket_cost, lo) for lo in range(hi)
-        )
+        best[hi], cut[hi] = min((best[lo] + (hi - lo) * extents[lo] ** 2 / 2 + bucket_cost, lo) for lo in range(hi))
     groups, hi = [], n
     while hi > 0:
         groups.append((cut[hi], hi))

@@ -54,7 +54,17 @@ def torch_causal(attn_mask: Tensor | None, tgt: int, src: int, *, as_float: bool
 # Conformance with torch over a grid (no fully masked rows here, so torch's gradients are finite too)
 # ----------------------------------------------------------------------------------------------------------
 
-MASK_KINDS = ("none", "kpm", "attn2d", "attn3d", "kpm+attn2d", "kpm+attn3d", "causal", "kpm+causal", "kpm+attn2d+causal")
+MASK_KINDS = (
+    "none",
+    "kpm",
+    "attn2d",
+    "attn3d",
+    "kpm+attn2d",
+    "kpm+attn3d",
+    "causal",
+    "kpm+causal",
+    "kpm+attn2d+causal",
+)
 
 
 @dataclass
@@ -108,25 +118,47 @@ def make_case(kind: str, *, float_masks: bool, batch_first: bool, cross: bool, b
 @pytest.mark.parametrize("batch_first", [True, False], ids=["bf", "lbe"])
 @pytest.mark.parametrize("cross", [False, True], ids=["self", "cross"])
 @pytest.mark.parametrize("need_weights", [False, True], ids=["no_w", "w"])
-def test_matches_torch(strategy: str, kind: str, float_masks: bool, batch_first: bool, cross: bool, need_weights: bool) -> None:
+def test_matches_torch(
+    strategy: str, kind: str, float_masks: bool, batch_first: bool, cross: bool, need_weights: bool
+) -> None:
     extra = {"kdim": 12, "vdim": 10} if cross else {}
     ours, ref = pair(strategy, batch_first=batch_first, **extra)
     case = make_case(kind, float_masks=float_masks, batch_first=batch_first, cross=cross)
     inputs = [case.query] if not cross else [case.query, case.key, case.value]
     if strategy == "auto" and "attn2d" in kind and case.is_causal:  # a random 2-D mask is no causal mask
         with pytest.raises(ValueError, match="this attn_mask is not causal"):
-            ours(case.query, case.key, case.value, key_padding_mask=case.kpm, attn_mask=case.attn, is_causal=True,
-                 need_weights=need_weights)
+            ours(
+                case.query,
+                case.key,
+                case.value,
+                key_padding_mask=case.kpm,
+                attn_mask=case.attn,
+                is_causal=True,
+                need_weights=need_weights,
+            )
         return
 
-    out, weights = ours(case.query, case.key, case.value, key_padding_mask=case.kpm, attn_mask=case.attn,
-                        is_causal=case.is_causal, need_weights=need_weights)
+    out, weights = ours(
+        case.query,
+        case.key,
+        case.value,
+        key_padding_mask=case.kpm,
+        attn_mask=case.attn,
+        is_causal=case.is_causal,
+        need_weights=need_weights,
+    )
     out.square().sum().backward()
     got = grads(ours, *inputs)
     for t in inputs:
         t.grad = None
-    out_ref, weights_ref = ref(case.query, case.key, case.value, key_padding_mask=case.kpm, attn_mask=case.torch_attn(),
-                               need_weights=need_weights)
+    out_ref, weights_ref = ref(
+        case.query,
+        case.key,
+        case.value,
+        key_padding_mask=case.kpm,
+        attn_mask=case.torch_attn(),
+        need_weights=need_weights,
+    )
     out_ref.square().sum().backward()
     expected = grads(ref, *inputs)
 
@@ -149,10 +181,25 @@ def test_matches_torch_in_eval_mode_and_per_head_weights(strategy: str, kind: st
     case = make_case(kind, float_masks=False, batch_first=True, cross=False)
     with torch.no_grad():
         for need_weights in (False, True):
-            out, w = ours(case.query, case.key, case.value, key_padding_mask=case.kpm, attn_mask=case.attn,
-                          is_causal=case.is_causal, need_weights=need_weights, average_attn_weights=False)
-            out_ref, w_ref = ref(case.query, case.key, case.value, key_padding_mask=case.kpm,
-                                 attn_mask=case.torch_attn(), need_weights=need_weights, average_attn_weights=False)
+            out, w = ours(
+                case.query,
+                case.key,
+                case.value,
+                key_padding_mask=case.kpm,
+                attn_mask=case.attn,
+                is_causal=case.is_causal,
+                need_weights=need_weights,
+                average_attn_weights=False,
+            )
+            out_ref, w_ref = ref(
+                case.query,
+                case.key,
+                case.value,
+                key_padding_mask=case.kpm,
+                attn_mask=case.torch_attn(),
+                need_weights=need_weights,
+                average_attn_weights=False,
+            )
             torch.testing.assert_close(out, out_ref, atol=1e-5, rtol=1e-5)
             if need_weights:
                 assert w is not None and w.shape == (3, H, 6, 6)
@@ -165,10 +212,23 @@ def test_matches_torch_with_bias_kv_and_zero_attn(strategy: str, add_bias_kv: bo
     ours, ref = pair(strategy, batch_first=True, add_bias_kv=add_bias_kv, add_zero_attn=add_zero_attn)
     case = make_case("kpm+attn2d+causal", float_masks=False, batch_first=True, cross=False)
     for need_weights in (False, True):
-        out, w = ours(case.query, case.key, case.value, key_padding_mask=case.kpm, attn_mask=case.attn,
-                      is_causal=True, need_weights=need_weights)
-        out_ref, w_ref = ref(case.query, case.key, case.value, key_padding_mask=case.kpm, attn_mask=case.torch_attn(),
-                             need_weights=need_weights)
+        out, w = ours(
+            case.query,
+            case.key,
+            case.value,
+            key_padding_mask=case.kpm,
+            attn_mask=case.attn,
+            is_causal=True,
+            need_weights=need_weights,
+        )
+        out_ref, w_ref = ref(
+            case.query,
+            case.key,
+            case.value,
+            key_padding_mask=case.kpm,
+            attn_mask=case.torch_attn(),
+            need_weights=need_weights,
+        )
         torch.testing.assert_close(out, out_ref, atol=1e-5, rtol=1e-5)
         if need_weights:
             assert w is not None and w.shape == (3, 6, 6 + add_bias_kv + add_zero_attn)
@@ -340,7 +400,9 @@ def test_causal_only_refuses_left_padding_because_it_would_be_wrong() -> None:
     with torch.no_grad():
         out_only, _ = only(x, x, x, need_weights=False, is_causal=True)  # what it computes
         out_ref, _ = ref(x, x, x, key_padding_mask=kpm, need_weights=False, is_causal=True)
-        with pytest.raises(ValueError, match=r"has a pad before a real token \(left padding or a hole\); use strategy='causal_kpm'"):
+        with pytest.raises(
+            ValueError, match=r"has a pad before a real token \(left padding or a hole\); use strategy='causal_kpm'"
+        ):
             only(x, x, x, key_padding_mask=kpm, need_weights=False, is_causal=True)
     assert torch.allclose(out_only[0], out_ref[0], atol=1e-6)  # no padding: same
     assert (out_only[1, 3:] - out_ref[1, 3:]).abs().amax() > 1e-2  # left-padded real rows: different
@@ -420,7 +482,12 @@ def test_causal_kpm_falls_back_with_dropout_on_cpu() -> None:
         outs[strategy], _ = mha(x, x, x, key_padding_mask=kpm, need_weights=False, is_causal=True)
         assert mha.last_dispatch == "merged_bool"
     assert torch.equal(outs["causal_kpm"], outs["merged_bool"])
-    assert attention_module.sdpa_takes_mask_with_causal(*(torch.randn(1, 1, 2, 4),) * 3, torch.ones(1, 1, 1, 2, dtype=torch.bool), 0.5) is False
+    assert (
+        attention_module.sdpa_takes_mask_with_causal(
+            *(torch.randn(1, 1, 2, 4),) * 3, torch.ones(1, 1, 1, 2, dtype=torch.bool), 0.5
+        )
+        is False
+    )
 
 
 def test_is_causal_alone_and_cross_length_is_top_left() -> None:
@@ -476,9 +543,15 @@ def test_flex_takes_a_prebuilt_block_mask() -> None:
 
 
 def test_constructor_errors() -> None:
-    with pytest.raises(ValueError, match=r"num_heads must divide embed_dim, got embed_dim=10 and num_heads=4; pick num_heads among \[1, 2, 5, 10\]"):
+    with pytest.raises(
+        ValueError,
+        match=r"num_heads must divide embed_dim, got embed_dim=10 and num_heads=4; pick num_heads among \[1, 2, 5, 10\]",
+    ):
         MultiheadAttention(10, 4)
-    with pytest.raises(ValueError, match="strategy must be one of auto, reference, torch_mha, merged_bool, merged_additive, causal_kpm, causal_only, flex; got 'fast'"):
+    with pytest.raises(
+        ValueError,
+        match="strategy must be one of auto, reference, torch_mha, merged_bool, merged_additive, causal_kpm, causal_only, flex; got 'fast'",
+    ):
         MultiheadAttention(E, H, strategy="fast")
     with pytest.raises(ValueError, match=r"dropout must be in \[0, 1\), got 1.5"):
         MultiheadAttention(E, H, dropout=1.5)
@@ -488,12 +561,32 @@ def test_constructor_errors() -> None:
 
 X = torch.randn(2, 5, E)
 BAD_CALLS = [
-    ({"key_padding_mask": torch.zeros(2, 5, dtype=torch.uint8)}, TypeError, r"key_padding_mask must be a bool tensor .*got dtype torch.uint8"),
-    ({"attn_mask": torch.zeros(5, 5, dtype=torch.int64)}, TypeError, r"attn_mask must be a bool tensor .*got dtype torch.int64"),
+    (
+        {"key_padding_mask": torch.zeros(2, 5, dtype=torch.uint8)},
+        TypeError,
+        r"key_padding_mask must be a bool tensor .*got dtype torch.uint8",
+    ),
+    (
+        {"attn_mask": torch.zeros(5, 5, dtype=torch.int64)},
+        TypeError,
+        r"attn_mask must be a bool tensor .*got dtype torch.int64",
+    ),
     ({"attn_mask": torch.full((5, 5), float("nan"))}, ValueError, r"attn_mask contains NaN"),
-    ({"key_padding_mask": torch.zeros(5, 2, dtype=torch.bool)}, ValueError, r"key_padding_mask must have shape \(2, 5\) \(batch, source length\), True = padding; got \(5, 2\)"),
-    ({"attn_mask": torch.zeros(2, 5, 5, dtype=torch.bool)}, ValueError, r"attn_mask must have shape \(5, 5\) \(L, S\) or \(8, 5, 5\) \(B\*H, L, S\), or \(mhaplug only\) \(2, 1, 5, 5\) / \(2, 4, 5, 5\) \(B, 1\|H, L, S\); got \(2, 5, 5\)"),
-    ({"attn_mask": [[0.0]]}, TypeError, r"attn_mask must be a torch.Tensor \(or a BlockMask with strategy='flex'\), got list"),
+    (
+        {"key_padding_mask": torch.zeros(5, 2, dtype=torch.bool)},
+        ValueError,
+        r"key_padding_mask must have shape \(2, 5\) \(batch, source length\), True = padding; got \(5, 2\)",
+    ),
+    (
+        {"attn_mask": torch.zeros(2, 5, 5, dtype=torch.bool)},
+        ValueError,
+        r"attn_mask must have shape \(5, 5\) \(L, S\) or \(8, 5, 5\) \(B\*H, L, S\), or \(mhaplug only\) \(2, 1, 5, 5\) / \(2, 4, 5, 5\) \(B, 1\|H, L, S\); got \(2, 5, 5\)",
+    ),
+    (
+        {"attn_mask": [[0.0]]},
+        TypeError,
+        r"attn_mask must be a torch.Tensor \(or a BlockMask with strategy='flex'\), got list",
+    ),
 ]
 
 
@@ -506,7 +599,9 @@ def test_forward_rejects_bad_masks(kwargs: dict, error: type[Exception], message
 
 def test_forward_rejects_bad_shapes() -> None:
     mha = MultiheadAttention(E, H, batch_first=True)
-    with pytest.raises(ValueError, match=r"query must have 16 features in its last dim \(B, L, E\), got shape \(2, 5, 8\)"):
+    with pytest.raises(
+        ValueError, match=r"query must have 16 features in its last dim \(B, L, E\), got shape \(2, 5, 8\)"
+    ):
         mha(torch.randn(2, 5, 8), X, X)
     with pytest.raises(ValueError, match=r"key must be 3-D like query \(shape \(2, 5, 16\)\), got shape \(5, 16\)"):
         mha(X, X[0], X[0])
@@ -517,10 +612,18 @@ def test_forward_rejects_bad_shapes() -> None:
 @pytest.mark.parametrize(
     ("strategy", "call", "message"),
     [
-        ("causal_only", {}, r"strategy='causal_only' serves causal self-attention and needs is_causal=True.*merged_bool"),
+        (
+            "causal_only",
+            {},
+            r"strategy='causal_only' serves causal self-attention and needs is_causal=True.*merged_bool",
+        ),
         ("causal_kpm", {}, r"strategy='causal_kpm' serves causal self-attention and needs is_causal=True.*merged_bool"),
         ("causal_kpm", {}, r"or use strategy='auto' \(which also serves the non-causal calls"),
-        ("causal_only", {"is_causal": True, "attn_mask": torch.zeros(2 * H, 5, 5, dtype=torch.bool)}, r"use strategy='causal_kpm' or 'merged_bool'"),
+        (
+            "causal_only",
+            {"is_causal": True, "attn_mask": torch.zeros(2 * H, 5, 5, dtype=torch.bool)},
+            r"use strategy='causal_kpm' or 'merged_bool'",
+        ),
     ],
 )
 def test_strategy_that_cannot_serve_a_call_says_which_would(strategy: str, call: dict, message: str) -> None:
@@ -532,20 +635,35 @@ def test_strategy_that_cannot_serve_a_call_says_which_would(strategy: str, call:
 
 def test_flex_errors_name_a_working_strategy() -> None:
     x = torch.randn(2, 5, E, requires_grad=True)
-    with pytest.raises(NotImplementedError, match=r"strategy='flex' has no backward on CPU.*strategy='auto' or 'merged_bool'"):
+    with pytest.raises(
+        NotImplementedError, match=r"strategy='flex' has no backward on CPU.*strategy='auto' or 'merged_bool'"
+    ):
         MultiheadAttention(E, H, batch_first=True, strategy="flex")(x, x, x, need_weights=False, is_causal=True)
-    with pytest.raises(ValueError, match=r"strategy='flex' has no attention dropout; set dropout=0.0 or use strategy='merged_bool'"):
+    with pytest.raises(
+        ValueError, match=r"strategy='flex' has no attention dropout; set dropout=0.0 or use strategy='merged_bool'"
+    ):
         MultiheadAttention(E, H, dropout=0.1, batch_first=True, strategy="flex")(X, X, X, need_weights=False)
 
 
 def test_public_names() -> None:
     assert mhaplug.MultiheadAttention is attention_module.MultiheadAttention
-    assert mhaplug.STRATEGIES == ("auto", "reference", "torch_mha", "merged_bool", "merged_additive", "causal_kpm", "causal_only", "flex")
+    assert mhaplug.STRATEGIES == (
+        "auto",
+        "reference",
+        "torch_mha",
+        "merged_bool",
+        "merged_additive",
+        "causal_kpm",
+        "causal_only",
+        "flex",
+    )
     assert MultiheadAttention(E, H).strategy == "auto"
     assert isinstance(MultiheadAttention(E, H), nn.MultiheadAttention)
 
 
-@pytest.mark.parametrize("strategy", ["auto", "reference", "merged_bool", "merged_additive", "causal_kpm", "causal_only"])
+@pytest.mark.parametrize(
+    "strategy", ["auto", "reference", "merged_bool", "merged_additive", "causal_kpm", "causal_only"]
+)
 def test_forward_and_backward_never_read_tensor_values(strategy: str) -> None:
     """On the meta device any host read of a value (.item(), ``if tensor:``) raises, and like an accelerator it
     is not CPU (so the CPU-only input checks stay off): passing proves the whole path, masks included, forward
@@ -573,7 +691,9 @@ TOKENS_CASES += [(s, {"add_bias_kv": True}) for s in ("reference", "merged_bool"
 
 @pytest.mark.parametrize(("strategy", "module_kwargs"), TOKENS_CASES)
 @pytest.mark.parametrize("bucket_cost", [None, 0])
-def test_forward_tokens_equals_forward_at_the_real_positions(strategy: str, module_kwargs: dict, bucket_cost: int | None) -> None:
+def test_forward_tokens_equals_forward_at_the_real_positions(
+    strategy: str, module_kwargs: dict, bucket_cost: int | None
+) -> None:
     from mhaplug.unpad import plan_tokens
 
     torch.manual_seed(0)
@@ -590,7 +710,7 @@ def test_forward_tokens_errors() -> None:
     from mhaplug.unpad import plan_tokens
 
     ours = MultiheadAttention(E, H, batch_first=True)
-    token_index, layouts = plan_tokens(torch.tensor([[False, True], [False, False]]), 2, 2, bucket_cost=0)
+    _token_index, layouts = plan_tokens(torch.tensor([[False, True], [False, False]]), 2, 2, bucket_cost=0)
     with pytest.raises(ValueError, match=r"x must be \(N, embed_dim=16\), got shape \(3, 8\)"):
         ours.forward_tokens(torch.zeros(3, 8), layouts)
     with pytest.raises(ValueError, match="an attn_mask describes one \\(B, L\\) layout; got 2 layouts"):
@@ -607,7 +727,9 @@ def test_forward_tokens_errors() -> None:
 @pytest.mark.parametrize("batch_first", [True, False], ids=["bf", "lbe"])
 @pytest.mark.parametrize("need_weights", [False, True], ids=["no_w", "w"])
 @pytest.mark.parametrize("with_kpm", [False, True], ids=["no_kpm", "kpm"])
-def test_batch_size_zero_gives_torchs_empty_shapes(strategy: str, batch_first: bool, need_weights: bool, with_kpm: bool) -> None:
+def test_batch_size_zero_gives_torchs_empty_shapes(
+    strategy: str, batch_first: bool, need_weights: bool, with_kpm: bool
+) -> None:
     """Query (0, L, E) batch first or (L, 0, E), cross-attention (L=5, S=7): output and weights (averaged and
     per head) shaped as torch's own module returns them, and a backward that runs. flex runs under no_grad
     (forward-only on CPU). torch's own module fails with a (0, S) key_padding_mask and need_weights=False
@@ -615,7 +737,11 @@ def test_batch_size_zero_gives_torchs_empty_shapes(strategy: str, batch_first: b
     causal = attention_module.CAPABILITIES[strategy].needs_is_causal
     ours, ref = pair(strategy, batch_first=batch_first, kdim=12, vdim=10)
     shape = (lambda n, f: (0, n, f)) if batch_first else (lambda n, f: (n, 0, f))
-    query, key, value = torch.randn(shape(5, E), requires_grad=True), torch.randn(shape(7, 12)), torch.randn(shape(7, 10))
+    query, key, value = (
+        torch.randn(shape(5, E), requires_grad=True),
+        torch.randn(shape(7, 12)),
+        torch.randn(shape(7, 10)),
+    )
     kpm = torch.zeros(0, 7, dtype=torch.bool) if with_kpm else None
     torch_attn = torch_causal(None, 5, 7) if causal else None
     torch_fails = with_kpm and not need_weights
@@ -623,9 +749,18 @@ def test_batch_size_zero_gives_torchs_empty_shapes(strategy: str, batch_first: b
         with pytest.raises(RuntimeError, match="cannot reshape tensor of 0 elements"):
             ref(query, key, value, key_padding_mask=kpm, attn_mask=torch_attn, need_weights=False)
     for average in (True, False):
-        call = {"key_padding_mask": kpm, "need_weights": need_weights, "average_attn_weights": average, "is_causal": causal}
-        expected, expected_weights = ref(query, key, value, **{**call, "key_padding_mask": None if torch_fails else kpm,
-                                                                "attn_mask": torch_attn, "is_causal": False})
+        call = {
+            "key_padding_mask": kpm,
+            "need_weights": need_weights,
+            "average_attn_weights": average,
+            "is_causal": causal,
+        }
+        expected, expected_weights = ref(
+            query,
+            key,
+            value,
+            **{**call, "key_padding_mask": None if torch_fails else kpm, "attn_mask": torch_attn, "is_causal": False},
+        )
         if strategy == "torch_mha" and torch_fails:
             with pytest.raises(RuntimeError, match="cannot reshape tensor of 0 elements"):
                 ours(query, key, value, **call)
@@ -634,7 +769,9 @@ def test_batch_size_zero_gives_torchs_empty_shapes(strategy: str, batch_first: b
             out, weights = ours(query, key, value, **call)
         assert out.shape == expected.shape == shape(5, E) and out.dtype == expected.dtype
         if need_weights:
-            assert weights is not None and weights.shape == expected_weights.shape == ((0, 5, 7) if average else (0, H, 5, 7))
+            assert weights is not None and weights.shape == expected_weights.shape == (
+                (0, 5, 7) if average else (0, H, 5, 7)
+            )
         else:
             assert weights is None and expected_weights is None
         if strategy != "flex":

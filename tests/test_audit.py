@@ -49,8 +49,9 @@ def make_batch(layout: str) -> dict[str, Any]:
 
 def decoder(strategy: str, *, num_layers: int = 2) -> DecoderLM:
     torch.manual_seed(0)
-    config = DecoderConfig(vocab_size=VOCAB, max_positions=32, d_model=32, num_heads=2, num_layers=num_layers, d_ff=64,
-                           strategy=strategy)
+    config = DecoderConfig(
+        vocab_size=VOCAB, max_positions=32, d_model=32, num_heads=2, num_layers=num_layers, d_ff=64, strategy=strategy
+    )
     return DecoderLM(config)
 
 
@@ -115,23 +116,27 @@ def test_one_layer_torch_mha_fails_only_on_its_nan_pad_rows() -> None:
 FULL_LENGTHS = (3, 5, 8, 6, 2)  # packed into rows of 8 without a pad: 8 | 6 2 | 5 3
 
 
-@pytest.mark.parametrize(("strategy", "expected"), [("merged_bool", ALL_PASS_PACKED),
-                                                    ("torch_mha", dict.fromkeys(ALL_PASS_PACKED, False))])  # NaN spread
-def test_a_batch_without_padding_gets_pad_columns_so_padding_is_always_audited(strategy: str,
-                                                                               expected: dict[str, bool]) -> None:
+@pytest.mark.parametrize(
+    ("strategy", "expected"), [("merged_bool", ALL_PASS_PACKED), ("torch_mha", dict.fromkeys(ALL_PASS_PACKED, False))]
+)  # NaN spread
+def test_a_batch_without_padding_gets_pad_columns_so_padding_is_always_audited(
+    strategy: str, expected: dict[str, bool]
+) -> None:
     generator = torch.Generator().manual_seed(2)
     documents = [torch.randint(2, VOCAB, (n,), generator=generator).tolist() for n in FULL_LENGTHS]
     batch = PackCollator(max_length=8)(documents)
     assert not batch["key_padding_mask"].any()
     report = audit(decoder(strategy), batch)
     assert verdicts(report) == expected, str(report)
-    assert report["padding"].detail == ("pad ids and pad embeddings (tok_emb), on 4 pad columns appended (the batch "
-                                        "has none)")
+    assert report["padding"].detail == (
+        "pad ids and pad embeddings (tok_emb), on 4 pad columns appended (the batch has none)"
+    )
     assert report["padding"].positions == report["finite"].positions - 3 * 4 == 3 * 8
     assert audit(decoder(strategy), batch, pad_columns=0).skipped["padding"] == "the batch has no padding"
     odd = {**batch, "segment_ids": batch["document_ids"].clone()}
     assert audit(decoder(strategy), odd).skipped["padding"] == (
-        "the batch has no padding, and it does not know what pads hold in batch['segment_ids'] torch.int64 (3, 8)")
+        "the batch has no padding, and it does not know what pads hold in batch['segment_ids'] torch.int64 (3, 8)"
+    )
 
 
 def test_failed_report_is_one_line_and_strict_json() -> None:
@@ -141,7 +146,9 @@ def test_failed_report_is_one_line_and_strict_json() -> None:
     assert re.fullmatch(
         r"mask audit FAILED \(DecoderLM, 3 forwards, \d+ ms\): finite FAIL \(NaN/inf logits at 35/49 real and 35/35 "
         r"pad positions\), "
-        r"padding FAIL \(nan > [0-9.e+-]+ at \d+/\d+\), loss FAIL .*, causality FAIL .*, documents skipped", line)
+        r"padding FAIL \(nan > [0-9.e+-]+ at \d+/\d+\), loss FAIL .*, causality FAIL .*, documents skipped",
+        line,
+    )
     data = json.loads(json.dumps(report.as_dict(), allow_nan=False))  # NaN changes are written as null
     assert data["passed"] is False and data["checks"]["padding"]["max_change"] is None
     assert data["failed"] == ["finite", "padding", "loss", "causality"]
@@ -156,8 +163,11 @@ def test_report_round_trips_through_its_dict_and_is_seeded() -> None:
     assert AuditReport.from_dict(first.as_dict()) == first
     assert audit(model, batch, seed=4)["padding"].max_change != first["padding"].max_change  # the seed matters
     passing = audit(decoder("reference"), batch)
-    assert re.fullmatch(r"mask audit passed \(DecoderLM, 3 forwards, \d+ ms\): finite ok, padding ok \(0.0e\+00 <= "
-                        r"[0-9.]+e-0\d\), loss ok .*, causality ok .*, documents skipped", str(passing))
+    assert re.fullmatch(
+        r"mask audit passed \(DecoderLM, 3 forwards, \d+ ms\): finite ok, padding ok \(0.0e\+00 <= "
+        r"[0-9.]+e-0\d\), loss ok .*, causality ok .*, documents skipped",
+        str(passing),
+    )
 
 
 def test_audit_leaves_the_batch_and_the_training_modes_as_they_were() -> None:
@@ -173,13 +183,15 @@ def test_audit_leaves_the_batch_and_the_training_modes_as_they_were() -> None:
 
 def test_lightning_module_is_audited_through_its_decoder_like_the_decoder() -> None:
     torch.manual_seed(0)
-    lit = LitDecoderLM(vocab_size=VOCAB, max_positions=32, d_model=32, num_heads=2, num_layers=2, d_ff=64,
-                       strategy="causal_kpm")
+    lit = LitDecoderLM(
+        vocab_size=VOCAB, max_positions=32, d_model=32, num_heads=2, num_layers=2, d_ff=64, strategy="causal_kpm"
+    )
     batch = make_batch("left")
     report, inner = audit(lit, batch), audit(lit.model, batch)
     assert report.call == "LitDecoderLM.model (DecoderLM)" and report.passed
     assert [(c.name, c.max_change, c.threshold, c.moved) for c in report.checks] == [
-        (c.name, c.max_change, c.threshold, c.moved) for c in inner.checks]
+        (c.name, c.max_change, c.threshold, c.moved) for c in inner.checks
+    ]
     assert report["padding"].detail == "pad ids and pad embeddings (model.tok_emb)"
     assert inner["padding"].detail == "pad ids and pad embeddings (tok_emb)"
 
@@ -215,8 +227,9 @@ BROKEN = [
 
 
 @pytest.mark.parametrize(("model", "layout", "expected"), [b[1:] for b in BROKEN], ids=[b[0] for b in BROKEN])
-def test_a_module_that_takes_the_batch_fails_the_check_of_its_bug(model: nn.Module, layout: str,
-                                                                  expected: dict[str, bool]) -> None:
+def test_a_module_that_takes_the_batch_fails_the_check_of_its_bug(
+    model: nn.Module, layout: str, expected: dict[str, bool]
+) -> None:
     report = audit(model, make_batch(layout))
     assert report.call == "ToyLM(batch)"
     assert verdicts(report) == expected, str(report)
@@ -252,8 +265,16 @@ def test_bad_input_is_refused_with_the_fix() -> None:
 def gpt2(attn_implementation: str) -> nn.Module:
     transformers = pytest.importorskip("transformers")
     torch.manual_seed(0)
-    config = transformers.GPT2Config(n_layer=2, n_embd=32, n_head=2, n_positions=64, vocab_size=VOCAB,
-                                     bos_token_id=1, eos_token_id=1, attn_implementation=attn_implementation)
+    config = transformers.GPT2Config(
+        n_layer=2,
+        n_embd=32,
+        n_head=2,
+        n_positions=64,
+        vocab_size=VOCAB,
+        bos_token_id=1,
+        eos_token_id=1,
+        attn_implementation=attn_implementation,
+    )
     return transformers.GPT2LMHeadModel(config)
 
 
@@ -276,8 +297,11 @@ def test_transformers_gpt2(attn_implementation: str, layout: str, expected: dict
 
 def test_transformers_with_its_default_kv_cache_attends_across_documents() -> None:
     """``use_cache=True`` (GPT-2's default) makes transformers ignore packed positions: the audit sees it."""
-    report = audit(gpt2("sdpa"), make_batch("packed"),
-                   forward=lambda m, b: m(input_ids=b["input_ids"], position_ids=b["position_ids"]).logits)
+    report = audit(
+        gpt2("sdpa"),
+        make_batch("packed"),
+        forward=lambda m, b: m(input_ids=b["input_ids"], position_ids=b["position_ids"]).logits,
+    )
     assert verdicts(report) == {**ALL_PASS_PACKED, "documents": False}, str(report)
 
 
@@ -288,16 +312,39 @@ def test_transformers_with_its_default_kv_cache_attends_across_documents() -> No
 
 def lit_model(strategy: str) -> LitDecoderLM:
     torch.manual_seed(0)
-    return LitDecoderLM(vocab_size=VOCAB, max_positions=32, d_model=32, num_heads=2, num_layers=2, d_ff=64,
-                        strategy=strategy, warmup_steps=0)
+    return LitDecoderLM(
+        vocab_size=VOCAB,
+        max_positions=32,
+        d_model=32,
+        num_heads=2,
+        num_layers=2,
+        d_ff=64,
+        strategy=strategy,
+        warmup_steps=0,
+    )
 
 
-def fit(model: LitDecoderLM, callback: MaskAudit, tmp_path: Path, *, padding_side: str, max_steps: int = 2,
-        ckpt_path: str | None = None) -> pl.Trainer:
+def fit(
+    model: LitDecoderLM,
+    callback: MaskAudit,
+    tmp_path: Path,
+    *,
+    padding_side: str,
+    max_steps: int = 2,
+    ckpt_path: str | None = None,
+) -> pl.Trainer:
     loader = DataLoader(rows(), batch_size=3, collate_fn=PadCollator(padding_side=padding_side))
-    trainer = pl.Trainer(max_steps=max_steps, accelerator="cpu", devices=1, callbacks=[callback], logger=False,
-                         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
-                         default_root_dir=tmp_path)
+    trainer = pl.Trainer(
+        max_steps=max_steps,
+        accelerator="cpu",
+        devices=1,
+        callbacks=[callback],
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        default_root_dir=tmp_path,
+    )
     trainer.fit(model, train_dataloaders=loader, val_dataloaders=loader, ckpt_path=ckpt_path)
     return trainer
 
@@ -341,8 +388,14 @@ def test_callback_keeps_its_report_across_a_resume_without_auditing_again(tmp_pa
     trainer = fit(lit_model("merged_bool"), first, tmp_path, padding_side="right")
     trainer.save_checkpoint(tmp_path / "step2.ckpt")
     resumed = MaskAudit(seed=123)  # a new audit would perturb differently; a restored report is the same
-    resumed_trainer = fit(lit_model("merged_bool"), resumed, tmp_path, padding_side="right", max_steps=3,
-                          ckpt_path=str(tmp_path / "step2.ckpt"))
+    resumed_trainer = fit(
+        lit_model("merged_bool"),
+        resumed,
+        tmp_path,
+        padding_side="right",
+        max_steps=3,
+        ckpt_path=str(tmp_path / "step2.ckpt"),
+    )
     assert resumed_trainer.global_step == 3
     assert resumed.report == first.report
     assert "audit/passed" not in resumed_trainer.callback_metrics  # nothing audited after step 0

@@ -28,8 +28,13 @@ from mhaplug.data import TextDataModule
 from mhaplug.lit import LitDecoderLM
 
 VOCAB = 50
-METRICS = ("train/real_tokens_per_sec", "train/padded_tokens_per_sec", "train/pad_fraction", "train/step_time_s",
-           "train/peak_memory_mb")
+METRICS = (
+    "train/real_tokens_per_sec",
+    "train/padded_tokens_per_sec",
+    "train/pad_fraction",
+    "train/step_time_s",
+    "train/peak_memory_mb",
+)
 PAUSE = 100.0  # fake seconds spent in validation and between epochs: never step time
 BATCH = 1.0  # fake seconds per training micro-batch
 
@@ -49,8 +54,9 @@ class Ticker(pl.Callback):
         self.clock = clock
         self.validations_mid_step = 0
 
-    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any,
-                           batch_idx: int) -> None:
+    def on_train_batch_end(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
         self.clock.now += BATCH
 
     def on_validation_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -70,13 +76,16 @@ class Recorder(pl.Callback):
         self.logged: list[dict[str, float]] = []
         self._step = 0
 
-    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int) -> None:
+    def on_train_batch_start(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
+    ) -> None:
         self._step = trainer.global_step
         real = int((~batch["key_padding_mask"]).sum())  # from the masks, not from the num_* keys
         self.steps.setdefault(self._step, []).append((real, batch["input_ids"].numel()))
 
-    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any,
-                           batch_idx: int) -> None:
+    def on_train_batch_end(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
         if trainer.global_step != self._step:
             self.logged.append({name: float(trainer.callback_metrics[name]) for name in METRICS})
 
@@ -92,23 +101,51 @@ def without_counts(batch: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in batch.items() if not k.startswith("num_")}
 
 
-def fit(tmp_path: Path, monitor: ThroughputMonitor, clock: FakeClock, *, max_steps: int, accumulate: int = 2,
-        collate: Any = None, ckpt_path: str | None = None) -> tuple[pl.Trainer, Ticker, Recorder]:
+def fit(
+    tmp_path: Path,
+    monitor: ThroughputMonitor,
+    clock: FakeClock,
+    *,
+    max_steps: int,
+    accumulate: int = 2,
+    collate: Any = None,
+    ckpt_path: str | None = None,
+) -> tuple[pl.Trainer, Ticker, Recorder]:
     torch.manual_seed(0)
-    model = LitDecoderLM(vocab_size=VOCAB, max_positions=32, d_model=32, num_heads=2, num_layers=1, d_ff=64,
-                         warmup_steps=0, accumulate_grad_batches=accumulate)
+    model = LitDecoderLM(
+        vocab_size=VOCAB,
+        max_positions=32,
+        d_model=32,
+        num_heads=2,
+        num_layers=1,
+        d_ff=64,
+        warmup_steps=0,
+        accumulate_grad_batches=accumulate,
+    )
     loader = DataLoader(rows(), batch_size=3, collate_fn=collate or PadCollator(padding_side="left"))
     ticker, recorder = Ticker(clock), Recorder()
-    trainer = pl.Trainer(max_steps=max_steps, accelerator="cpu", devices=1, callbacks=[ticker, monitor, recorder],
-                         logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
-                         val_check_interval=3, limit_val_batches=1, num_sanity_val_steps=0, default_root_dir=tmp_path)
+    trainer = pl.Trainer(
+        max_steps=max_steps,
+        accelerator="cpu",
+        devices=1,
+        callbacks=[ticker, monitor, recorder],
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        val_check_interval=3,
+        limit_val_batches=1,
+        num_sanity_val_steps=0,
+        default_root_dir=tmp_path,
+    )
     trainer.fit(model, train_dataloaders=loader, val_dataloaders=loader, ckpt_path=ckpt_path)
     return trainer, ticker, recorder
 
 
 @pytest.mark.parametrize("counted_by", ["collator", "module"])
-def test_logs_each_optimizer_step_from_the_batches_literal_counts(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
-                                                                  counted_by: str) -> None:
+def test_logs_each_optimizer_step_from_the_batches_literal_counts(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, counted_by: str
+) -> None:
     """5 batches an epoch, 2 per step: steps of batches [0 1] [2 3] [4] (the epoch's end) and [0 1] of the next epoch;
     validation after batch 2, in the middle of step 2."""
     clock = FakeClock()
@@ -137,8 +174,9 @@ def test_logs_each_optimizer_step_from_the_batches_literal_counts(tmp_path: Path
     )
 
 
-def test_a_resumed_run_continues_the_totals_saved_in_its_checkpoint(tmp_path: Path,
-                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+def test_a_resumed_run_continues_the_totals_saved_in_its_checkpoint(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     clock = FakeClock()
     monkeypatch.setattr(callbacks_module, "time", types.SimpleNamespace(perf_counter=clock))
     first = ThroughputMonitor()
@@ -146,7 +184,9 @@ def test_a_resumed_run_continues_the_totals_saved_in_its_checkpoint(tmp_path: Pa
     trainer.save_checkpoint(tmp_path / "step5.ckpt")
     assert first.totals["steps"] == 5 and first.totals["train_time_s"] == 5 * BATCH
     resumed = ThroughputMonitor()
-    trainer, _, recorder = fit(tmp_path, resumed, clock, max_steps=7, accumulate=1, ckpt_path=str(tmp_path / "step5.ckpt"))
+    trainer, _, recorder = fit(
+        tmp_path, resumed, clock, max_steps=7, accumulate=1, ckpt_path=str(tmp_path / "step5.ckpt")
+    )
     assert trainer.global_step == 7 and list(recorder.steps) == [5, 6]  # steps after the checkpoint's
     trained = [count for batches in recorder.steps.values() for count in batches]
     assert resumed.totals == {
@@ -158,7 +198,11 @@ def test_a_resumed_run_continues_the_totals_saved_in_its_checkpoint(tmp_path: Pa
 
 
 def test_rates_are_none_before_the_first_step() -> None:
-    assert ThroughputMonitor().rates() == {"real_tokens_per_sec": None, "padded_tokens_per_sec": None, "pad_fraction": None}
+    assert ThroughputMonitor().rates() == {
+        "real_tokens_per_sec": None,
+        "padded_tokens_per_sec": None,
+        "pad_fraction": None,
+    }
 
 
 def test_peak_memory_reads_cuda_allocations_on_cuda_and_peak_rss_elsewhere(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -187,13 +231,16 @@ class SigtermAt(pl.Callback):
         self.batch, self.in_validation = batch, in_validation
         self.batches, self.sent = 0, False
 
-    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int) -> None:
+    def on_train_batch_start(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
+    ) -> None:
         self.batches += 1
         if self.batches == self.batch and not self.in_validation:
             self._send()
 
-    def on_validation_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int,
-                                  dataloader_idx: int = 0) -> None:
+    def on_validation_batch_start(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int, dataloader_idx: int = 0
+    ) -> None:
         if self.in_validation and self.batches >= self.batch and not self.sent:
             self._send()
 
@@ -206,27 +253,65 @@ class ValidationBatches(pl.Callback):
     def __init__(self) -> None:
         self.seen = 0
 
-    def on_validation_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any,
-                                batch_idx: int, dataloader_idx: int = 0) -> None:
+    def on_validation_batch_end(
+        self,
+        trainer: pl.Trainer,
+        pl_module: pl.LightningModule,
+        outputs: Any,
+        batch: Any,
+        batch_idx: int,
+        dataloader_idx: int = 0,
+    ) -> None:
         self.seen += 1
 
 
-def fit_lm(tmp_path: Path, name: str, *, extra: list[pl.Callback] = (), ckpt_path: Path | None = None,
-           logger_dir: Path | None = None) -> tuple[pl.Trainer, LitDecoderLM, CheckpointOnSigterm]:
+def fit_lm(
+    tmp_path: Path,
+    name: str,
+    *,
+    extra: list[pl.Callback] = (),
+    ckpt_path: Path | None = None,
+    logger_dir: Path | None = None,
+) -> tuple[pl.Trainer, LitDecoderLM, CheckpointOnSigterm]:
     """8 optimizer steps of 2 micro-batches (batch 4 of synthetic documents); validation (3 batches) every 4 batches,
     between two steps."""
     pl.seed_everything(0, workers=True)
-    data = TextDataModule(source="synthetic", synthetic_documents=200, vocab_size=300, max_length=32, batch_size=4,
-                          cache_dir=str(tmp_path / "cache"))
-    model = LitDecoderLM(vocab_size=300, max_positions=32, d_model=32, num_heads=2, num_layers=1, d_ff=64,
-                         warmup_steps=2, accumulate_grad_batches=2)
+    data = TextDataModule(
+        source="synthetic",
+        synthetic_documents=200,
+        vocab_size=300,
+        max_length=32,
+        batch_size=4,
+        cache_dir=str(tmp_path / "cache"),
+    )
+    model = LitDecoderLM(
+        vocab_size=300,
+        max_positions=32,
+        d_model=32,
+        num_heads=2,
+        num_layers=1,
+        d_ff=64,
+        warmup_steps=2,
+        accumulate_grad_batches=2,
+    )
     on_sigterm = CheckpointOnSigterm(dirpath=str(tmp_path / name))
     logger = CSVLogger(save_dir=logger_dir, name="csv", version=None) if logger_dir else False
-    trainer = pl.Trainer(max_steps=8, max_epochs=-1, val_check_interval=4, check_val_every_n_epoch=None,
-                         limit_val_batches=3, log_every_n_steps=1, accelerator="cpu", devices=1,
-                         callbacks=[on_sigterm, ResumeMarker(), BatchLog(str(tmp_path / f"{name}.jsonl")), *extra],
-                         logger=logger, enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
-                         default_root_dir=tmp_path)  # CheckpointOnSigterm is the only Checkpoint: no ModelCheckpoint
+    trainer = pl.Trainer(
+        max_steps=8,
+        max_epochs=-1,
+        val_check_interval=4,
+        check_val_every_n_epoch=None,
+        limit_val_batches=3,
+        log_every_n_steps=1,
+        accelerator="cpu",
+        devices=1,
+        callbacks=[on_sigterm, ResumeMarker(), BatchLog(str(tmp_path / f"{name}.jsonl")), *extra],
+        logger=logger,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+        default_root_dir=tmp_path,
+    )  # CheckpointOnSigterm is the only Checkpoint: no ModelCheckpoint
     trainer.fit(model, datamodule=data, ckpt_path=ckpt_path)
     return trainer, model, on_sigterm
 
@@ -236,7 +321,9 @@ def batches(path: Path) -> list[tuple[int, str]]:
 
 
 @pytest.mark.parametrize("signal_at", ["first micro-batch of step 3", "validation after step 4"])
-def test_sigterm_stops_at_a_step_boundary_with_a_checkpoint_that_resumes_exactly(tmp_path: Path, signal_at: str) -> None:
+def test_sigterm_stops_at_a_step_boundary_with_a_checkpoint_that_resumes_exactly(
+    tmp_path: Path, signal_at: str
+) -> None:
     """Lightning alone stops after the micro-batch in progress (half of step 3 trained, and lost at the resume) or
     inside validation; CheckpointOnSigterm finishes the step, or the validation, and saves a checkpoint there."""
     _, full_model, _ = fit_lm(tmp_path, "full", logger_dir=tmp_path / "full_logs")

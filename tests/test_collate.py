@@ -50,7 +50,9 @@ def test_pad_left_with_multiple_literal() -> None:
     }
 
 
-@pytest.mark.parametrize(("longest", "multiple", "expected"), [(8, 8, 8), (9, 8, 16), (1, 8, 8), (7, None, 7), (64, 64, 64)])
+@pytest.mark.parametrize(
+    ("longest", "multiple", "expected"), [(8, 8, 8), (9, 8, 16), (1, 8, 8), (7, None, 7), (64, 64, 64)]
+)
 def test_pad_to_multiple_adds_no_extra_block(longest: int, multiple: int | None, expected: int) -> None:
     batch = PadCollator(pad_to_multiple_of=multiple)([[1] * longest, [2]])
     assert batch["input_ids"].shape == (2, expected)
@@ -63,17 +65,37 @@ COUNTS = ("num_targets", "num_real_tokens", "num_padded_tokens")
 @pytest.mark.parametrize(
     ("collator", "rows", "input_ids", "labels", "counts"),
     [
-        (PadCollator(label_pad_id=-1), [[5, 6, 7], [8, 9]],
-         [[5, 6, 7], [8, 9, 0]], [[-1, 6, 7], [-1, 9, -1]], (3, 5, 6)),
-        (PadCollator(padding_side="left", pad_to_multiple_of=4, label_pad_id=-1), [[5, 6, 7], [8, 9]],
-         [[0, 5, 6, 7], [0, 0, 8, 9]], [[-1, -1, 6, 7], [-1, -1, -1, 9]], (3, 5, 8)),
-        (PackCollator(max_length=4, label_pad_id=-1), [[5, 6, 7], [8, 9], [4]],  # first-fit: [5 6 7] + [4]; [8 9]
-         [[5, 6, 7, 4], [8, 9, 0, 0]], [[-1, 6, 7, -1], [-1, 9, -1, -1]], (3, 6, 8)),
+        (
+            PadCollator(label_pad_id=-1),
+            [[5, 6, 7], [8, 9]],
+            [[5, 6, 7], [8, 9, 0]],
+            [[-1, 6, 7], [-1, 9, -1]],
+            (3, 5, 6),
+        ),
+        (
+            PadCollator(padding_side="left", pad_to_multiple_of=4, label_pad_id=-1),
+            [[5, 6, 7], [8, 9]],
+            [[0, 5, 6, 7], [0, 0, 8, 9]],
+            [[-1, -1, 6, 7], [-1, -1, -1, 9]],
+            (3, 5, 8),
+        ),
+        (
+            PackCollator(max_length=4, label_pad_id=-1),
+            [[5, 6, 7], [8, 9], [4]],  # first-fit: [5 6 7] + [4]; [8 9]
+            [[5, 6, 7, 4], [8, 9, 0, 0]],
+            [[-1, 6, 7, -1], [-1, 9, -1, -1]],
+            (3, 6, 8),
+        ),
     ],
     ids=["right", "left", "packed"],
 )
-def test_counts_literal_with_a_label_pad_id_of_its_own(collator, rows: list, input_ids: list, labels: list,  # type: ignore[no-untyped-def]
-                                                       counts: tuple[int, int, int]) -> None:
+def test_counts_literal_with_a_label_pad_id_of_its_own(
+    collator,
+    rows: list,
+    input_ids: list,
+    labels: list,  # type: ignore[no-untyped-def]
+    counts: tuple[int, int, int],
+) -> None:
     """(num_targets, num_real_tokens, num_padded_tokens): targets are the labels other than the collator's
     label_pad_id after the next-token shift."""
     batch = collator(rows)
@@ -88,8 +110,15 @@ def test_add_token_counts_counts_a_batch_from_another_collator() -> None:
     theirs = {"labels": batch["labels"], "key_padding_mask": batch["key_padding_mask"]}
     assert add_token_counts(theirs) is theirs
     assert {k: theirs[k] for k in COUNTS} == {k: batch[k] for k in COUNTS} == dict(zip(COUNTS, (2, 4, 6)))
-    assert add_token_counts({"labels": torch.tensor([[1, 2, -7]]), "lengths": torch.tensor([3])}, label_pad_id=-7)["num_targets"] == 1
-    with pytest.raises(ValueError, match=r"batch\['labels'\] must be a \(B, L\) tensor to count the targets, got shape \(3,\)"):
+    assert (
+        add_token_counts({"labels": torch.tensor([[1, 2, -7]]), "lengths": torch.tensor([3])}, label_pad_id=-7)[
+            "num_targets"
+        ]
+        == 1
+    )
+    with pytest.raises(
+        ValueError, match=r"batch\['labels'\] must be a \(B, L\) tensor to count the targets, got shape \(3,\)"
+    ):
         add_token_counts({"labels": torch.tensor([1, 2, 3]), "lengths": torch.tensor([3])})
     with pytest.raises(KeyError, match=r"neither 'lengths' nor 'key_padding_mask'.*\['input_ids', 'labels'\]"):
         add_token_counts({"input_ids": torch.ones(1, 2), "labels": torch.ones(1, 2)})
@@ -139,15 +168,32 @@ def test_works_as_dataloader_collate_fn_on_a_datasets_dataset(torch_format: bool
 
 
 def test_passthrough_keys_are_stacked() -> None:
-    batch = PadCollator(passthrough_keys=("label",))([{"input_ids": [1], "label": 3}, {"input_ids": [2, 2], "label": 4}])
+    batch = PadCollator(passthrough_keys=("label",))(
+        [{"input_ids": [1], "label": 3}, {"input_ids": [2, 2], "label": 4}]
+    )
     assert batch["label"].tolist() == [3, 4]
     with pytest.raises(KeyError, match=r"passthrough key 'label' is missing from rows \[1\]"):
         PadCollator(passthrough_keys=("label",))([{"input_ids": [1], "label": 3}, {"input_ids": [2]}])
 
 
-BATCH_KEYS = ("input_ids", "labels", "key_padding_mask", "position_ids", "lengths", "attention_mask", "document_ids",
-              "cu_seqlens", "max_seqlen", "cu_seq_lens_q", "cu_seq_lens_k", "max_length_q", "max_length_k",
-              "num_targets", "num_real_tokens", "num_padded_tokens")
+BATCH_KEYS = (
+    "input_ids",
+    "labels",
+    "key_padding_mask",
+    "position_ids",
+    "lengths",
+    "attention_mask",
+    "document_ids",
+    "cu_seqlens",
+    "max_seqlen",
+    "cu_seq_lens_q",
+    "cu_seq_lens_k",
+    "max_length_q",
+    "max_length_k",
+    "num_targets",
+    "num_real_tokens",
+    "num_padded_tokens",
+)
 
 
 def test_computed_keys_are_every_key_the_collators_emit() -> None:
@@ -162,16 +208,24 @@ def test_passthrough_keys_may_not_name_a_computed_key(cls: type, key: str) -> No
     """Before issue 10 PadCollator silently replaced its own key with the rows' (PackCollator raised at the first
     batch, without naming the key)."""
     kwargs = {"max_length": 8} if cls is PackCollator else {}
-    with pytest.raises(ValueError, match=rf"passthrough_keys names {key!r}, a key the collator computes; "
-                                         rf"rename that row key \(e.g. 'row_{key}'\)"):
+    with pytest.raises(
+        ValueError,
+        match=rf"passthrough_keys names {key!r}, a key the collator computes; "
+        rf"rename that row key \(e.g. 'row_{key}'\)",
+    ):
         cls(passthrough_keys=("label", key), **kwargs)
 
 
 def test_passthrough_keys_settings() -> None:
-    with pytest.raises(TypeError, match=r"passthrough_keys must be a tuple of row keys, got str 'label'; write \('label',\)"):
+    with pytest.raises(
+        TypeError, match=r"passthrough_keys must be a tuple of row keys, got str 'label'; write \('label',\)"
+    ):
         PadCollator(passthrough_keys="label")  # type: ignore[arg-type]
-    with pytest.raises(ValueError, match=r"PackCollator cannot pass keys through \(rows are regrouped\), got "
-                                         r"passthrough_keys=\('label',\); use passthrough_keys=\(\)"):
+    with pytest.raises(
+        ValueError,
+        match=r"PackCollator cannot pass keys through \(rows are regrouped\), got "
+        r"passthrough_keys=\('label',\); use passthrough_keys=\(\)",
+    ):
         PackCollator(max_length=8, passthrough_keys=("label",))
     assert PadCollator(passthrough_keys=["label"]).passthrough_keys == ("label",)  # a list (Hydra's) is kept as a tuple
 
@@ -179,21 +233,37 @@ def test_passthrough_keys_settings() -> None:
 @pytest.mark.parametrize(
     ("values", "error", "rows"),
     [
-        ([[1, 2], [3, 4], [5, 6, 7]], ValueError, r"rows \[2\] differ from row 0 \(row 0: list \[1, 2\]; row 2: list \[5, 6, 7\]\)"),
-        ([torch.zeros(2), torch.zeros(2), torch.zeros(3)], ValueError,
-         r"rows \[2\] differ from row 0 \(row 0: Tensor of shape \(2,\); row 2: Tensor of shape \(3,\)\)"),
+        (
+            [[1, 2], [3, 4], [5, 6, 7]],
+            ValueError,
+            r"rows \[2\] differ from row 0 \(row 0: list \[1, 2\]; row 2: list \[5, 6, 7\]\)",
+        ),
+        (
+            [torch.zeros(2), torch.zeros(2), torch.zeros(3)],
+            ValueError,
+            r"rows \[2\] differ from row 0 \(row 0: Tensor of shape \(2,\); row 2: Tensor of shape \(3,\)\)",
+        ),
         ([3, "a", 4], TypeError, r"rows \[1\] differ from row 0 \(row 0: int 3; row 1: str 'a'\)"),
         ([3, None, None], TypeError, r"rows \[1, 2\] differ from row 0 \(row 0: int 3; row 1: NoneType None\)"),
-        ([[[1], [2]], [[1], [2, 3]], [[1], [2]]], ValueError,
-         r"rows \[1\] differ from row 0 \(row 0: list \[\[1\], \[2\]\]; row 1: list \[\[1\], \[2, 3\]\]\)"),
+        (
+            [[[1], [2]], [[1], [2, 3]], [[1], [2]]],
+            ValueError,
+            r"rows \[1\] differ from row 0 \(row 0: list \[\[1\], \[2\]\]; row 1: list \[\[1\], \[2, 3\]\]\)",
+        ),
     ],
     ids=["ragged-lists", "ragged-tensors", "int-and-str", "int-and-none", "nested-ragged"],
 )
-def test_passthrough_values_that_cannot_be_stacked_name_the_rows(values: list, error: type[Exception], rows: str) -> None:
+def test_passthrough_values_that_cannot_be_stacked_name_the_rows(
+    values: list, error: type[Exception], rows: str
+) -> None:
     """Before issue 10: default_collate's bare error ("each element in list of batch should be of equal size")."""
     batch = [{"input_ids": [1, 2], "extra": value} for value in values]
-    with pytest.raises(error, match=r"passthrough key 'extra' cannot be stacked: " + rows +
-                       r"; give 'extra' one type and shape in every row, or leave it out of passthrough_keys"):
+    with pytest.raises(
+        error,
+        match=r"passthrough key 'extra' cannot be stacked: "
+        + rows
+        + r"; give 'extra' one type and shape in every row, or leave it out of passthrough_keys",
+    ):
         PadCollator(passthrough_keys=("extra",))(batch)
 
 
@@ -207,21 +277,46 @@ BAD_ROWS = [
     ([{"ids": [1]}], KeyError, r"row 0 has no 'input_ids' key; its keys are \['ids'\]"),
     # issue 10: what used to reach numpy or torch as a bare error (or, for uint64, wrap silently to -1)
     ([[1], [2**63]], ValueError, r"row 1: input_ids has token ids \[9223372036854775808\] that do not fit int64"),
-    ([[1], [3, -(2**63) - 1]], ValueError, r"row 1: input_ids has token ids \[-9223372036854775809\] that do not fit int64"),
-    ([np.array([1]), np.array([2**64 - 1], dtype=np.uint64)], ValueError,
-     r"row 1: input_ids has token ids \[18446744073709551615\] that do not fit int64"),
-    ([[1], ["a", "b"]], TypeError, r"row 1: input_ids must be token ids \(ints\), got strings \['a', 'b'\]; tokenise the text first"),
+    (
+        [[1], [3, -(2**63) - 1]],
+        ValueError,
+        r"row 1: input_ids has token ids \[-9223372036854775809\] that do not fit int64",
+    ),
+    (
+        [np.array([1]), np.array([2**64 - 1], dtype=np.uint64)],
+        ValueError,
+        r"row 1: input_ids has token ids \[18446744073709551615\] that do not fit int64",
+    ),
+    (
+        [[1], ["a", "b"]],
+        TypeError,
+        r"row 1: input_ids must be token ids \(ints\), got strings \['a', 'b'\]; tokenise the text first",
+    ),
     ([np.array([1]), np.array(["1"])], TypeError, r"row 1: input_ids must be token ids \(ints\), got strings \['1'\]"),
     ([[1], "ab"], TypeError, r"row 1: input_ids must be token ids \(ints\), got str 'ab'; tokenise the text first"),
-    ([{"input_ids": [1]}, {"input_ids": "hello"}], TypeError, r"row 1: input_ids must be token ids \(ints\), got str 'hello'"),
+    (
+        [{"input_ids": [1]}, {"input_ids": "hello"}],
+        TypeError,
+        r"row 1: input_ids must be token ids \(ints\), got str 'hello'",
+    ),
     ([[1], b"ab"], TypeError, r"row 1: input_ids must be token ids \(ints\), got bytes b'ab'; .*list\(data\)"),
-    ([[1], [[2, 3], [4]]], ValueError, r"row 1: input_ids must be a flat sequence of ints, got a nested list \[\[2, 3\], \[4\]\]"),
-    ([[1], [2, [3, 4]]], ValueError, r"row 1: input_ids must be a flat sequence of ints, got a nested list \[2, \[3, 4\]\]"),
+    (
+        [[1], [[2, 3], [4]]],
+        ValueError,
+        r"row 1: input_ids must be a flat sequence of ints, got a nested list \[\[2, 3\], \[4\]\]",
+    ),
+    (
+        [[1], [2, [3, 4]]],
+        ValueError,
+        r"row 1: input_ids must be a flat sequence of ints, got a nested list \[2, \[3, 4\]\]",
+    ),
 ]
 
 
 @pytest.mark.parametrize(("rows", "error", "message"), BAD_ROWS)
-@pytest.mark.parametrize("collator", [PadCollator(vocab_size=50), PackCollator(max_length=8, vocab_size=50)], ids=["pad", "pack"])
+@pytest.mark.parametrize(
+    "collator", [PadCollator(vocab_size=50), PackCollator(max_length=8, vocab_size=50)], ids=["pad", "pack"]
+)
 def test_bad_rows_name_the_row(collator, rows: list, error: type[Exception], message: str) -> None:  # type: ignore[no-untyped-def]
     with pytest.raises(error, match=message):
         collator(rows)
@@ -242,13 +337,24 @@ def test_bad_settings() -> None:
 @pytest.mark.parametrize(
     ("kwargs", "error", "message"),
     [
-        ({"pad_token_id": None}, TypeError,
-         r"pad_token_id must be an int \(the id written on padding\), got None; .*tokenizer.pad_token_id is None"),
+        (
+            {"pad_token_id": None},
+            TypeError,
+            r"pad_token_id must be an int \(the id written on padding\), got None; .*tokenizer.pad_token_id is None",
+        ),
         ({"pad_token_id": 1.5}, TypeError, r"pad_token_id must be an int \(the id written on padding\), got float 1.5"),
         ({"pad_token_id": "0"}, TypeError, r"pad_token_id must be an int \(the id written on padding\), got str '0'"),
-        ({"pad_token_id": True}, TypeError, r"pad_token_id must be an int \(the id written on padding\), got bool True"),
+        (
+            {"pad_token_id": True},
+            TypeError,
+            r"pad_token_id must be an int \(the id written on padding\), got bool True",
+        ),
         ({"pad_token_id": 2**63}, ValueError, r"pad_token_id must fit int64, got 9223372036854775808"),
-        ({"label_pad_id": None}, TypeError, r"label_pad_id must be an int \(the label where no loss is taken\), got None"),
+        (
+            {"label_pad_id": None},
+            TypeError,
+            r"label_pad_id must be an int \(the label where no loss is taken\), got None",
+        ),
         ({"label_pad_id": -100.0}, TypeError, r"label_pad_id must be an int .*got float -100.0"),
     ],
 )
@@ -268,7 +374,9 @@ def test_numpy_integer_pad_ids_are_ints() -> None:
     padding_side=st.sampled_from(["right", "left"]),
     multiple=st.sampled_from([None, 1, 4, 8]),
 )
-def test_property_masks_labels_positions_agree_with_lengths(lengths: list[int], padding_side: str, multiple: int | None) -> None:
+def test_property_masks_labels_positions_agree_with_lengths(
+    lengths: list[int], padding_side: str, multiple: int | None
+) -> None:
     rows = [list(range(100 + i, 100 + i + n)) for i, n in enumerate(lengths)]
     batch = PadCollator(pad_token_id=3, padding_side=padding_side, pad_to_multiple_of=multiple)(rows)  # type: ignore[arg-type]
     width = round_up(max(lengths), multiple)
@@ -278,7 +386,9 @@ def test_property_masks_labels_positions_agree_with_lengths(lengths: list[int], 
     assert torch.equal(batch["attention_mask"], (~is_pad).long())
     assert batch["lengths"].tolist() == lengths
     assert (batch["num_targets"], batch["num_real_tokens"], batch["num_padded_tokens"]) == (
-        sum(lengths) - len(lengths), sum(lengths), len(rows) * width
+        sum(lengths) - len(lengths),
+        sum(lengths),
+        len(rows) * width,
     )
     for b, row in enumerate(rows):
         real = ~is_pad[b]
@@ -339,7 +449,9 @@ def test_first_fit_pack_errors() -> None:
             first_fit_pack([1, 2], capacity)
     with pytest.raises(ValueError, match="capacity must be a positive int, got True"):
         first_fit_pack([1], True)  # type: ignore[arg-type]
-    with pytest.raises(ValueError, match=r"document 2 has 0 tokens; every length must be >= 1 \(drop empty documents\)"):
+    with pytest.raises(
+        ValueError, match=r"document 2 has 0 tokens; every length must be >= 1 \(drop empty documents\)"
+    ):
         first_fit_pack([1, 2, 0, -1], 8)
     with pytest.raises(TypeError, match=r"lengths must be ints; document 1 has float 1.5"):
         first_fit_pack([1, 1.5, 2.0], 8)
@@ -358,7 +470,9 @@ def random_lengths(rng: np.random.Generator, n: int, capacity: int, kind: str) -
         return np.where(rng.random(n) < 0.5, capacity, rng.integers(1, capacity + 1, n)).tolist()
     if kind == "few":  # few distinct lengths: long runs of equal length
         return rng.choice(rng.integers(1, capacity + 1, 3), n).tolist()
-    return rng.integers(max(1, capacity // 2), capacity + 1, n).tolist()  # "large": more than half the capacity, one per row mostly
+    return rng.integers(
+        max(1, capacity // 2), capacity + 1, n
+    ).tolist()  # "large": more than half the capacity, one per row mostly
 
 
 @pytest.mark.parametrize("kind", ["uniform", "skewed", "capacity", "few", "large"])
@@ -368,7 +482,11 @@ def test_first_fit_pack_equals_the_quadratic_reference(kind: str) -> None:
         capacity = int(rng.choice([1, 2, 3, 7, 8, 64, 256, 1000]))
         n = int(rng.integers(0, 120 if trial < 140 else 2000))
         lengths = random_lengths(rng, n, capacity, kind)
-        assert first_fit_pack(lengths, capacity) == quadratic_first_fit_pack(lengths, capacity), (kind, capacity, lengths)
+        assert first_fit_pack(lengths, capacity) == quadratic_first_fit_pack(lengths, capacity), (
+            kind,
+            capacity,
+            lengths,
+        )
 
 
 def test_pack_literal_docstring_example() -> None:
@@ -457,7 +575,9 @@ def test_property_packing_keeps_every_token_in_order(lengths: list[int], capacit
     assert cu_seq_lens.tolist() == reference_flash_segments(batch["document_ids"]).tolist()
     assert batch["max_length_q"] == int(cu_seq_lens.diff().max()) == max(lengths)
     seen = []
-    for row, doc_ids, pos, labels in zip(batch["input_ids"], batch["document_ids"], batch["position_ids"], batch["labels"]):
+    for row, doc_ids, pos, labels in zip(
+        batch["input_ids"], batch["document_ids"], batch["position_ids"], batch["labels"]
+    ):
         for d in doc_ids.unique().tolist():
             if d < 0:
                 continue

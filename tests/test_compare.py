@@ -17,38 +17,83 @@ ROOT = Path(__file__).resolve().parents[1]
 CSV_HEADER = "epoch,step,train/loss,train/pad_fraction,train/real_tokens_per_sec,val/loss,val/ppl\n"
 
 
-def make_run(runs_dir: Path, rel: str, *, strategy: str = "merged_bool", final: float = 5.0, key: str = "k1",
-             valid: bool = True, padding_side: str = "right", tokens: float | None = 1000.0, summary: bool = True,
-             hydra_overrides: list[str] | None = None, audit_failed: list[str] | None = None, **extra: Any) -> Path:
+def make_run(
+    runs_dir: Path,
+    rel: str,
+    *,
+    strategy: str = "merged_bool",
+    final: float = 5.0,
+    key: str = "k1",
+    valid: bool = True,
+    padding_side: str = "right",
+    tokens: float | None = 1000.0,
+    summary: bool = True,
+    hydra_overrides: list[str] | None = None,
+    audit_failed: list[str] | None = None,
+    **extra: Any,
+) -> Path:
     """One run directory as training writes it: metrics.csv (train and val on separate rows, like Lightning's
     CSVLogger) and, unless ``summary=False`` (a crashed run), summary.json, with a mask audit that passed (failed
     ``audit_failed`` checks if given; ``audit=None`` in ``extra``: a run without one)."""
     run_dir = runs_dir / rel
     metrics = run_dir / "csv" / "version_0" / "metrics.csv"
     metrics.parent.mkdir(parents=True)
-    metrics.write_text(CSV_HEADER + f"0,49,6.1,0.4,{tokens},,\n0,49,,,,5.5,244.7\n"
-                       f"0,99,5.2,0.4,{tokens},,\n0,99,,,,{final},{math.exp(final):.1f}\n")
+    metrics.write_text(
+        CSV_HEADER + f"0,49,6.1,0.4,{tokens},,\n0,49,,,,5.5,244.7\n"
+        f"0,99,5.2,0.4,{tokens},,\n0,99,,,,{final},{math.exp(final):.1f}\n"
+    )
     if hydra_overrides is not None:
         (run_dir / ".hydra").mkdir()
         (run_dir / ".hydra" / "overrides.yaml").write_text("".join(f"- {o}\n" for o in hydra_overrides))
     if summary:
-        data = {"run_name": f"attention={strategy},data.padding_side={padding_side}", "strategy": strategy,
-                "layout": "padded", "padding_side": padding_side, "batching": "random", "valid": valid,
-                "equivalence_key": key, "final_val_loss": final, "best_val_loss": final - 0.01,
-                "final_train_loss": 5.2, "real_tokens_per_sec": tokens, "padded_tokens_per_sec": 2000.0,
-                "pad_fraction": 0.375, "peak_memory_mb": 512.3, "wall_time_s": 61.2, "steps": 100,
-                "metrics_csv": "csv/version_0/metrics.csv", "audit": audit_summary(audit_failed or []), **extra}
+        data = {
+            "run_name": f"attention={strategy},data.padding_side={padding_side}",
+            "strategy": strategy,
+            "layout": "padded",
+            "padding_side": padding_side,
+            "batching": "random",
+            "valid": valid,
+            "equivalence_key": key,
+            "final_val_loss": final,
+            "best_val_loss": final - 0.01,
+            "final_train_loss": 5.2,
+            "real_tokens_per_sec": tokens,
+            "padded_tokens_per_sec": 2000.0,
+            "pad_fraction": 0.375,
+            "peak_memory_mb": 512.3,
+            "wall_time_s": 61.2,
+            "steps": 100,
+            "metrics_csv": "csv/version_0/metrics.csv",
+            "audit": audit_summary(audit_failed or []),
+            **extra,
+        }
         (run_dir / "summary.json").write_text(json.dumps(data))
     return run_dir
 
 
 def audit_summary(failed: list[str]) -> dict[str, Any]:
     """The ``audit`` entry of summary.json as MaskAudit writes it (fewer checks)."""
-    checks = {name: {"passed": name not in failed, "max_change": 0.5 if name in failed else 0.0, "threshold": 1e-5,
-                     "positions": 40, "moved": 12 if name in failed else 0, "detail": "pad ids"}
-              for name in ("padding", "causality")}
-    return {"passed": not failed, "failed": failed, "checks": checks, "skipped": {}, "call": "LitDecoderLM.model (DecoderLM)",
-            "tolerance": 1e-4, "forwards": 3, "seconds": 0.01}
+    checks = {
+        name: {
+            "passed": name not in failed,
+            "max_change": 0.5 if name in failed else 0.0,
+            "threshold": 1e-5,
+            "positions": 40,
+            "moved": 12 if name in failed else 0,
+            "detail": "pad ids",
+        }
+        for name in ("padding", "causality")
+    }
+    return {
+        "passed": not failed,
+        "failed": failed,
+        "checks": checks,
+        "skipped": {},
+        "call": "LitDecoderLM.model (DecoderLM)",
+        "tolerance": 1e-4,
+        "forwards": 3,
+        "seconds": 0.01,
+    }
 
 
 @pytest.fixture
@@ -65,16 +110,26 @@ def test_table_has_every_run_and_value(equivalent: Path) -> None:
     findings = compare.check_equivalence(runs)
     table = compare.format_table(runs, findings, baseline=compare.choose_baseline(runs))
     assert table.splitlines() == [
-        "run                                            strategy     layout  padding  batching  final val  best val"
-        "  real tok/s  speed-up    pad  peak MB  wall s  audit  check",
-        "---------------------------------------------  -----------  ------  -------  --------  ---------  --------"
-        "  ----------  --------  -----  -------  ------  -----  ----------------------",
-        "attention=causal_kpm,data.padding_side=left    causal_kpm   padded  left     random       5.0008    4.9908"
-        "       2,500     2.50x  37.5%    512.3    61.2  pass   ok (3 equivalent runs)",
-        "attention=merged_bool,data.padding_side=right  merged_bool  padded  right    random       5.0004    4.9904"
-        "       1,500     1.50x  37.5%    512.3    61.2  pass   ok (3 equivalent runs)",
-        "attention=torch_mha,data.padding_side=right    torch_mha    padded  right    random       5.0000    4.9900"
-        "       1,000     1.00x  37.5%    512.3    61.2  pass   ok (3 equivalent runs)",
+        (
+            "run                                            strategy     layout  padding  batching  final val  best val"
+            "  real tok/s  speed-up    pad  peak MB  wall s  audit  check"
+        ),
+        (
+            "---------------------------------------------  -----------  ------  -------  --------  ---------  --------"
+            "  ----------  --------  -----  -------  ------  -----  ----------------------"
+        ),
+        (
+            "attention=causal_kpm,data.padding_side=left    causal_kpm   padded  left     random       5.0008    4.9908"
+            "       2,500     2.50x  37.5%    512.3    61.2  pass   ok (3 equivalent runs)"
+        ),
+        (
+            "attention=merged_bool,data.padding_side=right  merged_bool  padded  right    random       5.0004    4.9904"
+            "       1,500     1.50x  37.5%    512.3    61.2  pass   ok (3 equivalent runs)"
+        ),
+        (
+            "attention=torch_mha,data.padding_side=right    torch_mha    padded  right    random       5.0000    4.9900"
+            "       1,000     1.00x  37.5%    512.3    61.2  pass   ok (3 equivalent runs)"
+        ),
     ]
 
 
@@ -105,8 +160,10 @@ def test_a_pair_differing_by_0_01_is_a_mask_bug(tmp_path: Path, capsys: pytest.C
     assert findings[1].deltas == (pytest.approx(0.01),)
     assert compare.main([str(tmp_path), "--sort", "val_loss"]) == 1
     out = capsys.readouterr().out
-    assert (f"MISMATCH: 1 pair(s) of equivalent valid runs differ in final val loss by more than 0.001: "
-            f"{flex} vs {ref} (0.010). Same equivalence_key = same computation: a mask bug.") in out
+    assert (
+        f"MISMATCH: 1 pair(s) of equivalent valid runs differ in final val loss by more than 0.001: "
+        f"{flex} vs {ref} (0.010). Same equivalence_key = same computation: a mask bug."
+    ) in out
     names = [line.split()[0] for line in out.splitlines()[2:5]]
     assert names == [ref, flex, "attention=merged_bool,data.padding_side=right"]  # sorted by final val loss
 
@@ -161,8 +218,10 @@ def test_duplicate_run_names_get_their_path(tmp_path: Path) -> None:
     make_run(tmp_path, "sweep1/0", final=5.0)
     make_run(tmp_path, "sweep2/0", final=5.0)
     names = [r.name for r in compare.load_runs(tmp_path)]
-    assert names == ["attention=merged_bool,data.padding_side=right (sweep1/0)",
-                     "attention=merged_bool,data.padding_side=right (sweep2/0)"]
+    assert names == [
+        "attention=merged_bool,data.padding_side=right (sweep1/0)",
+        "attention=merged_bool,data.padding_side=right (sweep2/0)",
+    ]
 
 
 def test_baseline_choice(equivalent: Path) -> None:
@@ -176,8 +235,19 @@ def test_baseline_choice(equivalent: Path) -> None:
 
 
 def test_markdown_and_sort_by_tokens(equivalent: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    assert compare.main([str(equivalent), "--markdown", "--sort", "tokens", "--baseline",
-                         "attention=causal_kpm,data.padding_side=left"]) == 0
+    assert (
+        compare.main(
+            [
+                str(equivalent),
+                "--markdown",
+                "--sort",
+                "tokens",
+                "--baseline",
+                "attention=causal_kpm,data.padding_side=left",
+            ]
+        )
+        == 0
+    )
     lines = capsys.readouterr().out.splitlines()
     assert lines[0].startswith("| run ") and lines[0].endswith(" | check                  |")
     assert lines[1].startswith("|---") and "|----------:|" in lines[1]
@@ -187,7 +257,10 @@ def test_markdown_and_sort_by_tokens(equivalent: Path, capsys: pytest.CaptureFix
         "| attention=torch_mha,data.padding_side=right  ",
     ]
     assert [line.split(" | ")[8] for line in lines[2:5]] == ["   1.00x", "   0.60x", "   0.40x"]
-    assert lines[-2:] == ["- equivalence: 1 group(s), 3 valid runs, all within 0.001", "- mask audit: 3 valid run(s) passed"]
+    assert lines[-2:] == [
+        "- equivalence: 1 group(s), 3 valid runs, all within 0.001",
+        "- mask audit: 3 valid run(s) passed",
+    ]
 
 
 def test_read_curve_skips_train_rows(equivalent: Path) -> None:
@@ -241,8 +314,10 @@ def test_wrongly_typed_summary_values(tmp_path: Path, capsys: pytest.CaptureFixt
     make_run(tmp_path, "0", real_tokens_per_sec="fast")
     assert compare.main([str(tmp_path)]) == 2
     err = capsys.readouterr().err
-    assert err == (f"mhaplug.compare: error: {tmp_path}/0/summary.json: "
-                   "key 'real_tokens_per_sec' must be a number or null, got 'fast'\n")
+    assert err == (
+        f"mhaplug.compare: error: {tmp_path}/0/summary.json: "
+        "key 'real_tokens_per_sec' must be a number or null, got 'fast'\n"
+    )
     make_run(tmp_path, "1", valid="yes")
     with pytest.raises(ValueError, match="key 'valid' must be true or false, got 'yes'"):
         compare.load_runs(tmp_path / "1")
@@ -256,22 +331,55 @@ def test_negative_tolerance_is_refused(equivalent: Path, capsys: pytest.CaptureF
 def test_module_runs_as_a_command(tmp_path: Path) -> None:
     make_run(tmp_path, "0", strategy="torch_mha", final=5.0)
     make_run(tmp_path, "1", strategy="merged_bool", final=5.01)
-    result = subprocess.run([sys.executable, "-m", "mhaplug.compare", str(tmp_path)], cwd=ROOT,
-                            capture_output=True, text=True, timeout=120)
+    result = subprocess.run(
+        [sys.executable, "-m", "mhaplug.compare", str(tmp_path)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
     assert result.returncode == 1, result.stderr
     assert result.stderr == ""
     lines = result.stdout.splitlines()
-    assert lines[0].split() == ["run", "strategy", "layout", "padding", "batching", "final", "val", "best", "val",
-                                "real", "tok/s", "speed-up", "pad", "peak", "MB", "wall", "s", "audit", "check"]
+    assert lines[0].split() == [
+        "run",
+        "strategy",
+        "layout",
+        "padding",
+        "batching",
+        "final",
+        "val",
+        "best",
+        "val",
+        "real",
+        "tok/s",
+        "speed-up",
+        "pad",
+        "peak",
+        "MB",
+        "wall",
+        "s",
+        "audit",
+        "check",
+    ]
     assert lines[2].endswith("MISMATCH vs attention=torch_mha,data.padding_side=right (+0.010)")
     assert lines[-2].startswith("MISMATCH: 1 pair(s) of equivalent valid runs differ")
     assert lines[-1] == "mask audit: 2 valid run(s) passed"
 
 
-def test_audit_column_shows_pass_expected_failures_and_runs_without_an_audit(equivalent: Path,
-                                                                           capsys: pytest.CaptureFixture[str]) -> None:
-    make_run(equivalent, "3", strategy="causal_only", final=5.25, valid=False, padding_side="left",
-             audit_failed=["padding", "loss"])
+def test_audit_column_shows_pass_expected_failures_and_runs_without_an_audit(
+    equivalent: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    make_run(
+        equivalent,
+        "3",
+        strategy="causal_only",
+        final=5.25,
+        valid=False,
+        padding_side="left",
+        audit_failed=["padding", "loss"],
+    )
     make_run(equivalent, "4", strategy="torch_mha", final=5.25, valid=False, audit=None)  # an older summary
     make_run(equivalent, "5", strategy="causal_only", final=5.0, valid=False)  # wrong mask, changed nothing here
     assert compare.main([str(equivalent), "--markdown"]) == 0
@@ -313,7 +421,9 @@ def test_malformed_audit_entry_names_file_and_key(tmp_path: Path) -> None:
 RESUMED_HEADER = "epoch,resumed_at_step,step,train/loss,val/loss\n"
 
 
-def write_attempt(run_dir: Path, version: int, steps: range, *, resumed_at: int | None = None, offset: float = 0.0) -> Path:
+def write_attempt(
+    run_dir: Path, version: int, steps: range, *, resumed_at: int | None = None, offset: float = 0.0
+) -> Path:
     """``csv/version_<version>/metrics.csv`` as CSVLogger writes one attempt: ResumeMarker's row first on a resume,
     train/loss 10 + offset - step/10 every step, val/loss every 10th step."""
     path = run_dir / "csv" / f"version_{version}" / "metrics.csv"
@@ -341,8 +451,12 @@ def test_a_resumed_run_is_one_run_with_every_step(tmp_path: Path, capsys: pytest
     assert len(runs) == 1 and runs[0].metrics_csvs == (first, run_dir / "csv" / "version_2" / "metrics.csv", second)
     expected = [(s, 10 - s / 10) for s in range(20)] + [(s, 110 - s / 10) for s in range(20, 40)]
     assert compare.read_curve(runs[0].metrics_csvs, "train/loss") == expected
-    assert compare.read_curve(runs[0].metrics_csvs) == [(9, 5 - 9 / 100), (19, 5 - 19 / 100), (29, 105 - 29 / 100),
-                                                        (39, 105 - 39 / 100)]
+    assert compare.read_curve(runs[0].metrics_csvs) == [
+        (9, 5 - 9 / 100),
+        (19, 5 - 19 / 100),
+        (29, 105 - 29 / 100),
+        (39, 105 - 39 / 100),
+    ]
     assert compare.read_curve(first, "train/loss") == [(s, 10 - s / 10) for s in range(28)]  # one file alone
     assert compare.main([str(tmp_path), "--plot", str(tmp_path / "p.png")]) == 0
     assert len([line for line in capsys.readouterr().out.splitlines() if line.startswith("attention=")]) == 1
@@ -351,35 +465,69 @@ def test_a_resumed_run_is_one_run_with_every_step(tmp_path: Path, capsys: pytest
     assert [(r.complete, r.steps) for r in compare.load_runs(tmp_path)] == [(False, 39)]
 
 
-def test_interrupted_and_diverged_runs_are_reported_not_compared(equivalent: Path,
-                                                                 capsys: pytest.CaptureFixture[str]) -> None:
+def test_interrupted_and_diverged_runs_are_reported_not_compared(
+    equivalent: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     ckpt = "/runs/a/checkpoints/last.ckpt"
-    make_run(equivalent, "3", strategy="reference", final=6.0, status="interrupted", interrupted=True, steps=26,
-             resume_ckpt_path=ckpt)
-    make_run(equivalent, "4", strategy="merged_additive", final=5.0, status="diverged", diverged=True,
-             diverged_at_step=3, final_train_loss=float("nan"))
+    make_run(
+        equivalent,
+        "3",
+        strategy="reference",
+        final=6.0,
+        status="interrupted",
+        interrupted=True,
+        steps=26,
+        resume_ckpt_path=ckpt,
+    )
+    make_run(
+        equivalent,
+        "4",
+        strategy="merged_additive",
+        final=5.0,
+        status="diverged",
+        diverged=True,
+        diverged_at_step=3,
+        final_train_loss=float("nan"),
+    )
     findings = {f.run: f for f in compare.check_equivalence(compare.load_runs(equivalent))}
     interrupted = findings["attention=reference,data.padding_side=right"]
     diverged = findings["attention=merged_additive,data.padding_side=right"]
     assert (interrupted.status, interrupted.message) == (
-        "interrupted", f"interrupted at step 26 (SIGTERM): resume with ckpt_path={ckpt}")
+        "interrupted",
+        f"interrupted at step 26 (SIGTERM): resume with ckpt_path={ckpt}",
+    )
     assert (diverged.status, diverged.message) == ("diverged", "DIVERGED: train/loss NaN or inf at step 3")
     assert all(f.message == "ok (3 equivalent runs)" for f in findings.values() if f.status == "ok")  # not in the group
     assert compare.main([str(equivalent)]) == 1  # a valid run that diverged
     out = capsys.readouterr().out
-    assert ("DIVERGED: 1 valid run(s) stopped at a NaN or inf train/loss: "
-            "attention=merged_additive,data.padding_side=right (step 3)") in out
-    assert "1 interrupted run(s) (SIGTERM), not compared until resumed: attention=reference,data.padding_side=right" in out
+    assert (
+        "DIVERGED: 1 valid run(s) stopped at a NaN or inf train/loss: "
+        "attention=merged_additive,data.padding_side=right (step 3)"
+    ) in out
+    assert (
+        "1 interrupted run(s) (SIGTERM), not compared until resumed: attention=reference,data.padding_side=right" in out
+    )
 
 
 def test_a_diverged_invalid_run_is_no_failure(equivalent: Path) -> None:
-    make_run(equivalent, "3", strategy="torch_mha", final=5.0, valid=False, status="diverged", diverged=True,
-             diverged_at_step=7)
+    make_run(
+        equivalent,
+        "3",
+        strategy="torch_mha",
+        final=5.0,
+        valid=False,
+        status="diverged",
+        diverged=True,
+        diverged_at_step=7,
+    )
     assert compare.main([str(equivalent)]) == 0
 
 
 def test_an_unknown_status_names_file_and_key(tmp_path: Path) -> None:
     run_dir = make_run(tmp_path, "a", status="paused")
-    with pytest.raises(ValueError, match=rf"{run_dir / 'summary.json'}: key 'status' must be one of finished, "
-                                         "interrupted, diverged; got 'paused'"):
+    with pytest.raises(
+        ValueError,
+        match=rf"{run_dir / 'summary.json'}: key 'status' must be one of finished, "
+        "interrupted, diverged; got 'paused'",
+    ):
         compare.load_runs(tmp_path)

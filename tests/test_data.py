@@ -20,8 +20,14 @@ CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 
 
 def synthetic(tmp_path: Path, **kwargs: object) -> TextDataModule:
-    settings = {"source": "synthetic", "cache_dir": str(tmp_path), "vocab_size": 300, "max_length": 32, "batch_size": 8,
-                "synthetic_documents": 200}
+    settings = {
+        "source": "synthetic",
+        "cache_dir": str(tmp_path),
+        "vocab_size": 300,
+        "max_length": 32,
+        "batch_size": 8,
+        "synthetic_documents": 200,
+    }
     module = TextDataModule(**{**settings, **kwargs})  # type: ignore[arg-type]
     module.prepare_data()
     module.setup("fit")
@@ -62,7 +68,10 @@ def test_tokenizer_and_tokens_are_cached_and_the_split_is_deterministic(tmp_path
     assert other_seed.splits["val"]["input_ids"] != first.splits["val"]["input_ids"]
 
 
-@pytest.mark.parametrize(("layout", "batching", "limit"), [("padded", "length_grouped", 0.10), ("padded", "token_budget", 0.10), ("packed", "random", 0.02)])
+@pytest.mark.parametrize(
+    ("layout", "batching", "limit"),
+    [("padded", "length_grouped", 0.10), ("padded", "token_budget", 0.10), ("packed", "random", 0.02)],
+)
 def test_batching_cuts_padding(tmp_path: Path, layout: str, batching: str, limit: float) -> None:
     baseline = one_epoch(synthetic(tmp_path).train_dataloader())
     module = synthetic(tmp_path, layout=layout, batching=batching, max_tokens=8 * 32)
@@ -84,16 +93,35 @@ def test_batching_cuts_padding(tmp_path: Path, layout: str, batching: str, limit
 def test_text_files_txt_and_jsonl(tmp_path: Path) -> None:
     txt = tmp_path / "corpus.txt"
     txt.write_text("the first line of text\n\n   \nthe second line\n" * 10)
-    module = TextDataModule(source="text_files", path=str(txt), cache_dir=str(tmp_path / "c"), vocab_size=300, max_length=16, val_fraction=0.1)
+    module = TextDataModule(
+        source="text_files",
+        path=str(txt),
+        cache_dir=str(tmp_path / "c"),
+        vocab_size=300,
+        max_length=16,
+        val_fraction=0.1,
+    )
     module.setup("fit")
-    assert module.stats == {"documents": 20, "empty_documents_dropped": 20, "train_tokens": module.stats["train_tokens"], "val_tokens": module.stats["val_tokens"]}
+    assert module.stats == {
+        "documents": 20,
+        "empty_documents_dropped": 20,
+        "train_tokens": module.stats["train_tokens"],
+        "val_tokens": module.stats["val_tokens"],
+    }
     jsonl = tmp_path / "corpus.jsonl"
     jsonl.write_text("\n".join(json.dumps({"content": f"document number {i} says hello", "id": i}) for i in range(30)))
-    module = TextDataModule(source="text_files", path=str(jsonl), text_column="content", cache_dir=str(tmp_path / "c"), vocab_size=300)
+    module = TextDataModule(
+        source="text_files", path=str(jsonl), text_column="content", cache_dir=str(tmp_path / "c"), vocab_size=300
+    )
     module.setup("fit")
     assert module.stats["documents"] == 30
-    with pytest.raises(ValueError, match=r"corpus.jsonl', line 1: text_column='body' is not in the row; its fields are \['content', 'id'\]"):
-        TextDataModule(source="text_files", path=str(jsonl), text_column="body", cache_dir=str(tmp_path / "c")).setup("fit")
+    with pytest.raises(
+        ValueError,
+        match=r"corpus.jsonl', line 1: text_column='body' is not in the row; its fields are \['content', 'id'\]",
+    ):
+        TextDataModule(source="text_files", path=str(jsonl), text_column="body", cache_dir=str(tmp_path / "c")).setup(
+            "fit"
+        )
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -109,8 +137,9 @@ CORRUPTIONS = {
 
 @pytest.mark.parametrize("corruption", CORRUPTIONS)
 @pytest.mark.parametrize("entry", ["tokenizers/*.json", "tokenised/*-train.arrow", "tokenised/*-val.arrow"])
-def test_a_bad_cache_entry_is_logged_and_rebuilt(tmp_path: Path, caplog: pytest.LogCaptureFixture, entry: str,
-                                                 corruption: str) -> None:
+def test_a_bad_cache_entry_is_logged_and_rebuilt(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, entry: str, corruption: str
+) -> None:
     module = synthetic(tmp_path)
     # copied out: the splits map the files, and a file truncated in place under them crashes this process (SIGBUS)
     first = {name: module.splits[name].to_dict()["input_ids"] for name in ("train", "val")}
@@ -120,7 +149,11 @@ def test_a_bad_cache_entry_is_logged_and_rebuilt(tmp_path: Path, caplog: pytest.
     with caplog.at_level(logging.WARNING, logger="mhaplug.data"):
         again = synthetic(tmp_path)
     warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
-    assert len(warnings) == 1 and f"cache entry {path} is unreadable" in warnings[0] and warnings[0].endswith("rebuilding it")
+    assert (
+        len(warnings) == 1
+        and f"cache entry {path} is unreadable" in warnings[0]
+        and warnings[0].endswith("rebuilding it")
+    )
     assert {name: again.splits[name].to_dict()["input_ids"] for name in ("train", "val")} == first
     caplog.clear()
     with caplog.at_level(logging.WARNING, logger="mhaplug.data"):
@@ -140,9 +173,12 @@ def small_stdlib(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     return root
 
 
-@pytest.mark.parametrize("content", [b'["Module a.", "Function', b"", b'{"not": "a list"}', b'["Module a.", 3]', b"\xff\xfe"])
-def test_a_bad_stdlib_sources_entry_is_logged_and_rebuilt(tmp_path: Path, small_stdlib: Path, caplog: pytest.LogCaptureFixture,
-                                                          content: bytes) -> None:
+@pytest.mark.parametrize(
+    "content", [b'["Module a.", "Function', b"", b'{"not": "a list"}', b'["Module a.", 3]', b"\xff\xfe"]
+)
+def test_a_bad_stdlib_sources_entry_is_logged_and_rebuilt(
+    tmp_path: Path, small_stdlib: Path, caplog: pytest.LogCaptureFixture, content: bytes
+) -> None:
     cache = tmp_path / "cache"
     assert data_module.stdlib_docstrings(cache_dir=cache) == ["Module a.", "Function f.", "Class B."]
     (path,) = (cache / "sources").glob("*.json")
@@ -157,7 +193,10 @@ def test_a_cache_write_that_fails_half_way_leaves_no_entry(tmp_path: Path, monke
     """A full disk (or a killed process) in the middle of writing: no half entry under the final name, no
     temporary file; the next run builds the entry."""
     for method in ("write_bytes", "write_text"):
-        def disk_full(self: Path, data: bytes | str, *args: object, _write: object = getattr(Path, method), **kwargs: object) -> int:
+
+        def disk_full(
+            self: Path, data: bytes | str, *args: object, _write: object = getattr(Path, method), **kwargs: object
+        ) -> int:
             _write(self, data[: len(data) // 2], *args, **kwargs)  # type: ignore[operator]
             raise OSError(28, "No space left on device")
 
@@ -176,13 +215,16 @@ def test_a_bad_tokenizer_path_is_named_not_rebuilt(tmp_path: Path) -> None:
     (cached,) = (tmp_path / "tokenizers").glob("*.json")
     given = tmp_path / "given.json"
     given.write_text(cached.read_text()[:100])
-    with pytest.raises(ValueError, match=r"tokenizer_path='.*given.json' is not a tokenizers JSON file \(.*EOF while parsing.*\)"):
+    with pytest.raises(
+        ValueError, match=r"tokenizer_path='.*given.json' is not a tokenizers JSON file \(.*EOF while parsing.*\)"
+    ):
         synthetic(tmp_path / "other", tokenizer_path=str(given))
     assert len(given.read_text()) == 100
 
 
-def test_an_empty_mhaplug_cache_variable_means_the_default_not_the_current_folder(tmp_path: Path,
-                                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+def test_an_empty_mhaplug_cache_variable_means_the_default_not_the_current_folder(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     monkeypatch.setenv("HOME", str(tmp_path / "home"))
     monkeypatch.setenv("MHAPLUG_CACHE", "")
     assert data_module.default_cache_dir() == tmp_path / "home" / ".cache" / "mhaplug"
@@ -212,21 +254,28 @@ def documents(module: TextDataModule) -> list[str]:
 
 def test_text_files_of_mixed_extensions_are_each_read_by_their_own_extension(tmp_path: Path) -> None:
     (tmp_path / "a.txt").write_text("first line of a\r\nsecond line of a\n\n")
-    (tmp_path / "b.jsonl").write_text(json.dumps({"body": "row of b", "id": 1}) + "\n\n" + json.dumps({"body": None}) + "\n")
+    (tmp_path / "b.jsonl").write_text(
+        json.dumps({"body": "row of b", "id": 1}) + "\n\n" + json.dumps({"body": None}) + "\n"
+    )
     (tmp_path / "c.json").write_text(json.dumps([{"body": "item of c"}, {"body": "other item of c"}]))
     pq = pytest.importorskip("pyarrow.parquet")
     import pyarrow as pa
 
     pq.write_table(pa.table({"body": ["row of d"], "n": [4]}), tmp_path / "d.parquet")
-    module = text_files(tmp_path, [str(tmp_path / n) for n in ("a.txt", "b.jsonl", "c.json", "d.parquet")], text_column="body")
+    module = text_files(
+        tmp_path, [str(tmp_path / n) for n in ("a.txt", "b.jsonl", "c.json", "d.parquet")], text_column="body"
+    )
     # .txt: a document per line, whatever text_column says; a null text is an empty document (dropped, counted)
-    assert documents(module) == sorted(["first line of a", "second line of a", "row of b", "item of c", "other item of c", "row of d"])
+    assert documents(module) == sorted(
+        ["first line of a", "second line of a", "row of b", "item of c", "other item of c", "row of d"]
+    )
     assert module.stats["documents"] == 6 and module.stats["empty_documents_dropped"] == 2
     (tmp_path / "more").mkdir()
     for name in ("y.txt", "x.txt"):
         (tmp_path / "more" / name).write_text(f"a line of {name}\nanother line of {name}\n")
     assert documents(text_files(tmp_path, str(tmp_path / "more" / "*.txt"))) == sorted(
-        f"{line} of {name}" for name in ("x.txt", "y.txt") for line in ("a line", "another line"))
+        f"{line} of {name}" for name in ("x.txt", "y.txt") for line in ("a line", "another line")
+    )
 
 
 def test_text_files_do_not_write_into_the_hugging_face_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -245,20 +294,46 @@ def test_text_files_do_not_write_into_the_hugging_face_cache(tmp_path: Path, mon
     [
         ("empty.txt", b"", r"data file '.*empty.txt' is empty: remove it from data.path, or give it text"),
         ("blank.jsonl", b"\n  \n", r"data file '.*blank.jsonl' is empty"),
-        ("latin1.txt", "caf\u00e9 au lait\nun cr\u00e8me br\u00fbl\u00e9e\n".encode("latin-1"),
-         r"data file '.*latin1.txt', line 1: not UTF-8 \(byte 0xe9 at byte offset 3\); convert the file to UTF-8"),
-        ("latin1.jsonl", b'{"text": "ok"}\n{"text": "caf\xe9"}\n',
-         r"data file '.*latin1.jsonl', line 2: not UTF-8 \(byte 0xe9 at byte offset 28\)"),
-        ("bad.jsonl", b'{"text": "one"}\n{"text": "two"}\n{"text": "three"\n',
-         r"data file '.*bad.jsonl', line 3: not valid JSON \(Expecting ',' delimiter at column 17\)"),
-        ("list.jsonl", b'{"text": "one"}\n["two"]\n', r"data file '.*list.jsonl', line 2: a JSON array, not an object with a 'text' field"),
-        ("number.jsonl", b'{"text": "one"}\n{"text": 2}\n',
-         r"data file '.*number.jsonl', line 2: text_column='text' holds 2 \(int\), not a string"),
-        ("missing.jsonl", b'{"text": "one"}\n{"body": "two", "id": 2}\n',
-         r"data file '.*missing.jsonl', line 2: text_column='text' is not in the row; its fields are \['body', 'id'\]; set data.text_column"),
-        ("number.json", b'[{"text": "one"},\n {"text": 2.5}]',
-         r"data file '.*number.json', item \[1\]: text_column='text' holds 2.5 \(float\), not a string"),
-        ("broken.json", b'[{"text": "one"},\n {"text": }]', r"data file '.*broken.json', line 2: not valid JSON \(Expecting value at column 11\)"),
+        (
+            "latin1.txt",
+            "caf\u00e9 au lait\nun cr\u00e8me br\u00fbl\u00e9e\n".encode("latin-1"),
+            r"data file '.*latin1.txt', line 1: not UTF-8 \(byte 0xe9 at byte offset 3\); convert the file to UTF-8",
+        ),
+        (
+            "latin1.jsonl",
+            b'{"text": "ok"}\n{"text": "caf\xe9"}\n',
+            r"data file '.*latin1.jsonl', line 2: not UTF-8 \(byte 0xe9 at byte offset 28\)",
+        ),
+        (
+            "bad.jsonl",
+            b'{"text": "one"}\n{"text": "two"}\n{"text": "three"\n',
+            r"data file '.*bad.jsonl', line 3: not valid JSON \(Expecting ',' delimiter at column 17\)",
+        ),
+        (
+            "list.jsonl",
+            b'{"text": "one"}\n["two"]\n',
+            r"data file '.*list.jsonl', line 2: a JSON array, not an object with a 'text' field",
+        ),
+        (
+            "number.jsonl",
+            b'{"text": "one"}\n{"text": 2}\n',
+            r"data file '.*number.jsonl', line 2: text_column='text' holds 2 \(int\), not a string",
+        ),
+        (
+            "missing.jsonl",
+            b'{"text": "one"}\n{"body": "two", "id": 2}\n',
+            r"data file '.*missing.jsonl', line 2: text_column='text' is not in the row; its fields are \['body', 'id'\]; set data.text_column",
+        ),
+        (
+            "number.json",
+            b'[{"text": "one"},\n {"text": 2.5}]',
+            r"data file '.*number.json', item \[1\]: text_column='text' holds 2.5 \(float\), not a string",
+        ),
+        (
+            "broken.json",
+            b'[{"text": "one"},\n {"text": }]',
+            r"data file '.*broken.json', line 2: not valid JSON \(Expecting value at column 11\)",
+        ),
     ],
 )
 def test_a_bad_data_file_is_named_with_its_line(tmp_path: Path, name: str, content: bytes, error: str) -> None:
@@ -276,7 +351,10 @@ def test_a_parquet_text_column_of_numbers_or_a_missing_one_is_named(tmp_path: Pa
     pq.write_table(pa.table({"text": [1, 2], "body": ["x", "y"]}), tmp_path / "numbers.parquet")
     with pytest.raises(ValueError, match=r"data file '.*numbers.parquet': text_column='text' holds int64, not strings"):
         text_files(tmp_path, str(tmp_path / "numbers.parquet"))
-    with pytest.raises(ValueError, match=r"data file '.*numbers.parquet': text_column='content' is not in the file; its columns are \['text', 'body'\]"):
+    with pytest.raises(
+        ValueError,
+        match=r"data file '.*numbers.parquet': text_column='content' is not in the file; its columns are \['text', 'body'\]",
+    ):
         text_files(tmp_path, str(tmp_path / "numbers.parquet"), text_column="content")
     (tmp_path / "broken.parquet").write_bytes(b"PAR1 not really parquet")
     with pytest.raises(ValueError, match=r"data file '.*broken.parquet' is not a readable parquet file \(.*\)"):
@@ -292,16 +370,23 @@ def test_a_missing_data_file_or_an_empty_glob_is_named(tmp_path: Path) -> None:
         text_files(tmp_path, str(tmp_path))
 
 
-def test_hf_source_loads_a_local_directory_and_explains_a_missing_dataset(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_hf_source_loads_a_local_directory_and_explains_a_missing_dataset(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     directory = tmp_path / "local_dataset"
     directory.mkdir()
-    (directory / "train.jsonl").write_text("\n".join(json.dumps({"text": f"row {i} of a local dataset"}) for i in range(20)))
+    (directory / "train.jsonl").write_text(
+        "\n".join(json.dumps({"text": f"row {i} of a local dataset"}) for i in range(20))
+    )
     module = TextDataModule(source="hf", path=str(directory), cache_dir=str(tmp_path / "c"), vocab_size=300)
     module.setup("fit")
     assert module.stats["documents"] == 20
     monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True)
     monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
-    with pytest.raises(RuntimeError, match=r"could not load the Hugging Face dataset path='no-such-user/no-such-dataset'.*offline mode is on"):
+    with pytest.raises(
+        RuntimeError,
+        match=r"could not load the Hugging Face dataset path='no-such-user/no-such-dataset'.*offline mode is on",
+    ):
         TextDataModule(source="hf", path="no-such-user/no-such-dataset", cache_dir=str(tmp_path / "c")).setup("fit")
 
 
@@ -341,7 +426,9 @@ def test_a_checkpoint_with_the_datamodules_old_sampler_state_still_resumes(tmp_p
     module = synthetic(tmp_path)
     module.load_state_dict({"train_sampler": old_state})
     assert module.state_dict() == {}  # nothing saved twice: the loader's state is in the checkpoint
-    assert all(torch.equal(a, b) for a, b in zip([b["input_ids"] for b in module.train_dataloader()], whole[5:], strict=True))
+    assert all(
+        torch.equal(a, b) for a, b in zip([b["input_ids"] for b in module.train_dataloader()], whole[5:], strict=True)
+    )
 
 
 @pytest.mark.parametrize("name", ["stdlib_docs", "synthetic", "text_files", "hf"])
@@ -352,14 +439,20 @@ def test_data_configs_instantiate_the_datamodule(name: str) -> None:
         cfg.path = "x.txt"
     module = instantiate(cfg)
     assert isinstance(module, TextDataModule)
-    assert module.hparams.source == name and module.hparams.layout == "packed" and module.hparams.batch_size == cfg.batch_size
+    assert (
+        module.hparams.source == name
+        and module.hparams.layout == "packed"
+        and module.hparams.batch_size == cfg.batch_size
+    )
 
 
 @pytest.mark.slow
 def test_stdlib_docs_source(tmp_path: Path) -> None:
     docs = data_module.stdlib_docstrings(cache_dir=tmp_path)
     assert len(docs) > 5000
-    assert any(d.startswith("Remove any common leading whitespace from every line in `text`.") for d in docs)  # textwrap.dedent
+    assert any(
+        d.startswith("Remove any common leading whitespace from every line in `text`.") for d in docs
+    )  # textwrap.dedent
     assert data_module.stdlib_docstrings(cache_dir=tmp_path) == docs  # from the cache, same order
 
 

@@ -73,7 +73,15 @@ def left_padded(batch: int = 3, length: int = 7) -> Tensor:
 
 
 def test_capability_rows_literal() -> None:
-    flags = ("needs_is_causal", "document_masks", "left_padding", "trains_on_cpu", "dropout", "returns_weights", "empty_rows_zero")
+    flags = (
+        "needs_is_causal",
+        "document_masks",
+        "left_padding",
+        "trains_on_cpu",
+        "dropout",
+        "returns_weights",
+        "empty_rows_zero",
+    )
     table = {name: tuple(getattr(caps, f) for f in flags) for name, caps in CAPABILITIES.items()}
     assert table == {
         "auto": (False, True, True, True, True, True, True),
@@ -152,9 +160,10 @@ def test_left_padding(strategy: str) -> None:
             run(mha, x, key_padding_mask=kpm, is_causal=True)
         return
     real = ~kpm  # torch_mha leaves NaN in fully masked rows; real rows are finite everywhere
-    ours, ref = mha(x, x, x, key_padding_mask=kpm, is_causal=True, need_weights=False)[0], twin("reference", mha)(
-        x, x, x, key_padding_mask=kpm, is_causal=True, need_weights=False
-    )[0]
+    ours, ref = (
+        mha(x, x, x, key_padding_mask=kpm, is_causal=True, need_weights=False)[0],
+        twin("reference", mha)(x, x, x, key_padding_mask=kpm, is_causal=True, need_weights=False)[0],
+    )
     torch.testing.assert_close(ours[real], ref[real], atol=1e-5, rtol=1e-5)
 
 
@@ -309,7 +318,9 @@ def test_causal_hint_check_reads_no_value_off_the_cpu() -> None:
 
 def test_is_causal_attn_mask_literals() -> None:
     open_, shut = 0.0, INF
-    assert bool(masks.is_causal_attn_mask(torch.tensor([[open_, shut, shut], [open_, open_, shut], [open_, open_, open_]])))
+    assert bool(
+        masks.is_causal_attn_mask(torch.tensor([[open_, shut, shut], [open_, open_, shut], [open_, open_, open_]]))
+    )
     assert bool(masks.is_causal_attn_mask(torch.tensor([[False, True, True], [False, False, True]])))  # L=2, S=3
     assert not bool(masks.is_causal_attn_mask(torch.tensor([[open_, shut], [0.5, open_]])))  # a bias below
     assert not bool(masks.is_causal_attn_mask(torch.tensor([[False, False], [False, False]])))  # nothing masked
@@ -343,8 +354,16 @@ def test_weights_with_rows_empty_in_some_heads(average: bool) -> None:
 
 
 def test_swap_attention_replaces_every_layer_and_keeps_the_parameters() -> None:
-    model = nn.Transformer(d_model=E, nhead=H, num_encoder_layers=1, num_decoder_layers=1, dim_feedforward=32,
-                           dropout=0.0, batch_first=True, dtype=torch.float64)
+    model = nn.Transformer(
+        d_model=E,
+        nhead=H,
+        num_encoder_layers=1,
+        num_decoder_layers=1,
+        dim_feedforward=32,
+        dropout=0.0,
+        batch_first=True,
+        dtype=torch.float64,
+    )
     before = dict(model.named_parameters())
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
     changed = swap_attention(model)
@@ -356,10 +375,18 @@ def test_swap_attention_replaces_every_layer_and_keeps_the_parameters() -> None:
     }
     after = dict(model.named_parameters())
     assert list(after) == list(before) and all(after[n] is before[n] for n in before)  # the same objects
-    assert all(isinstance(m, MultiheadAttention) and m.strategy == "auto" for m in
-               (model.encoder.layers[0].self_attn, model.decoder.layers[0].self_attn, model.decoder.layers[0].multihead_attn))
+    assert all(
+        isinstance(m, MultiheadAttention) and m.strategy == "auto"
+        for m in (
+            model.encoder.layers[0].self_attn,
+            model.decoder.layers[0].self_attn,
+            model.decoder.layers[0].multihead_attn,
+        )
+    )
     assert model.encoder.layers[0].self_attn.in_proj_weight.dtype == torch.float64
-    fresh = nn.Transformer(d_model=E, nhead=H, num_encoder_layers=1, num_decoder_layers=1, dim_feedforward=32, batch_first=True)
+    fresh = nn.Transformer(
+        d_model=E, nhead=H, num_encoder_layers=1, num_decoder_layers=1, dim_feedforward=32, batch_first=True
+    )
     fresh.load_state_dict(model.state_dict(), strict=True)  # torch's keys, both ways
     src, tgt = torch.randn(2, 5, E, dtype=torch.float64), torch.randn(2, 4, E, dtype=torch.float64)
     model(src, tgt).sum().backward()
@@ -424,11 +451,16 @@ def test_hand_swapped_encoder_layer_is_not_bypassed_and_nested_input_is_named() 
         layer(src, src_key_padding_mask=kpm)
     assert layer.self_attn.last_dispatch == "merged_bool"  # the layer's fast path did not bypass it
     encoder = nn.TransformerEncoder(layer, num_layers=1, enable_nested_tensor=True).eval()
-    with pytest.raises(NotImplementedError, match=r"set encoder.use_nested_tensor = False, or use mhaplug.swap_attention"):
-        with torch.no_grad(), warnings.catch_warnings():
-            # torch's own warning as its encoder makes the nested tensor our layer then refuses
-            warnings.filterwarnings("ignore", "The PyTorch API of nested tensors is in prototype stage", UserWarning)
-            encoder(src, src_key_padding_mask=kpm)
+    with (
+        pytest.raises(
+            NotImplementedError, match=r"set encoder.use_nested_tensor = False, or use mhaplug.swap_attention"
+        ),
+        torch.no_grad(),
+        warnings.catch_warnings(),
+    ):
+        # torch's own warning as its encoder makes the nested tensor our layer then refuses
+        warnings.filterwarnings("ignore", "The PyTorch API of nested tensors is in prototype stage", UserWarning)
+        encoder(src, src_key_padding_mask=kpm)
 
 
 @pytest.mark.parametrize("strategy", ["auto", "merged_bool"])
@@ -442,8 +474,12 @@ def test_transformer_decoder_after_swap_equals_torch_on_real_rows(strategy: str)
     tgt, memory = torch.randn(3, 6, E), torch.randn(3, 5, E)
     tgt_kpm = masks.is_pad_from_lengths(torch.tensor([6, 4, 2]), 6)
     mem_kpm = masks.is_pad_from_lengths(torch.tensor([5, 5, 3]), 5)
-    call = {"tgt_mask": causal_float(6), "tgt_is_causal": True, "tgt_key_padding_mask": as_float(tgt_kpm),
-            "memory_key_padding_mask": as_float(mem_kpm)}
+    call = {
+        "tgt_mask": causal_float(6),
+        "tgt_is_causal": True,
+        "tgt_key_padding_mask": as_float(tgt_kpm),
+        "memory_key_padding_mask": as_float(mem_kpm),
+    }
     expected = decoder(tgt, memory, **call)
     swap_attention(decoder, strategy)
     with sdpa_masks() as seen:
@@ -466,8 +502,9 @@ class SelfAttention(nn.Module):
         self.attn = MultiheadAttention(E, H, batch_first=True, strategy=strategy)
 
     def forward(self, x: Tensor, key_padding_mask: Tensor, attn_mask: Tensor) -> Tensor:
-        return self.attn(x, x, x, key_padding_mask=key_padding_mask, attn_mask=attn_mask, is_causal=True,
-                         need_weights=False)[0]
+        return self.attn(
+            x, x, x, key_padding_mask=key_padding_mask, attn_mask=attn_mask, is_causal=True, need_weights=False
+        )[0]
 
 
 def compiler_inputs(mask_dtype: str) -> tuple[Tensor, Tensor, Tensor]:
@@ -519,7 +556,9 @@ def test_torch_compile_inductor_trains_like_eager() -> None:
 
 @pytest.mark.filterwarnings("ignore:`torch.jit.script:DeprecationWarning")  # torch's own, before ours
 def test_jit_script_fails_at_once_naming_what_works() -> None:
-    with pytest.raises(NotImplementedError, match=r"does not support torch.jit.script.*use torch.compile\(model\) or torch.export"):
+    with pytest.raises(
+        NotImplementedError, match=r"does not support torch.jit.script.*use torch.compile\(model\) or torch.export"
+    ):
         torch.jit.script(SelfAttention("auto"))
 
 

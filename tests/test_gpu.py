@@ -25,7 +25,9 @@ def batch(padding_side: str, dtype: torch.dtype = torch.float32) -> tuple[torch.
     return torch.randn(5, 64, E, device="cuda", dtype=dtype), kpm
 
 
-def run(strategy: str, x: torch.Tensor, kpm: torch.Tensor, state: dict | None = None) -> tuple[list[torch.Tensor], MultiheadAttention]:
+def run(
+    strategy: str, x: torch.Tensor, kpm: torch.Tensor, state: dict | None = None
+) -> tuple[list[torch.Tensor], MultiheadAttention]:
     mha = MultiheadAttention(E, H, batch_first=True, strategy=strategy, device="cuda", dtype=x.dtype)
     if state is not None:
         mha.load_state_dict(state)
@@ -103,7 +105,9 @@ def test_audit_passes_on_cuda_in_bfloat16() -> None:
     from mhaplug.model import DecoderConfig, DecoderLM
 
     rows = [list(range(3, 3 + n)) for n in (40, 7, 25, 1, 60, 12)]
-    batch_ = {k: v.cuda() if isinstance(v, torch.Tensor) else v for k, v in PadCollator(padding_side="left")(rows).items()}
+    batch_ = {
+        k: v.cuda() if isinstance(v, torch.Tensor) else v for k, v in PadCollator(padding_side="left")(rows).items()
+    }
     model = DecoderLM(DecoderConfig(vocab_size=128, max_positions=64)).cuda()
     with torch.autocast("cuda", dtype=torch.bfloat16):
         report = audit(model, batch_)
@@ -123,8 +127,12 @@ def test_decoder_trains_with_flex_like_merged_bool(packed: bool) -> None:
     for strategy in ("merged_bool", "flex"):
         torch.manual_seed(0)
         model = DecoderLM(DecoderConfig(vocab_size=128, max_positions=64, strategy=strategy)).cuda()
-        logits = model(batch["input_ids"], key_padding_mask=batch["key_padding_mask"],
-                       position_ids=batch["position_ids"], document_ids=batch.get("document_ids"))
+        logits = model(
+            batch["input_ids"],
+            key_padding_mask=batch["key_padding_mask"],
+            position_ids=batch["position_ids"],
+            document_ids=batch.get("document_ids"),
+        )
         loss = lm_loss_sum(logits, batch["labels"])
         loss.backward()
         results.append([loss.detach(), *(p.grad for p in model.parameters())])

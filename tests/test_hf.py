@@ -27,8 +27,16 @@ from mhaplug.collate import PackCollator, PadCollator
 VOCAB = 64
 LENGTHS = [9, 3, 6, 1, 5, 7, 2, 4, 8]  # a one-token document has no target but still gets logits
 ATTENTION = ["sdpa", "eager"]
-MHAPLUG_PACKED_KEYS = {"key_padding_mask", "lengths", "document_ids", "cu_seqlens", "max_seqlen",
-                       "num_targets", "num_real_tokens", "num_padded_tokens"}
+MHAPLUG_PACKED_KEYS = {
+    "key_padding_mask",
+    "lengths",
+    "document_ids",
+    "cu_seqlens",
+    "max_seqlen",
+    "num_targets",
+    "num_real_tokens",
+    "num_padded_tokens",
+}
 FLASH_KEYS = {"cu_seq_lens_q", "cu_seq_lens_k", "max_length_q", "max_length_k"}
 
 
@@ -45,8 +53,16 @@ def tiny_gpt2(attn_implementation: str) -> GPT2LMHeadModel:
     Weights drawn 5x wider than GPT-2's ``initializer_range=0.02``: attention is then sharp enough that seeing another
     document moves the loss by ~4e-3 rather than ~4e-5 (the logits by ~1 rather than ~0.05).
     """
-    shape = dict(n_layer=2, n_embd=32, n_head=2, n_positions=64, vocab_size=VOCAB, bos_token_id=1, eos_token_id=1)
-    no_dropout = dict(resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
+    shape = {
+        "n_layer": 2,
+        "n_embd": 32,
+        "n_head": 2,
+        "n_positions": 64,
+        "vocab_size": VOCAB,
+        "bos_token_id": 1,
+        "eos_token_id": 1,
+    }
+    no_dropout = {"resid_pdrop": 0.0, "embd_pdrop": 0.0, "attn_pdrop": 0.0}
     config = GPT2Config(**shape, **no_dropout, initializer_range=0.1, attn_implementation=attn_implementation)
     torch.manual_seed(0)
     model = GPT2LMHeadModel(config)

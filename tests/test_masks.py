@@ -160,7 +160,7 @@ def test_guard_empty_rows_bool_and_float() -> None:
 @pytest.mark.parametrize(("tgt", "src"), [(5, 5), (3, 5), (6, 2)])
 def test_causal_row_has_key_matches_brute_force(tgt: int, src: int) -> None:
     gen = torch.Generator().manual_seed(tgt * 10 + src)
-    keep = (torch.rand(4, 1, 1, src, generator=gen) < 0.5)  # (B, 1, 1, S)
+    keep = torch.rand(4, 1, 1, src, generator=gen) < 0.5  # (B, 1, 1, S)
     keep[0] = False  # an all-pad row
     expected = (keep & masks.causal_keep(tgt, src)).any(-1, keepdim=True)
     got = masks.causal_row_has_key(keep, tgt, src, device=keep.device)

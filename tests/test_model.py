@@ -26,7 +26,9 @@ def documents() -> list[list[int]]:
 
 def model(strategy: str) -> DecoderLM:
     torch.manual_seed(0)
-    config = DecoderConfig(vocab_size=VOCAB, max_positions=MAX_LENGTH, d_model=16, num_heads=2, d_ff=32, strategy=strategy)
+    config = DecoderConfig(
+        vocab_size=VOCAB, max_positions=MAX_LENGTH, d_model=16, num_heads=2, d_ff=32, strategy=strategy
+    )
     return DecoderLM(config).double()
 
 
@@ -129,7 +131,9 @@ def test_compile_switch_compiles_the_feed_forward_and_keeps_loss_gradients_and_s
     expected, got = eager.loss_sum(batch), compiled.loss_sum(batch)
     assert counters["stats"]["calls_captured"] > captured  # Dynamo traced the blocks' feed-forward
     torch.testing.assert_close(got, expected, rtol=1e-10, atol=1e-10)
-    for a, b in zip(torch.autograd.grad(got, list(compiled.parameters())), torch.autograd.grad(expected, list(eager.parameters()))):
+    for a, b in zip(
+        torch.autograd.grad(got, list(compiled.parameters())), torch.autograd.grad(expected, list(eager.parameters()))
+    ):
         torch.testing.assert_close(a, b, rtol=1e-8, atol=1e-10)
 
 

@@ -264,8 +264,9 @@ def test_counter_follows_iteration_and_a_new_epoch_starts_at_zero() -> None:
 @pytest.mark.parametrize("num_workers", [0, 2])
 def test_resumable_loader_counts_the_batches_taken_not_those_prefetched_by_workers(num_workers: int) -> None:
     def loader(sampler: BaseBatchSampler) -> ResumableDataLoader:
-        return ResumableDataLoader(list(range(len(SKEWED))), batch_sampler=sampler, num_workers=num_workers,
-                                   collate_fn=lambda rows: rows)
+        return ResumableDataLoader(
+            list(range(len(SKEWED))), batch_sampler=sampler, num_workers=num_workers, collate_fn=lambda rows: rows
+        )
 
     sampler = LengthGroupedBatchSampler(SKEWED, 16, seed=3)
     sampler.set_epoch(1)
@@ -293,7 +294,9 @@ def test_resumable_loader_counts_the_batches_taken_not_those_prefetched_by_worke
 
 
 def test_resumable_loader_needs_a_mhaplug_batch_sampler() -> None:
-    with pytest.raises(TypeError, match="batch_sampler must be a mhaplug.sampling.BaseBatchSampler .* got BatchSampler"):
+    with pytest.raises(
+        TypeError, match="batch_sampler must be a mhaplug.sampling.BaseBatchSampler .* got BatchSampler"
+    ):
         ResumableDataLoader(LENGTHS, batch_sampler=torch.utils.data.BatchSampler(range(8), 2, False))
 
 

@@ -94,24 +94,48 @@ def test_an_unknown_strategy_lists_the_allowed_ones(tmp_path: Path) -> None:
         validate(config(tmp_path, "attention.strategy=fast"))
     with pytest.raises(MissingConfigException, match="attention/fast"):
         config(tmp_path, "attention=fast")
-    with pytest.raises(ConfigError, match="data.batching='grouped' is not valid; allowed: random, length_grouped, token_budget"):
+    with pytest.raises(
+        ConfigError, match="data.batching='grouped' is not valid; allowed: random, length_grouped, token_budget"
+    ):
         validate(config(tmp_path, "data.batching=grouped"))
 
 
 INVALID = [
-    (["attention=torch_mha", "data.layout=padded", "data.padding_side=left"], "attention=torch_mha with data.padding_side=left: .*returns NaN", True),
+    (
+        ["attention=torch_mha", "data.layout=padded", "data.padding_side=left"],
+        "attention=torch_mha with data.padding_side=left: .*returns NaN",
+        True,
+    ),
     (["attention=torch_mha", "data.layout=packed"], "attention=torch_mha with data.layout=packed: .*returns NaN", True),
-    (["attention=causal_only", "data.layout=padded", "data.padding_side=left"], "attention=causal_only ignores the padding mask.*Use attention=causal_kpm, or data.padding_side=right", True),
-    (["attention=causal_kpm", "data.layout=packed"], "attention=causal_kpm applies a plain causal mask.*Use attention=.*merged_bool", False),
+    (
+        ["attention=causal_only", "data.layout=padded", "data.padding_side=left"],
+        "attention=causal_only ignores the padding mask.*Use attention=causal_kpm, or data.padding_side=right",
+        True,
+    ),
+    (
+        ["attention=causal_kpm", "data.layout=packed"],
+        "attention=causal_kpm applies a plain causal mask.*Use attention=.*merged_bool",
+        False,
+    ),
     (["attention=causal_only", "data.layout=packed"], "attention=causal_only applies a plain causal mask", False),
-    (["data.layout=packed", "data.padding_side=left", "attention=merged_bool"], "data.padding_side=left has no effect with data.layout=packed", False),
+    (
+        ["data.layout=packed", "data.padding_side=left", "attention=merged_bool"],
+        "data.padding_side=left has no effect with data.layout=packed",
+        False,
+    ),
     (["data.batching=token_budget"], r"data.batching=token_budget needs data.max_tokens .* data.max_tokens=4096", None),
-    (["+trainer.accumulate_grad_batches=4"], "trainer.accumulate_grad_batches must stay 1.*model.accumulate_grad_batches=4", None),
+    (
+        ["+trainer.accumulate_grad_batches=4"],
+        "trainer.accumulate_grad_batches must stay 1.*model.accumulate_grad_batches=4",
+        None,
+    ),
 ]
 
 
 @pytest.mark.parametrize(("overrides", "message", "runnable"), INVALID)
-def test_invalid_combinations_fail_before_training(tmp_path: Path, overrides: list[str], message: str, runnable: bool | None) -> None:
+def test_invalid_combinations_fail_before_training(
+    tmp_path: Path, overrides: list[str], message: str, runnable: bool | None
+) -> None:
     with pytest.raises(ConfigError, match=message):
         validate(config(tmp_path, *overrides))
     if runnable is None:
@@ -130,24 +154,49 @@ BAD_VALUES = [
     ("data.max_length=1", r"data.max_length=1 cannot train: .* use data.max_length >= 2"),
     ("data.max_length=0", r"data.max_length=0 cannot train: .* use data.max_length >= 2"),
     ("data.max_length=-8", r"data.max_length=-8 cannot train: .* use data.max_length >= 2"),
-    ("data.vocab_size=257", (r"data.vocab_size=257 is too small for the byte-level BPE .* 256 byte tokens and 2 special "
-                             r"tokens.* use data.vocab_size >= 258 .*or data.tokenizer_path=")),
+    (
+        "data.vocab_size=257",
+        (
+            r"data.vocab_size=257 is too small for the byte-level BPE .* 256 byte tokens and 2 special "
+            r"tokens.* use data.vocab_size >= 258 .*or data.tokenizer_path="
+        ),
+    ),
     ("data.batch_size=0", r"data.batch_size=0 cannot train: use data.batch_size >= 1"),
-    ("trainer.val_check_interval=0", (r"trainer.val_check_interval=0 cannot schedule validation: use a whole number of "
-                                      r"training batches >= 1, e.g. trainer.val_check_interval=100")),
-    ("trainer.val_check_interval=0.5", r"trainer.val_check_interval=0.5 cannot schedule validation: use a whole number"),
+    (
+        "trainer.val_check_interval=0",
+        (
+            r"trainer.val_check_interval=0 cannot schedule validation: use a whole number of "
+            r"training batches >= 1, e.g. trainer.val_check_interval=100"
+        ),
+    ),
+    (
+        "trainer.val_check_interval=0.5",
+        r"trainer.val_check_interval=0.5 cannot schedule validation: use a whole number",
+    ),
     ("model.lr=-0.001", r"model.lr=-0.001 cannot train: use a learning rate > 0, e.g. model.lr=3e-3"),
     ("model.lr=nan", r"model.lr=nan cannot train"),
-    ("seed=-1", (r"seed=-1 is outside the seeds numpy takes \(Lightning would silently use 0 instead\): use "
-                 r"0 <= seed <= 4294967295, e.g. seed=0")),
+    (
+        "seed=-1",
+        (
+            r"seed=-1 is outside the seeds numpy takes \(Lightning would silently use 0 instead\): use "
+            r"0 <= seed <= 4294967295, e.g. seed=0"
+        ),
+    ),
     ("data.seed=4294967296", r"data.seed=4294967296 is outside the seeds numpy takes"),
-    ("data.max_documents=0", (r"data.max_documents=0 leaves too few documents .* use data.max_documents >= 2, or "
-                              r"data.max_documents=null for all of them")),
+    (
+        "data.max_documents=0",
+        (
+            r"data.max_documents=0 leaves too few documents .* use data.max_documents >= 2, or "
+            r"data.max_documents=null for all of them"
+        ),
+    ),
 ]
 
 
 @pytest.mark.parametrize(("override", "message"), BAD_VALUES, ids=[o for o, _ in BAD_VALUES])
-def test_settings_that_cannot_train_are_refused_before_any_data_is_read(tmp_path: Path, override: str, message: str) -> None:
+def test_settings_that_cannot_train_are_refused_before_any_data_is_read(
+    tmp_path: Path, override: str, message: str
+) -> None:
     cfg = config(tmp_path, "data=synthetic", override, f"data.cache_dir={tmp_path / 'cache'}")
     with pytest.raises(ConfigError, match=message) as refused:
         train_script.train(cfg)
@@ -156,9 +205,20 @@ def test_settings_that_cannot_train_are_refused_before_any_data_is_read(tmp_path
 
 
 def test_the_smallest_settings_that_train_are_accepted(tmp_path: Path) -> None:
-    validate(config(tmp_path, "data.max_length=2", "data.vocab_size=258", "data.batch_size=1",
-                    "trainer.val_check_interval=1", "seed=4294967295", "data.max_documents=2"))
-    validate(config(tmp_path, "data.vocab_size=100", "data.tokenizer_path=tok.json"))  # a given tokenizer: data.py checks
+    validate(
+        config(
+            tmp_path,
+            "data.max_length=2",
+            "data.vocab_size=258",
+            "data.batch_size=1",
+            "trainer.val_check_interval=1",
+            "seed=4294967295",
+            "data.max_documents=2",
+        )
+    )
+    validate(
+        config(tmp_path, "data.vocab_size=100", "data.tokenizer_path=tok.json")
+    )  # a given tokenizer: data.py checks
     validate(config(tmp_path, "trainer.check_val_every_n_epoch=1", "trainer.val_check_interval=0.5"))  # per epoch
 
 
@@ -182,8 +242,15 @@ def test_run_folders_are_claimed_never_shared(tmp_path: Path) -> None:
     long_a, long_b = claim_job_subdir(sweep, 6, "x=" + "a" * 300), claim_job_subdir(sweep, 7, "x=" + "a" * 299 + "b")
     assert len(long_a) == len(long_b) == 120 and long_a != long_b
     assert sorted(p.name for p in sweep.iterdir()) == sorted(
-        ["attention=auto,data.layout=padded", "attention=auto,data.layout=padded_job3", "job4", "data.path=_data_a.txt",
-         long_a, long_b])
+        [
+            "attention=auto,data.layout=padded",
+            "attention=auto,data.layout=padded_job3",
+            "job4",
+            "data.path=_data_a.txt",
+            long_a,
+            long_b,
+        ]
+    )
 
     assert checkpoint_run_dir(f"{first}/checkpoints/last.ckpt") == first
     assert checkpoint_run_dir(tmp_path / "elsewhere" / "model.ckpt") is None and checkpoint_run_dir(None) is None
@@ -201,9 +268,14 @@ def test_hydra_run_dir_is_a_new_folder_or_the_resumed_runs(tmp_path: Path, monke
     assert cfg.hydra.run.dir == run and again.hydra.run.dir != run  # once per config, never shared
     assert len(list((tmp_path / "outputs" / "train" / "runs").iterdir())) == 2
     with initialize_config_dir(config_dir=str(CONFIGS), version_base="1.3"):
-        resumed = compose(config_name="train", overrides=[f"ckpt_path={run}/checkpoints/last.ckpt"], return_hydra_config=True)
-        sweep = compose(config_name="train", overrides=["attention=merged_bool", "data.cache_dir=/x", "hydra.job.num=3"],
-                        return_hydra_config=True)
+        resumed = compose(
+            config_name="train", overrides=[f"ckpt_path={run}/checkpoints/last.ckpt"], return_hydra_config=True
+        )
+        sweep = compose(
+            config_name="train",
+            overrides=["attention=merged_bool", "data.cache_dir=/x", "hydra.job.num=3"],
+            return_hydra_config=True,
+        )
     assert resumed.hydra.run.dir == run and len(list((tmp_path / "outputs" / "train" / "runs").iterdir())) == 2
     assert re.fullmatch(r"outputs/train/multiruns/[\d_.-]+", sweep.hydra.sweep.dir)
     assert sweep.hydra.sweep.subdir == "attention=merged_bool"  # data.cache_dir is in exclude_keys
@@ -215,7 +287,9 @@ def test_hydra_run_dir_is_a_new_folder_or_the_resumed_runs(tmp_path: Path, monke
 # ----------------------------------------------------------------------------------------------------------
 
 
-def test_train_debug_run_writes_logs_checkpoints_and_summary(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_train_debug_run_writes_logs_checkpoints_and_summary(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     cfg = config(tmp_path, "debug=fast", *FAST)
     summary = train_script.train(cfg)
     assert json.loads((tmp_path / "summary.json").read_text()) == summary
@@ -225,7 +299,14 @@ def test_train_debug_run_writes_logs_checkpoints_and_summary(tmp_path: Path, cap
     assert 0.0 < summary["pad_fraction"] < 1.0 and summary["real_tokens_per_sec"] > 0
     rows = metrics(tmp_path)
     assert len(column(rows, "train/loss")) == 6 and len(column(rows, "val/loss")) == 2
-    for name in ("val/ppl", "train/real_tokens_per_sec", "train/padded_tokens_per_sec", "train/pad_fraction", "train/peak_memory_mb", "lr-AdamW/pg1"):
+    for name in (
+        "val/ppl",
+        "train/real_tokens_per_sec",
+        "train/padded_tokens_per_sec",
+        "train/pad_fraction",
+        "train/peak_memory_mb",
+        "lr-AdamW/pg1",
+    ):
         assert column(rows, name), name
     assert column(rows, "val/ppl")[-1] == pytest.approx(math.exp(column(rows, "val/loss")[-1]), rel=1e-5)
     restored = LitDecoderLM.load_from_checkpoint(tmp_path / "checkpoints" / "last.ckpt")
@@ -236,7 +317,9 @@ def test_train_debug_run_writes_logs_checkpoints_and_summary(tmp_path: Path, cap
     assert audit["passed"] is True and audit["failed"] == [] and audit["call"] == "LitDecoderLM.model (DecoderLM)"
     assert list(audit["checks"]) == ["finite", "padding", "loss", "causality", "documents"]  # packed: the default
     assert column(rows, "audit/passed") == [1.0]
-    assert re.search(r"\n  mask audit: passed \(finite, padding, loss, causality, documents; 4 forwards, \d+ ms\)\n", out)
+    assert re.search(
+        r"\n  mask audit: passed \(finite, padding, loss, causality, documents; 4 forwards, \d+ ms\)\n", out
+    )
 
 
 def test_bf16_mixed_trains_on_the_cpu_and_lands_near_float32(tmp_path: Path) -> None:
@@ -252,11 +335,21 @@ def test_bf16_mixed_trains_on_the_cpu_and_lands_near_float32(tmp_path: Path) -> 
     assert bf16["final_val_loss"] == pytest.approx(fp32["final_val_loss"], abs=0.02)
 
 
-def test_a_teaching_run_records_its_audit_failure_and_trains(tmp_path: Path,
-                                                            capsys: pytest.CaptureFixture[str]) -> None:
+def test_a_teaching_run_records_its_audit_failure_and_trains(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     """causal_only with left padding (on_invalid=run): the audit fails at step 0, as it should, and the run goes on."""
-    cfg = config(tmp_path, "debug=fast", *FAST, "attention=causal_only", "data.layout=padded", "data.padding_side=left", "on_invalid=run",
-                 "trainer.max_steps=2", "trainer.val_check_interval=2")
+    cfg = config(
+        tmp_path,
+        "debug=fast",
+        *FAST,
+        "attention=causal_only",
+        "data.layout=padded",
+        "data.padding_side=left",
+        "on_invalid=run",
+        "trainer.max_steps=2",
+        "trainer.val_check_interval=2",
+    )
     summary = train_script.train(cfg)
     assert summary["valid"] is False and summary["steps"] == 2
     assert summary["audit"]["passed"] is False and summary["audit"]["failed"] == ["padding", "loss"]
@@ -264,9 +357,17 @@ def test_a_teaching_run_records_its_audit_failure_and_trains(tmp_path: Path,
     assert "  mask audit: FAILED padding, loss (as expected: invalid on purpose)\n" in capsys.readouterr().out
 
 
-def test_without_the_throughput_monitor_the_summary_says_n_a(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    cfg = config(tmp_path, "debug=fast", *FAST, "~callbacks.throughput_monitor", "trainer.max_steps=2",
-                 "trainer.val_check_interval=2")
+def test_without_the_throughput_monitor_the_summary_says_n_a(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    cfg = config(
+        tmp_path,
+        "debug=fast",
+        *FAST,
+        "~callbacks.throughput_monitor",
+        "trainer.max_steps=2",
+        "trainer.val_check_interval=2",
+    )
     summary = train_script.train(cfg)
     assert summary["steps"] == 2 and summary["final_train_loss"] is not None
     for key in ("real_tokens_per_sec", "padded_tokens_per_sec", "pad_fraction", "peak_memory_mb"):
@@ -276,14 +377,17 @@ def test_without_the_throughput_monitor_the_summary_says_n_a(tmp_path: Path, cap
 
 
 @pytest.mark.parametrize("log_every_n_steps", [1, 5])
-def test_a_run_whose_loss_becomes_nan_stops_and_says_where(tmp_path: Path, capsys: pytest.CaptureFixture[str],
-                                                           log_every_n_steps: int) -> None:
+def test_a_run_whose_loss_becomes_nan_stops_and_says_where(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], log_every_n_steps: int
+) -> None:
     """model.lr=1e6: train/loss is finite, about 1e12, then NaN at the third step. Read at every step, or every 5th
     (no sync per step), the run stops, names step 3, and writes no checkpoint of NaN weights: with 5, the validation
     after step 3 (val/loss NaN) would save one, and ModelCheckpoint takes a first score even when it is NaN."""
     cfg = config(tmp_path, "debug=fast", *FAST, "model.lr=1e6", f"trainer.log_every_n_steps={log_every_n_steps}")
     summary = train_script.train(cfg)
-    assert json.loads((tmp_path / "summary.json").read_text(), parse_constant=str) == json.loads(json.dumps(summary), parse_constant=str)
+    assert json.loads((tmp_path / "summary.json").read_text(), parse_constant=str) == json.loads(
+        json.dumps(summary), parse_constant=str
+    )
     assert summary["status"] == "diverged" and summary["diverged"] is True and summary["interrupted"] is False
     assert summary["diverged_at_step"] == 3 and summary["steps"] == 3
     assert not list(tmp_path.glob("checkpoints/*.ckpt"))
@@ -299,8 +403,19 @@ def test_loss_is_normalised_by_the_tokens_of_the_whole_step(tmp_path: Path) -> N
     A mean of per-batch means would weight the two halves equally whatever their token counts."""
     base = ["debug=fast", *FAST, "data.synthetic_max_words=40", "trainer.max_steps=4", "trainer.val_check_interval=8"]
     whole = train_script.train(config(tmp_path / "whole", *base, "data.batch_size=8"))
-    split = train_script.train(config(tmp_path / "split", *base, "data.batch_size=4", "model.accumulate_grad_batches=2", "trainer.val_check_interval=16"))
-    whole_loss, split_loss = column(metrics(tmp_path / "whole"), "train/loss"), column(metrics(tmp_path / "split"), "train/loss")
+    split = train_script.train(
+        config(
+            tmp_path / "split",
+            *base,
+            "data.batch_size=4",
+            "model.accumulate_grad_batches=2",
+            "trainer.val_check_interval=16",
+        )
+    )
+    whole_loss, split_loss = (
+        column(metrics(tmp_path / "whole"), "train/loss"),
+        column(metrics(tmp_path / "split"), "train/loss"),
+    )
     assert len(whole_loss) == len(split_loss) == 4
     torch.testing.assert_close(torch.tensor(split_loss), torch.tensor(whole_loss), atol=1e-5, rtol=1e-5)
     assert split["final_val_loss"] == pytest.approx(whole["final_val_loss"], abs=1e-5)
@@ -313,8 +428,13 @@ def test_loss_is_normalised_by_the_tokens_of_the_whole_step(tmp_path: Path) -> N
 
 def run_train(*overrides: str, timeout: float = 300) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [sys.executable, "train.py", *overrides], cwd=ROOT, capture_output=True, text=True, timeout=timeout,
+        [sys.executable, "train.py", *overrides],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
         env={**os.environ, "PYTHONUNBUFFERED": "1"},
+        check=False,
     )
 
 
@@ -339,18 +459,35 @@ def test_sigkill_then_sigterm_mid_epoch_and_resume_match_an_uninterrupted_run(tm
     writes on in the run's folder (no hydra.run.dir given), to a new logger version; together the attempts train
     exactly the batches of an uninterrupted run, log every step once (as compare reads them), keep tracking the
     best checkpoint, and end with its loss."""
-    common = [*FAST, "data.synthetic_documents=400", "trainer.max_steps=50", "trainer.val_check_interval=10",
-              "trainer.log_every_n_steps=1", f"data.cache_dir={tmp_path / 'cache'}",
-              "+callbacks.batch_log._target_=mhaplug.callbacks.BatchLog"]
-    full = run_train(*common, f"hydra.run.dir={tmp_path / 'full'}", f"+callbacks.batch_log.path={tmp_path / 'full.jsonl'}")
+    common = [
+        *FAST,
+        "data.synthetic_documents=400",
+        "trainer.max_steps=50",
+        "trainer.val_check_interval=10",
+        "trainer.log_every_n_steps=1",
+        f"data.cache_dir={tmp_path / 'cache'}",
+        "+callbacks.batch_log._target_=mhaplug.callbacks.BatchLog",
+    ]
+    full = run_train(
+        *common, f"hydra.run.dir={tmp_path / 'full'}", f"+callbacks.batch_log.path={tmp_path / 'full.jsonl'}"
+    )
     assert full.returncode == 0, full.stderr[-3000:]
     expected = logged_batches(tmp_path / "full.jsonl")
 
     run_dir = tmp_path / "run"
     last = run_dir / "checkpoints" / "last.ckpt"
-    killed = subprocess.Popen([sys.executable, "train.py", *common, f"hydra.run.dir={run_dir}",
-                               f"+callbacks.batch_log.path={tmp_path / 'killed.jsonl'}"],
-                              cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    killed = subprocess.Popen(
+        [
+            sys.executable,
+            "train.py",
+            *common,
+            f"hydra.run.dir={run_dir}",
+            f"+callbacks.batch_log.path={tmp_path / 'killed.jsonl'}",
+        ],
+        cwd=ROOT,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     wait_for(lambda: last.exists() and torch.load(last, weights_only=False)["global_step"] >= 20, "step 20")
     killed.send_signal(signal.SIGKILL)
     killed.wait()
@@ -358,10 +495,14 @@ def test_sigkill_then_sigterm_mid_epoch_and_resume_match_an_uninterrupted_run(tm
     assert killed_at in (20, 30), killed_at  # the checkpoint of a validation, mid-epoch (an epoch is 46 batches)
 
     def resume(name: str) -> subprocess.Popen[str]:
-        return subprocess.Popen([sys.executable, "train.py", *common, f"ckpt_path={last}",
-                                 f"+callbacks.batch_log.path={tmp_path / name}"],
-                                cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                                env={**os.environ, "PYTHONUNBUFFERED": "1"})
+        return subprocess.Popen(
+            [sys.executable, "train.py", *common, f"ckpt_path={last}", f"+callbacks.batch_log.path={tmp_path / name}"],
+            cwd=ROOT,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            env={**os.environ, "PYTHONUNBUFFERED": "1"},
+        )
 
     terminated = resume("terminated.jsonl")
     wait_for(lambda: len(logged_batches(tmp_path / "terminated.jsonl")) >= 3, "three steps after the resume")
@@ -372,7 +513,9 @@ def test_sigkill_then_sigterm_mid_epoch_and_resume_match_an_uninterrupted_run(tm
     stopped_at = interrupted["steps"]
     assert interrupted["status"] == "interrupted" and interrupted["interrupted"] is True and killed_at < stopped_at < 50
     assert interrupted["resume_ckpt_path"] == str(last) and interrupted["resumed_from"] == str(last)
-    assert torch.load(last, weights_only=False)["global_step"] == stopped_at  # saved at that step, not the last validation
+    assert (
+        torch.load(last, weights_only=False)["global_step"] == stopped_at
+    )  # saved at that step, not the last validation
     assert f"mhaplug run INTERRUPTED by SIGTERM at step {stopped_at}" in out and f"ckpt_path={last}" in out
     assert logged_batches(tmp_path / "terminated.jsonl") == [b for b in expected if killed_at <= b[0] < stopped_at]
 
@@ -380,25 +523,44 @@ def test_sigkill_then_sigterm_mid_epoch_and_resume_match_an_uninterrupted_run(tm
     out, err = final.communicate(timeout=240)
     assert final.returncode == 0, err[-3000:]
     assert logged_batches(tmp_path / "final.jsonl") == [b for b in expected if b[0] >= stopped_at]
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["cache", "final.jsonl", "full", "full.jsonl", "killed.jsonl", "run",
-                                                       "terminated.jsonl"]  # no other run folder
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "cache",
+        "final.jsonl",
+        "full",
+        "full.jsonl",
+        "killed.jsonl",
+        "run",
+        "terminated.jsonl",
+    ]  # no other run folder
     full_summary = json.loads((tmp_path / "full" / "summary.json").read_text())
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["status"] == "finished" and summary["steps"] == full_summary["steps"] == 50
     assert summary["final_val_loss"] == pytest.approx(full_summary["final_val_loss"], abs=1e-6)
     assert summary["best_val_loss"] == pytest.approx(full_summary["best_val_loss"], abs=1e-6)
     # ModelCheckpoint's state came back with each resume: one best checkpoint and last.ckpt, named as in the full run
-    assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == sorted(p.name for p in (tmp_path / "full" / "checkpoints").iterdir())
+    assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == sorted(
+        p.name for p in (tmp_path / "full" / "checkpoints").iterdir()
+    )
 
     # Each attempt logged to its own version, none overwritten; read together they are the full run's log.
     attempts = sorted((run_dir / "csv").glob("version_*/metrics.csv"))
     assert [p.parent.name for p in attempts] == ["version_0", "version_1", "version_2"]
     assert min(s for s, _ in compare.read_curve(attempts[0], "train/loss")) == 0  # the first attempt's steps are kept
     for name in ("train/loss", "val/loss"):
-        got, want = compare.read_curve(attempts, name), compare.read_curve(tmp_path / "full" / "csv" / "version_0" / "metrics.csv", name)
+        got, want = (
+            compare.read_curve(attempts, name),
+            compare.read_curve(tmp_path / "full" / "csv" / "version_0" / "metrics.csv", name),
+        )
         assert [s for s, _ in got] == [s for s, _ in want] and len(want) >= 5, name
         assert [v for _, v in got] == pytest.approx([v for _, v in want], abs=1e-6), name
-    report = subprocess.run([sys.executable, "-m", "mhaplug.compare", str(tmp_path)], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    report = subprocess.run(
+        [sys.executable, "-m", "mhaplug.compare", str(tmp_path)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
     assert report.returncode == 0, report.stdout + report.stderr
     assert report.stdout.count("ok (2 equivalent runs)") == 2  # the resumed run is one run, equal to the full one
 
@@ -412,8 +574,9 @@ def test_runs_started_together_get_their_own_folders_and_exit_codes_say_what_hap
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
 
     def start(*overrides: str) -> subprocess.Popen[str]:
-        return subprocess.Popen([*script, *overrides], cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                text=True, env=env)
+        return subprocess.Popen(
+            [*script, *overrides], cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env
+        )
 
     pair = [start(), start()]
     for process in pair:
@@ -427,32 +590,71 @@ def test_runs_started_together_get_their_own_folders_and_exit_codes_say_what_hap
         assert len(column(metrics(run), "train/loss")) == 6  # its own rows only
         assert not [c.name for c in (run / "checkpoints").iterdir() if re.search(r"-v\d+\.ckpt$", c.name)]
 
-    refused = subprocess.run([*script, "data.max_length=1"], cwd=tmp_path, capture_output=True, text=True, env=env, timeout=120)
+    refused = subprocess.run(
+        [*script, "data.max_length=1"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=120,
+        check=False,
+    )
     assert refused.returncode == 2
     assert refused.stderr.splitlines() == [
-        ("train.py: error: data.max_length=1 cannot train: a row of L tokens has L-1 next-token targets (1 trains on "
-         "nothing and reports loss 0); use data.max_length >= 2, e.g. data.max_length=256")]
+        (
+            "train.py: error: data.max_length=1 cannot train: a row of L tokens has L-1 next-token targets (1 trains on "
+            "nothing and reports loss 0); use data.max_length >= 2, e.g. data.max_length=256"
+        )
+    ]
     assert sorted((tmp_path / "outputs" / "train" / "runs").iterdir()) == runs  # no folder left behind
 
-    sweep = subprocess.run([*script[:2], "-m", *script[2:], "model.lr=1e6,-1"], cwd=tmp_path, capture_output=True, text=True,
-                           env=env, timeout=300)
+    sweep = subprocess.run(
+        [*script[:2], "-m", *script[2:], "model.lr=1e6,-1"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+        check=False,
+    )
     assert sweep.returncode == 3, sweep.stderr[-3000:]
     assert [line for line in sweep.stderr.splitlines() if "error" in line] == [
-        ("train.py: error: job 1 (data=synthetic,debug=fast,model.lr=-1,model=tiny): model.lr=-1.0 cannot train: use a "
-         "learning rate > 0, e.g. model.lr=3e-3")]
+        (
+            "train.py: error: job 1 (data=synthetic,debug=fast,model.lr=-1,model=tiny): model.lr=-1.0 cannot train: use a "
+            "learning rate > 0, e.g. model.lr=3e-3"
+        )
+    ]
     (sweep_dir,) = (tmp_path / "outputs" / "train" / "multiruns").iterdir()
-    assert sorted(p.name for p in sweep_dir.iterdir()) == ["data=synthetic,debug=fast,model.lr=1000000.0,model=tiny", "multirun.yaml"]
-    diverged = json.loads((sweep_dir / "data=synthetic,debug=fast,model.lr=1000000.0,model=tiny" / "summary.json").read_text())
+    assert sorted(p.name for p in sweep_dir.iterdir()) == [
+        "data=synthetic,debug=fast,model.lr=1000000.0,model=tiny",
+        "multirun.yaml",
+    ]
+    diverged = json.loads(
+        (sweep_dir / "data=synthetic,debug=fast,model.lr=1000000.0,model=tiny" / "summary.json").read_text()
+    )
     assert diverged["status"] == "diverged" and diverged["diverged_at_step"] == 3
 
 
 @pytest.mark.slow
 def test_ddp_on_two_cpu_processes_matches_one_process(tmp_path: Path) -> None:
     """Two ranks of batch 4 vs. one process accumulating two batches of 4: the same global step."""
-    common = [*FAST, "data.batch_size=4", "trainer.max_steps=8", "trainer.val_check_interval=8", f"data.cache_dir={tmp_path / 'cache'}"]
-    single = run_train(*common, "model.accumulate_grad_batches=2", "trainer.val_check_interval=16", f"hydra.run.dir={tmp_path / 'single'}")
+    common = [
+        *FAST,
+        "data.batch_size=4",
+        "trainer.max_steps=8",
+        "trainer.val_check_interval=8",
+        f"data.cache_dir={tmp_path / 'cache'}",
+    ]
+    single = run_train(
+        *common,
+        "model.accumulate_grad_batches=2",
+        "trainer.val_check_interval=16",
+        f"hydra.run.dir={tmp_path / 'single'}",
+    )
     assert single.returncode == 0, single.stderr[-3000:]
-    ddp = run_train(*common, "trainer=ddp", "trainer.accelerator=cpu", "trainer.devices=2", f"hydra.run.dir={tmp_path / 'ddp'}")
+    ddp = run_train(
+        *common, "trainer=ddp", "trainer.accelerator=cpu", "trainer.devices=2", f"hydra.run.dir={tmp_path / 'ddp'}"
+    )
     assert ddp.returncode == 0, ddp.stderr[-3000:]
     assert "MEMBER: 2/2" in ddp.stdout + ddp.stderr  # two processes really ran
     one = json.loads((tmp_path / "single" / "summary.json").read_text())
@@ -464,8 +666,14 @@ def test_ddp_on_two_cpu_processes_matches_one_process(tmp_path: Path) -> None:
 @pytest.mark.slow
 def test_quick_ablation_sweep_and_compare(tmp_path: Path) -> None:
     sweep_dir = tmp_path / "sweep"
-    result = run_train("-m", "experiment=mask_ablation_quick", f"hydra.sweep.dir={sweep_dir}", f"data.cache_dir={tmp_path / 'cache'}",
-                       "trainer.accelerator=cpu", timeout=600)
+    result = run_train(
+        "-m",
+        "experiment=mask_ablation_quick",
+        f"hydra.sweep.dir={sweep_dir}",
+        f"data.cache_dir={tmp_path / 'cache'}",
+        "trainer.accelerator=cpu",
+        timeout=600,
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     summaries = [json.loads(p.read_text()) for p in sweep_dir.rglob("summary.json")]
     skipped = list(sweep_dir.rglob("skipped.txt"))
@@ -476,9 +684,18 @@ def test_quick_ablation_sweep_and_compare(tmp_path: Path) -> None:
     strategies = ["auto", "reference", "torch_mha", "merged_bool", "merged_additive", "causal_kpm", "causal_only"]
     assert sorted(p.name for p in sweep_dir.iterdir() if p.is_dir()) == sorted(  # each job's folder says what it runs
         f"attention={strategy},data.layout={layout},data.padding_side={side}"
-        for strategy in strategies for layout in ("padded", "packed") for side in ("right", "left"))
-    compare = subprocess.run([sys.executable, "-m", "mhaplug.compare", str(sweep_dir), "--plot", str(tmp_path / "ablation.png")],
-                             cwd=ROOT, capture_output=True, text=True, timeout=120)
+        for strategy in strategies
+        for layout in ("padded", "packed")
+        for side in ("right", "left")
+    )
+    compare = subprocess.run(
+        [sys.executable, "-m", "mhaplug.compare", str(sweep_dir), "--plot", str(tmp_path / "ablation.png")],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
     assert compare.returncode == 0, compare.stdout + compare.stderr
     assert "expected divergence" in compare.stdout and "MISMATCH" not in compare.stdout
     assert "equivalence: 2 group(s), 16 valid runs, all within 0.001" in compare.stdout  # padded 12, packed 4
