@@ -30,6 +30,7 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
+from pytorch_lightning.loggers import CSVLogger
 from pytorch_lightning.utilities.exceptions import SIGTERMException
 
 from mhaplug.callbacks import CheckpointOnSigterm, DivergedError, MaskAudit, ThroughputMonitor
@@ -102,8 +103,9 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     for callback in callbacks:
         if isinstance(callback, MaskAudit):
             callback.expected_failure = invalid_reason  # a run wrong on purpose records its failure, never raises
-    logger = instantiate(cfg.logger) if cfg.logger else False
-    trainer: pl.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=logger)
+    # cfg.logger maps a name to a logger config, as cfg.callbacks does (logger=null or {}: no logger at all)
+    loggers = [instantiate(c) for c in (cfg.logger or {}).values() if c is not None]
+    trainer: pl.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
 
     start = time.perf_counter()
     outcome: dict[str, Any] = {"status": "finished"}
@@ -134,9 +136,10 @@ def _summary(
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
     checkpoint = next((c for c in trainer.checkpoint_callbacks), None)
     best = getattr(checkpoint, "best_model_score", None)
+    csv_logger = next((lg for lg in trainer.loggers if isinstance(lg, CSVLogger)), None)  # what compare reads
     metrics_csv = None
-    if trainer.logger is not None and getattr(trainer.logger, "log_dir", None):
-        metrics_csv = os.path.relpath(Path(trainer.logger.log_dir) / "metrics.csv", cfg.paths.output_dir)
+    if csv_logger is not None:
+        metrics_csv = os.path.relpath(Path(csv_logger.log_dir) / "metrics.csv", cfg.paths.output_dir)
     status = outcome["status"]
     return {
         "run_name": _run_name(),

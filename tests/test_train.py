@@ -357,6 +357,36 @@ def test_a_teaching_run_records_its_audit_failure_and_trains(
     assert "  mask audit: FAILED padding, loss (as expected: invalid on purpose)\n" in capsys.readouterr().out
 
 
+def test_every_logger_of_the_logger_mapping_logs_and_the_summary_finds_the_csv_one(tmp_path: Path) -> None:
+    """cfg.logger maps names to logger configs, as cfg.callbacks does: every non-null entry logs, in any order, and
+    summary.json's metrics_csv is the CSVLogger's file (not whichever logger comes first)."""
+    short = ["debug=fast", *FAST, "trainer.max_steps=2", "trainer.val_check_interval=2"]
+    tensorboard = "pytorch_lightning.loggers.TensorBoardLogger"
+    cfg = config(
+        tmp_path,
+        *short,
+        "~logger",
+        f"+logger.tb._target_={tensorboard}",
+        "+logger.tb.save_dir=${paths.output_dir}",
+        "+logger.tb.name=tb",
+        "+logger.my_csv._target_=pytorch_lightning.loggers.CSVLogger",
+        "+logger.my_csv.save_dir=${paths.output_dir}",
+        "+logger.my_csv.name=my_csv",
+        "+logger.off=null",
+    )
+    assert list(cfg.logger) == ["tb", "my_csv", "off"]
+    summary = train_script.train(cfg)
+    assert summary["metrics_csv"] == os.path.join("my_csv", "version_0", "metrics.csv")
+    assert len(column(list(csv.DictReader((tmp_path / summary["metrics_csv"]).open())), "train/loss")) == 2
+    assert list((tmp_path / "tb" / "version_0").glob("events.out.tfevents.*"))
+
+    for off in ("~logger", "logger.csv=null"):  # no logger at all (LearningRateMonitor refuses to run without one)
+        folder = tmp_path / off.strip("~").replace(".", "_").replace("=", "_")
+        bare = train_script.train(config(folder, *short, off, "~callbacks.learning_rate_monitor"))
+        assert bare["metrics_csv"] is None and bare["steps"] == 2
+        assert sorted(p.name for p in folder.iterdir()) == ["checkpoints", "summary.json"]
+
+
 def test_without_the_throughput_monitor_the_summary_says_n_a(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
