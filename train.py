@@ -27,9 +27,11 @@ from typing import Any
 import hydra
 import pytorch_lightning as pl
 from hydra.core.hydra_config import HydraConfig
+from hydra.core.override_parser.types import ValueType
 from hydra.types import RunMode
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
+from pytorch_lightning.callbacks import LearningRateMonitor
 from pytorch_lightning.loggers import CSVLogger
 from pytorch_lightning.utilities.exceptions import SIGTERMException
 
@@ -105,6 +107,8 @@ def train(cfg: DictConfig) -> dict[str, Any]:
             callback.expected_failure = invalid_reason  # a run wrong on purpose records its failure, never raises
     # cfg.logger maps a name to a logger config, as cfg.callbacks does (logger=null or {}: no logger at all)
     loggers = [instantiate(c) for c in (cfg.logger or {}).values() if c is not None]
+    if not loggers:  # Lightning's LearningRateMonitor refuses a Trainer without a logger; it has nowhere to write
+        callbacks = [c for c in callbacks if not isinstance(c, LearningRateMonitor)]
     trainer: pl.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
 
     start = time.perf_counter()
@@ -252,6 +256,51 @@ def _audit_line(audit: dict[str, Any] | None, *, valid: bool) -> str:
 
 register_configs()
 
+CONFIGS = Path(__file__).resolve().parent / "configs"
+_OWN_CONFIGS = ("-cn", "--config-name", "-cp", "--config-path", "-cd", "--config-dir")  # another config tree
+_NOT_CHECKED = {"hydra"}  # Hydra's own groups (hydra/launcher=...) live in its package, not under configs/
+
+
+def check_group_overrides(args: list[str], configs: Path = CONFIGS) -> list[str]:
+    """The command line's ``group=option`` overrides checked against ``configs/<group>/*.yaml`` before Hydra runs:
+    an unknown option (also one value of a sweep, ``attention=auto,fast``) raises :class:`ConfigError` naming the
+    group, the value and the options (Hydra would print a multi-line error and exit 1). Returns ``args``, with
+    ``group=null`` (drop the group, as ``logger=null`` reads) written as Hydra spells it, ``~group``. Left to Hydra:
+    a run with another config tree (``--config-dir`` ...) and an override Hydra's grammar rejects."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from hydra.errors import OverrideParseException
+
+    if any(arg.split("=", 1)[0] in _OWN_CONFIGS for arg in args):
+        return args
+    groups = {d.name for d in configs.iterdir() if d.is_dir() and d.name not in _NOT_CHECKED}
+    parser, checked = OverridesParser.create(), []
+    for arg in args:
+        if arg.startswith("-") or "=" not in arg:
+            checked.append(arg)
+            continue
+        try:
+            override = parser.parse_override(arg)
+        except OverrideParseException:
+            checked.append(arg)  # Hydra reports it
+            continue
+        group = override.key_or_group
+        if group not in groups or override.is_delete() or override.value_type == ValueType.GLOB_CHOICE_SWEEP:
+            checked.append(arg)  # a glob matches existing options only
+            continue
+        if not override.is_sweep_override() and override.value() is None:
+            checked.append(f"~{group}")  # group=null: no config of this group
+            continue
+        options = sorted(p.stem for p in (configs / group).glob("*.yaml"))
+        values = list(override.sweep_string_iterator()) if override.is_sweep_override() else [override.value()]
+        for value in values:
+            if str(value) not in options:
+                raise ConfigError(
+                    f"{group}={value} is not an option of {group}; allowed: {', '.join(options)} "
+                    f"(the files in configs/{group}/)"
+                )
+        checked.append(arg)
+    return checked
+
 
 _exit_code = 0  # the largest exit code of this process's runs (a sweep runs several jobs in one process)
 _sweep_dir: Path | None = None
@@ -308,6 +357,11 @@ def _discard_if_empty(folder: Path, own: set[str]) -> None:
 
 
 if __name__ == "__main__":
+    try:
+        sys.argv[1:] = check_group_overrides(sys.argv[1:])
+    except ConfigError as err:
+        print(f"train.py: error: {err}", file=sys.stderr, flush=True)
+        sys.exit(EXIT_REFUSED)
     main()
     if _sweep_dir is not None:
         _discard_if_empty(_sweep_dir, {"multirun.yaml"})  # every job refused

@@ -117,10 +117,10 @@ class TrainConfig:
 def register_configs() -> None:
     """Register the structured configs with Hydra's ConfigStore and the run-folder resolvers with OmegaConf."""
     store = ConfigStore.instance()
+    # The primary schema types the whole tree (configs/train.yaml lists it first), so a misspelt key in any group's
+    # file or override fails at composition. No group-level schemas: Hydra would offer them as options
+    # (attention=attention_schema would train).
     store.store(name="train_schema", node=TrainConfig)
-    store.store(group="data", name="data_schema", node=DataConfig)
-    store.store(group="model", name="model_schema", node=ModelConfig)
-    store.store(group="attention", name="attention_schema", node=AttentionConfig)
     # use_cache: a folder is claimed once per composed config, however often Hydra (or Lightning's DDP launcher,
     # through HydraConfig) reads hydra.run.dir; Hydra copies the sweep config's cache into each job's config, so the
     # jobs of a sweep share its folder.

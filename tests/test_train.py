@@ -100,6 +100,41 @@ def test_an_unknown_strategy_lists_the_allowed_ones(tmp_path: Path) -> None:
         validate(config(tmp_path, "data.batching=grouped"))
 
 
+def test_an_unknown_option_of_a_group_is_one_line_before_hydra_runs(tmp_path: Path) -> None:
+    """``group=option`` overrides are checked against configs/<group>/*.yaml (every value of a sweep too): one line
+    naming the group, the value and the options, exit 2. Schemas are no options (the primary schema types the tree)."""
+    strategies = "auto, causal_kpm, causal_only, flex, merged_additive, merged_bool, reference, torch_mha"
+    message = f"attention=fast is not an option of attention; allowed: {strategies} (the files in configs/attention/)"
+    for args in (["attention=fast"], ["-m", "attention=auto,fast"], ["--multirun", "attention=choice(auto,fast)"]):
+        with pytest.raises(ConfigError, match=re.escape(message)):
+            train_script.check_group_overrides(args)
+    with pytest.raises(ConfigError, match="attention=attention_schema is not an option of attention"):
+        train_script.check_group_overrides(["attention=attention_schema"])
+    with pytest.raises(MissingConfigException, match="attention/attention_schema"):
+        config(tmp_path, "attention=attention_schema")  # not selectable through Hydra either
+    with pytest.raises(ConfigError, match=r"^data=hf_x is not an option of data; allowed: hf, stdlib_docs, synthetic,"):
+        train_script.check_group_overrides(["+data=hf_x", "model.d_model=64"])
+    fine = ["-m", "attention=auto,merged_bool", "data.layout=padded", "trainer=glob(*)", "~debug", "hydra.run.dir=x"]
+    assert train_script.check_group_overrides(fine) == fine
+    assert train_script.check_group_overrides(["logger=null", "model=tiny"]) == ["~logger", "model=tiny"]
+    assert train_script.check_group_overrides(["-cd", "/elsewhere", "attention=fast"]) == [
+        "-cd",
+        "/elsewhere",
+        "attention=fast",
+    ]
+
+    refused = subprocess.run(
+        [sys.executable, str(ROOT / "train.py"), "attention=fast"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert (refused.returncode, refused.stderr.splitlines(), refused.stdout) == (2, [f"train.py: error: {message}"], "")
+    assert list(tmp_path.iterdir()) == []  # no run folder
+
+
 INVALID = [
     (
         ["attention=torch_mha", "data.layout=padded", "data.padding_side=left"],
@@ -380,9 +415,9 @@ def test_every_logger_of_the_logger_mapping_logs_and_the_summary_finds_the_csv_o
     assert len(column(list(csv.DictReader((tmp_path / summary["metrics_csv"]).open())), "train/loss")) == 2
     assert list((tmp_path / "tb" / "version_0").glob("events.out.tfevents.*"))
 
-    for off in ("~logger", "logger.csv=null"):  # no logger at all (LearningRateMonitor refuses to run without one)
+    for off in ("~logger", "logger.csv=null"):  # no logger at all: no LearningRateMonitor either (it needs one)
         folder = tmp_path / off.strip("~").replace(".", "_").replace("=", "_")
-        bare = train_script.train(config(folder, *short, off, "~callbacks.learning_rate_monitor"))
+        bare = train_script.train(config(folder, *short, off))
         assert bare["metrics_csv"] is None and bare["steps"] == 2
         assert sorted(p.name for p in folder.iterdir()) == ["checkpoints", "summary.json"]
 
