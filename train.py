@@ -127,8 +127,16 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         tmp = output_dir / f"summary.json.tmp{os.getpid()}"
         tmp.write_text(json.dumps(summary, indent=2))
         tmp.replace(output_dir / "summary.json")  # never a half-written summary
-        _print_summary(summary, output_dir)
+        _print_summary(summary, output_dir, compare_dir=_compare_dir(output_dir))
     return summary
+
+
+def _compare_dir(output_dir: Path) -> Path:
+    """What ``mhaplug.compare`` should read after this run: the sweep's folder for a job of a sweep (its jobs are
+    the runs to compare), else this run's own folder (other runs under outputs/ may have nothing to do with it)."""
+    if HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN:
+        return Path(HydraConfig.get().sweep.dir)
+    return output_dir
 
 
 def _summary(
@@ -189,7 +197,7 @@ def _audit(trainer: pl.Trainer) -> dict[str, Any] | None:
     return None if report is None else report.as_dict()
 
 
-def _print_summary(summary: dict[str, Any], output_dir: Path) -> None:
+def _print_summary(summary: dict[str, Any], output_dir: Path, *, compare_dir: Path) -> None:
     def fmt(value: Any, spec: str) -> str:
         return "n/a" if value is None else format(value, spec)
 
@@ -201,8 +209,7 @@ def _print_summary(summary: dict[str, Any], output_dir: Path) -> None:
     lines = [
         "",
         (
-            f"{what} in {summary['wall_time_s']:.0f} s "
-            f"(attention={summary['strategy']}, layout={summary['layout']}, padding={summary['padding_side']}, "
+            f"{what} in {summary['wall_time_s']:.0f} s (attention={summary['strategy']}, {_layout_words(summary)}, "
             f"batching={summary['batching']})"
         ),
         (
@@ -215,7 +222,7 @@ def _print_summary(summary: dict[str, Any], output_dir: Path) -> None:
         ),
         f"  {_audit_line(summary['audit'], valid=summary['valid'])}",
         f"  logs: {output_dir}  checkpoints: {summary['checkpoint_dir']}",
-        f"  compare runs: python -m mhaplug.compare {output_dir.parent if summary['run_name'] != 'default' else output_dir}",
+        f"  compare runs: python -m mhaplug.compare {compare_dir}",
     ]
     if not summary["valid"]:
         lines.insert(2, f"  INVALID on purpose: {summary['invalid_reason']}")
@@ -232,6 +239,14 @@ def _print_summary(summary: dict[str, Any], output_dir: Path) -> None:
             "from an earlier checkpoint",
         )
     print("\n".join(lines), flush=True)
+
+
+def _layout_words(summary: dict[str, Any]) -> str:
+    """The layout as the summary line shows it: the padding side of padded rows (packed rows are filled from the
+    left and padded only at their end, whatever data.padding_side says)."""
+    if summary["layout"] == "packed":
+        return "layout=packed"
+    return f"layout={summary['layout']}, padding={summary['padding_side']}"
 
 
 def _resume_command(ckpt_path: str | None) -> str:
@@ -320,7 +335,7 @@ def main(cfg: DictConfig) -> float | None:
     try:
         summary = train(cfg)
     except SkipRun as skipped:
-        log.warning("skipped (on_invalid=%s): %s", cfg.on_invalid, skipped)
+        log.warning("skipped (%s): %s", skipped.why, skipped)
         output_dir.mkdir(parents=True, exist_ok=True)
         (output_dir / "skipped.txt").write_text(f"{_run_name()}: {skipped}\n")
         return None

@@ -342,7 +342,12 @@ def _check_values(cfg: DictConfig) -> None:
 
 
 class SkipRun(Exception):
-    """An invalid combination skipped on purpose (``on_invalid=skip``, or ``run`` for one that cannot run)."""
+    """An invalid combination skipped on purpose; ``why`` says which rule skipped it: ``on_invalid=skip``, or
+    ``on_invalid=run`` for a combination that cannot run at all (only a wrong-but-runnable one trains)."""
+
+    def __init__(self, reason: str, *, why: str) -> None:
+        super().__init__(reason)
+        self.why = why
 
 
 def validate(cfg: DictConfig) -> str | None:
@@ -371,6 +376,8 @@ def validate(cfg: DictConfig) -> str | None:
     reason, runnable = found
     if cfg.on_invalid == "error":
         raise ConfigError(reason)
-    if cfg.on_invalid == "skip" or not runnable:
-        raise SkipRun(reason)
+    if cfg.on_invalid == "skip":
+        raise SkipRun(reason, why="on_invalid=skip")
+    if not runnable:
+        raise SkipRun(reason, why="cannot run at all, so on_invalid=run skips it")
     return reason

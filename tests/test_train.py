@@ -175,14 +175,16 @@ def test_invalid_combinations_fail_before_training(
         validate(config(tmp_path, *overrides))
     if runnable is None:
         return  # a plain bad value: no on_invalid policy applies
-    with pytest.raises(SkipRun, match=message):
+    with pytest.raises(SkipRun, match=message) as skipped:
         validate(config(tmp_path, *overrides, "on_invalid=skip"))
+    assert skipped.value.why == "on_invalid=skip"
     if runnable:
         reason = validate(config(tmp_path, *overrides, "on_invalid=run"))  # runs, on purpose, and says why
         assert reason is not None and re.search(message, reason)
     else:
-        with pytest.raises(SkipRun):
+        with pytest.raises(SkipRun) as skipped:
             validate(config(tmp_path, *overrides, "on_invalid=run"))
+        assert skipped.value.why == "cannot run at all, so on_invalid=run skips it"  # what the sweep's log says
 
 
 BAD_VALUES = [
@@ -317,6 +319,27 @@ def test_hydra_run_dir_is_a_new_folder_or_the_resumed_runs(tmp_path: Path, monke
     assert (tmp_path / sweep.hydra.sweep.dir / "attention=merged_bool").is_dir()
 
 
+def test_compare_hint_names_the_sweep_of_a_job_and_the_folder_of_a_run(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """After a run the summary's "compare runs" hint names that run's folder; after a job of a sweep, the sweep's
+    folder (its jobs are the runs to compare), never the parent of all runs."""
+    from hydra.core.hydra_config import HydraConfig
+
+    monkeypatch.chdir(tmp_path)
+    assert train_script._compare_dir(tmp_path / "run") == tmp_path / "run"  # no Hydra: a run of its own
+    for mode, expected in (("RUN", tmp_path / "outputs/train/runs/this_run"), ("MULTIRUN", "sweep")):
+        with initialize_config_dir(config_dir=str(CONFIGS), version_base="1.3"):
+            overrides = [f"hydra.mode={mode}", "hydra.sweep.dir=outputs/train/multiruns/the_sweep"]
+            cfg = compose(config_name="train", overrides=overrides, return_hydra_config=True)
+        HydraConfig.instance().set_config(cfg)
+        try:
+            got = train_script._compare_dir(tmp_path / "outputs/train/runs/this_run")
+        finally:
+            HydraConfig.instance().cfg = None
+        assert got == (Path("outputs/train/multiruns/the_sweep") if expected == "sweep" else expected)
+
+
 # ----------------------------------------------------------------------------------------------------------
 # A real Trainer
 # ----------------------------------------------------------------------------------------------------------
@@ -348,6 +371,8 @@ def test_train_debug_run_writes_logs_checkpoints_and_summary(
     assert restored.hparams.strategy == cfg.attention.strategy and restored.hparams.vocab_size == 512
     out = capsys.readouterr().out
     assert "mhaplug run finished: 6 steps" in out and "pad fraction" in out and str(tmp_path) in out
+    assert " s (attention=auto, layout=packed, batching=random)\n" in out  # no padding side: packed rows have none
+    assert f"\n  compare runs: python -m mhaplug.compare {tmp_path}\n" in out  # this run, not its neighbours
     audit = summary["audit"]  # step 0, by the MaskAudit callback of configs/callbacks/default.yaml
     assert audit["passed"] is True and audit["failed"] == [] and audit["call"] == "LitDecoderLM.model (DecoderLM)"
     assert list(audit["checks"]) == ["finite", "padding", "loss", "causality", "documents"]  # packed: the default
@@ -389,7 +414,9 @@ def test_a_teaching_run_records_its_audit_failure_and_trains(
     assert summary["valid"] is False and summary["steps"] == 2
     assert summary["audit"]["passed"] is False and summary["audit"]["failed"] == ["padding", "loss"]
     assert summary["audit"]["checks"]["causality"]["passed"] is True  # causal_only is causal: only padding leaks
-    assert "  mask audit: FAILED padding, loss (as expected: invalid on purpose)\n" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "  mask audit: FAILED padding, loss (as expected: invalid on purpose)\n" in out
+    assert " s (attention=causal_only, layout=padded, padding=left, batching=random)\n" in out
 
 
 def test_every_logger_of_the_logger_mapping_logs_and_the_summary_finds_the_csv_one(tmp_path: Path) -> None:
@@ -763,6 +790,9 @@ def test_quick_ablation_sweep_and_compare(tmp_path: Path) -> None:
     )
     assert compare.returncode == 0, compare.stdout + compare.stderr
     assert "expected divergence" in compare.stdout and "MISMATCH" not in compare.stdout
+    assert result.stdout.count(f"compare runs: python -m mhaplug.compare {sweep_dir}\n") == len(summaries)
+    log = (sweep_dir / "attention=causal_kpm,data.layout=packed,data.padding_side=right" / "train.log").read_text()
+    assert "skipped (cannot run at all, so on_invalid=run skips it): attention=causal_kpm applies" in log
     assert "equivalence: 2 group(s), 16 valid runs, all within 0.001" in compare.stdout  # padded 12, packed 4
     # The step-0 mask audit: every valid run passed it, every teaching run failed it (and compare says so). The
     # quick model has one layer, so torch_mha's NaN stays in the pad rows (its val loss is right) and only "finite"
