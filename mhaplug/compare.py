@@ -2,8 +2,8 @@
 
 Usage::
 
-    python -m mhaplug.compare RUNS_DIR [--plot FILE.png] [--tolerance 1e-3] [--sort val_loss|tokens|name]
-                                       [--baseline NAME] [--markdown]
+    python -m mhaplug.compare RUNS_DIR [--plot FILE.png] [--html FILE.html] [--tolerance 1e-3]
+                                       [--sort val_loss|tokens|name] [--baseline NAME] [--markdown]
 
 A run is a directory anywhere below RUNS_DIR (a Hydra multirun directory, say) that holds ``summary.json``,
 written by training when a run ends, and the Lightning CSVLogger ``metrics.csv`` it names. A directory with
@@ -21,9 +21,14 @@ reveal a mask bug, and the exit code is 1. Invalid runs (``valid: false``, kept 
 ``causal_only`` with left padding, where real queries attend to pad keys) are expected to diverge: their
 difference is shown and never fails.
 
+The table fits 120 columns: runs are numbered (:func:`short_names`, in the order of their names) and a legend
+below it gives each number's run name (a sweep job's overrides) with the best val loss, peak memory and wall time;
+notes under the legend give in full the audit and check cells the table shortens. ``--plot`` and ``--html`` (one
+self-contained file: the tables and the plot) come from :mod:`mhaplug.report`.
+
 The ``audit`` column is the run's step-0 mask audit (:mod:`mhaplug.audit`, in ``summary.json``): ``pass``, or the
 checks that failed. A valid run that failed it has a mask bug (exit code 1); invalid runs are expected to fail it
-(``expected FAIL``). Exit codes: 0 fine, 1 mismatch, a valid run that failed the audit or diverged, 2 bad input.
+(``exp. FAIL`` in the table). Exit codes: 0 fine, 1 mismatch, a valid run that failed the audit or diverged, 2 bad input.
 """
 
 from __future__ import annotations
@@ -35,10 +40,8 @@ import math
 import os
 import re
 import sys
-import tempfile
-import warnings
 from collections import Counter, defaultdict
-from collections.abc import Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal
@@ -51,12 +54,16 @@ __all__ = [
     "check_equivalence",
     "choose_baseline",
     "diverged_runs",
+    "format_legend",
     "format_table",
+    "legend_rows",
     "load_runs",
     "main",
-    "plot",
+    "note_lines",
     "read_curve",
+    "short_names",
     "summary_lines",
+    "table_rows",
 ]
 
 SUMMARY_FILE = "summary.json"
@@ -350,8 +357,8 @@ def check_equivalence(runs: Sequence[Run], tolerance: float = 1e-3) -> list[Find
             others = [o for o in group if o is not run]
             bad = [(o.name, _loss(run) - _loss(o)) for o in others if not abs(_loss(run) - _loss(o)) <= tolerance]
             if bad:
-                text = "MISMATCH vs " + ", ".join(f"{name} ({_fmt_delta(d)})" for name, d in bad)
                 names, deltas = zip(*bad)
+                text = _mismatch_text(names, deltas)
                 findings.append(Finding(run.name, "mismatch", text, names, deltas, len(group)))
             elif others:
                 findings.append(Finding(run.name, "ok", f"ok ({len(group)} equivalent runs)", group_size=len(group)))
@@ -363,11 +370,19 @@ def check_equivalence(runs: Sequence[Run], tolerance: float = 1e-3) -> list[Find
             if abs(delta) <= tolerance:
                 status, text = "invalid_equal", "invalid but equal (the wrong mask changed nothing here)"
             else:
-                status, text = "divergence", f"expected divergence: {_fmt_delta(delta)} vs {ref.name}"
+                status, text = "divergence", _divergence_text(delta, ref.name)
             findings.append(Finding(run.name, status, text, (ref.name,), (delta,), len(group)))
         else:
             findings.append(Finding(run.name, "invalid_alone", "invalid (no valid run with its equivalence_key)"))
     return findings
+
+
+def _mismatch_text(others: Sequence[str], deltas: Sequence[float]) -> str:
+    return "MISMATCH vs " + ", ".join(f"{name} ({_fmt_delta(d)})" for name, d in zip(others, deltas))
+
+
+def _divergence_text(delta: float, ref: str) -> str:
+    return f"expected divergence: {_fmt_delta(delta)} vs {ref}"
 
 
 def _finished(run: Run) -> bool:
@@ -427,28 +442,46 @@ HEADER = (
     "padding",
     "batching",
     "final val",
-    "best val",
     "real tok/s",
     "speed-up",
     "pad",
-    "peak MB",
-    "wall s",
     "audit",
     "check",
 )
-NUMERIC = range(5, 12)  # right-aligned columns
+NUMERIC = frozenset({0, 5, 6, 7, 8})  # right-aligned columns
+LEGEND_HEADER = ("run", "best val", "peak MB", "wall s", "run name")
+LEGEND_NUMERIC = frozenset({0, 1, 2, 3})
+TABLE_WIDTH = 120  # what the table is laid out to fit, in characters (run numbers up to 999)
+# The audit and check cells of the table, short enough for TABLE_WIDTH; note_lines gives the full text where a short
+# cell drops something (the checks that failed, deltas, the runs compared with, a checkpoint path).
+EXPECTED_FAIL = "exp. FAIL"
+CHECK_CELLS: dict[str, str] = {
+    "alone": "-",
+    "divergence": "expected divergence",
+    "invalid_equal": "invalid but equal",
+    "invalid_alone": "invalid, alone",
+    "incomplete": "incomplete",
+}
+NOTELESS = ("ok", "alone", "invalid_equal", "invalid_alone")  # statuses whose message names no run, step or path
 
 
-def format_table(
+def short_names(runs: Sequence[Run]) -> dict[str, str]:
+    """Each run's number in the table: ``"1"``, ``"2"``, ... in the order of the run names, whatever ``--sort``,
+    so a number means the same run in the table, the legend, the notes and the plot."""
+    return {name: str(i) for i, name in enumerate(sorted(r.name for r in runs), start=1)}
+
+
+def table_rows(
     runs: Sequence[Run],
     findings: Sequence[Finding],
     *,
     baseline: Run | None = None,
     sort: SortKey = "name",
-    markdown: bool = False,
-) -> str:
-    """The comparison table: aligned plain text, or a Markdown table (``markdown=True``)."""
-    checks = {f.run: f.message for f in findings}
+    names: Mapping[str, str] | None = None,
+) -> list[tuple[str, ...]]:
+    """The cells of :func:`format_table`, one tuple per run in ``sort`` order (columns :data:`HEADER`)."""
+    names = short_names(runs) if names is None else names
+    by_run = {f.run: f for f in findings}
     keys = {
         "name": lambda r: (r.name,),
         "val_loss": lambda r: (not math.isfinite(_loss(r)), _loss(r) if math.isfinite(_loss(r)) else 0.0, r.name),
@@ -460,46 +493,159 @@ def format_table(
     rows = []
     for r in sorted(runs, key=keys[sort]):
         speed_up = r.real_tokens_per_sec / base if base and r.real_tokens_per_sec is not None else None
+        finding = by_run.get(r.name)
         rows.append(
             (
-                r.name,
+                names[r.name],
                 r.strategy or "-",
                 r.layout or "-",
                 r.padding_side or "-",
                 r.batching or "-",
                 _num(r.final_val_loss, "{:.4f}"),
-                _num(r.best_val_loss, "{:.4f}"),
                 _num(r.real_tokens_per_sec, "{:,.0f}"),
                 _num(speed_up, "{:.2f}x"),
                 _num(None if r.pad_fraction is None else 100 * r.pad_fraction, "{:.1f}%"),
-                _num(r.peak_memory_mb, "{:.1f}"),
-                _num(r.wall_time_s, "{:.1f}"),
-                audit_cell(r),
-                checks.get(r.name, "-"),
+                _audit_short(r),
+                "-" if finding is None else _check_short(finding, r, names),
             )
         )
+    return rows
+
+
+def format_table(
+    runs: Sequence[Run],
+    findings: Sequence[Finding],
+    *,
+    baseline: Run | None = None,
+    sort: SortKey = "name",
+    markdown: bool = False,
+    names: Mapping[str, str] | None = None,
+) -> str:
+    """The comparison table, runs by number (:func:`short_names`): aligned plain text, or Markdown
+    (``markdown=True``). Each line fits :data:`TABLE_WIDTH` columns for run numbers up to 999 and the values of a
+    sweep (losses below 100, peak memory and tokens/s below 10 million)."""
+    rows = table_rows(runs, findings, baseline=baseline, sort=sort, names=names)
+    return _render(HEADER, rows, NUMERIC, markdown=markdown)
+
+
+def legend_rows(runs: Sequence[Run], *, names: Mapping[str, str] | None = None) -> list[tuple[str, ...]]:
+    """The cells of :func:`format_legend`, in run-number order (columns :data:`LEGEND_HEADER`)."""
+    names = short_names(runs) if names is None else names
+    return [
+        (
+            names[r.name],
+            _num(r.best_val_loss, "{:.4f}"),
+            _num(r.peak_memory_mb, "{:.1f}"),
+            _num(r.wall_time_s, "{:.1f}"),
+            r.name,
+        )
+        for r in _by_number(runs, names)
+    ]
+
+
+def format_legend(runs: Sequence[Run], *, markdown: bool = False, names: Mapping[str, str] | None = None) -> str:
+    """The legend under the table: each run number's run name (a sweep job's overrides), best val loss, peak
+    memory and wall time."""
+    return _render(LEGEND_HEADER, legend_rows(runs, names=names), LEGEND_NUMERIC, markdown=markdown)
+
+
+def note_lines(
+    runs: Sequence[Run], findings: Sequence[Finding], *, names: Mapping[str, str] | None = None
+) -> list[str]:
+    """``"<run number>: <text>"`` for each run whose audit or check cell the table shortens, in run-number order:
+    the audit's failed checks, and the check's full message (deltas and the runs compared with, by number; the
+    checkpoint to resume from) where it names a run, a step or a path (not for :data:`NOTELESS` statuses)."""
+    names = short_names(runs) if names is None else names
+    by_run = {f.run: f for f in findings}
+    lines = []
+    for r in _by_number(runs, names):
+        parts = [f"audit {audit_cell(r)}"] if r.audit_passed is False else []
+        finding = by_run.get(r.name)
+        if finding is not None and finding.status not in NOTELESS:
+            full = _check_full(finding, names)
+            if full != _check_short(finding, r, names):
+                parts.append(full)
+        if parts:
+            lines.append(f"{names[r.name]}: " + "; ".join(parts))
+    return lines
+
+
+def _by_number(runs: Sequence[Run], names: Mapping[str, str]) -> list[Run]:
+    return sorted(runs, key=lambda run: _number_first(names[run.name]))
+
+
+def _number_first(text: str) -> tuple[int, str]:
+    number = re.match(r"\d+", text)
+    return (int(number.group()) if number else sys.maxsize, text)
+
+
+def _audit_short(run: Run) -> str:
+    if run.audit_passed is None:
+        return "-"
+    if run.audit_passed:
+        return "pass"
+    return "FAIL" if run.valid else EXPECTED_FAIL
+
+
+def _check_short(finding: Finding, run: Run, names: Mapping[str, str]) -> str:
+    status = finding.status
+    if status == "ok":
+        return f"ok ({finding.group_size} equivalent)"
+    if status == "mismatch":
+        listed = "MISMATCH vs " + ", ".join(names.get(o, o) for o in finding.others)
+        return listed if len(listed) <= len(CHECK_CELLS["divergence"]) else f"MISMATCH ({len(finding.others)} runs)"
+    if status == "interrupted":
+        return f"interrupted, step {run.steps}"
+    if status == "diverged":
+        return f"DIVERGED, step {run.diverged_at_step}"
+    return CHECK_CELLS.get(status, finding.message)
+
+
+def _check_full(finding: Finding, names: Mapping[str, str]) -> str:
+    """The finding's message, naming the runs it compares with by number."""
+    if finding.status == "mismatch":
+        return _mismatch_text([names.get(o, o) for o in finding.others], finding.deltas)
+    if finding.status == "divergence":
+        return _divergence_text(finding.deltas[0], names.get(finding.others[0], finding.others[0]))
+    return finding.message
+
+
+def _render(header: Sequence[str], rows: Sequence[Sequence[str]], numeric: frozenset[int], *, markdown: bool) -> str:
     if markdown:
         rows = [tuple(cell.replace("|", "\\|") for cell in row) for row in rows]
-    widths = [max(map(len, column)) for column in zip(HEADER, *rows)]
+    widths = [max(map(len, column)) for column in zip(header, *rows)]
 
     def line(cells: Sequence[str]) -> str:
-        padded = [c.rjust(w) if i in NUMERIC else c.ljust(w) for i, (c, w) in enumerate(zip(cells, widths))]
+        padded = [c.rjust(w) if i in numeric else c.ljust(w) for i, (c, w) in enumerate(zip(cells, widths))]
         return ("| " + " | ".join(padded) + " |") if markdown else "  ".join(padded).rstrip()
 
     if markdown:  # "---:" right-aligns the numbers
-        rule = "|" + "|".join("-" * (w + 1) + (":" if i in NUMERIC else "-") for i, w in enumerate(widths)) + "|"
+        rule = "|" + "|".join("-" * (w + 1) + (":" if i in numeric else "-") for i, w in enumerate(widths)) + "|"
     else:
         rule = "  ".join("-" * w for w in widths)
-    return "\n".join([line(HEADER), rule, *map(line, rows)])
+    return "\n".join([line(header), rule, *map(line, rows)])
 
 
 def summary_lines(
-    runs: Sequence[Run], findings: Sequence[Finding], *, tolerance: float = 1e-3, baseline: Run | None = None
+    runs: Sequence[Run],
+    findings: Sequence[Finding],
+    *,
+    tolerance: float = 1e-3,
+    baseline: Run | None = None,
+    names: Mapping[str, str] | None = None,
 ) -> list[str]:
-    """The notes printed under the table; the MISMATCH line names every offending pair."""
+    """The lines printed last: the equivalence check (the MISMATCH line names every offending pair), the audit,
+    and the invalid, diverged, interrupted and incomplete runs. Runs are named by ``names`` (the table's numbers)
+    where given, else by their run names."""
+    label: Callable[[str], str] = (lambda name: names.get(name, name)) if names else (lambda name: name)
+
+    def listed(items: Sequence[str], sep: str = ", ") -> str:  # by run number where runs are numbered
+        return sep.join(sorted(items, key=_number_first) if names else items)
+
     lines = []
     if baseline is not None:
-        lines.append(f"speed-up: real tokens/s relative to {baseline.name} ({baseline.real_tokens_per_sec:,.0f})")
+        which = f"run {label(baseline.name)}" if names else baseline.name
+        lines.append(f"speed-up: real tokens/s relative to {which} ({baseline.real_tokens_per_sec:,.0f})")
     pairs = {
         tuple(sorted((f.run, o))): abs(d)
         for f in findings
@@ -508,7 +654,9 @@ def summary_lines(
     }
     groups = {f.run: f.group_size for f in findings if f.status in ("ok", "mismatch")}
     if pairs:
-        listed = "; ".join(f"{a} vs {b} ({_fmt_delta(d).lstrip('+')})" for (a, b), d in sorted(pairs.items()))
+        listed = "; ".join(
+            f"{label(a)} vs {label(b)} ({_fmt_delta(d).lstrip('+')})" for (a, b), d in sorted(pairs.items())
+        )
         lines.append(
             f"MISMATCH: {len(pairs)} pair(s) of equivalent valid runs differ in final val loss by more "
             f"than {tolerance:g}: {listed}. Same equivalence_key = same computation: a mask bug."
@@ -522,7 +670,7 @@ def summary_lines(
     if failed:
         lines.append(
             f"AUDIT FAILED: {len(failed)} valid run(s) failed the step-0 mask audit: "
-            + "; ".join(f"{r.name} ({', '.join(r.audit_failed)})" for r in failed)
+            + listed([f"{label(r.name)} ({', '.join(r.audit_failed)})" for r in failed], "; ")
             + ". Pads, later tokens or other documents reach real positions: a mask bug."
         )
     audited = [r for r in runs if r.complete and r.audit_passed is not None]
@@ -533,89 +681,26 @@ def summary_lines(
             f"mask audit: {passed} valid run(s) passed"
             + (f", {expected} invalid run(s) failed as expected" if expected else "")
         )
-    invalid = [f.run for f in findings if f.status in ("divergence", "invalid_equal", "invalid_alone")]
+    invalid = [label(f.run) for f in findings if f.status in ("divergence", "invalid_equal", "invalid_alone")]
     if invalid:
         lines.append(
-            f"{len(invalid)} invalid run(s) kept for teaching (valid=false), never a failure: " + ", ".join(invalid)
+            f"{len(invalid)} invalid run(s) kept for teaching (valid=false), never a failure: " + listed(invalid)
         )
     diverged = diverged_runs(runs)
     if diverged:
         lines.append(
             f"DIVERGED: {len(diverged)} valid run(s) stopped at a NaN or inf train/loss: "
-            + "; ".join(f"{r.name} (step {r.diverged_at_step})" for r in diverged)
+            + listed([f"{label(r.name)} (step {r.diverged_at_step})" for r in diverged], "; ")
         )
-    interrupted = [r.name for r in runs if r.complete and r.status == "interrupted"]
+    interrupted = [label(r.name) for r in runs if r.complete and r.status == "interrupted"]
     if interrupted:
         lines.append(
-            f"{len(interrupted)} interrupted run(s) (SIGTERM), not compared until resumed: " + ", ".join(interrupted)
+            f"{len(interrupted)} interrupted run(s) (SIGTERM), not compared until resumed: " + listed(interrupted)
         )
-    incomplete = [r.name for r in runs if not r.complete]
+    incomplete = [label(r.name) for r in runs if not r.complete]
     if incomplete:
-        lines.append(f"{len(incomplete)} incomplete run(s) without {SUMMARY_FILE}: " + ", ".join(incomplete))
+        lines.append(f"{len(incomplete)} incomplete run(s) without {SUMMARY_FILE}: " + listed(incomplete))
     return lines
-
-
-def plot(runs: Sequence[Run], path: str | os.PathLike[str], *, title: str | None = None) -> Path:
-    """Val loss per step (left) and real tokens/s per run (right) in one PNG, written atomically.
-
-    Invalid runs are dashed and hatched, incomplete and interrupted ones dotted. Returns the path written.
-    """
-    from matplotlib.backends.backend_agg import FigureCanvasAgg  # Agg: no display, no pyplot global state
-    from matplotlib.figure import Figure
-
-    path = Path(path)
-    if title is None:
-        title = Path(os.path.commonpath([r.path for r in runs])).name if runs else "mhaplug runs"
-    colors = {r.name: f"C{i % 10}" for i, r in enumerate(runs)}
-    fig = Figure(figsize=(14, max(5.0, 1.5 + 0.3 * len(runs))), layout="constrained")
-    FigureCanvasAgg(fig)
-    loss_ax, speed_ax = fig.subplots(1, 2, width_ratios=(3, 2))
-    curves = 0
-    for r in runs:
-        if r.metrics_csv is None or not r.metrics_csv.is_file():
-            if r.complete:
-                warnings.warn(f"{r.name}: no metrics.csv at {r.metrics_csv or r.path}; no loss curve", stacklevel=2)
-            continue
-        points = read_curve(r.metrics_csvs or r.metrics_csv)
-        if points:
-            steps, losses = zip(*points)
-            style = ":" if not _finished(r) and r.status != "diverged" else "-" if r.valid else "--"
-            label = (
-                r.name
-                + ("" if r.valid else " (invalid)")
-                + ("" if r.complete else " (incomplete)")
-                + ("" if r.status == "finished" else f" ({r.status})")
-            )
-            loss_ax.plot(steps, losses, style, color=colors[r.name], marker=".", label=label)
-            curves += 1
-    loss_ax.set(xlabel="step", ylabel="val loss", title="validation loss")
-    if curves:
-        loss_ax.legend(fontsize="small")
-    else:
-        loss_ax.text(0.5, 0.5, "no val/loss in any metrics.csv", ha="center", transform=loss_ax.transAxes)
-    timed = [r for r in runs if r.complete and r.real_tokens_per_sec is not None]
-    speed_ax.barh(
-        [r.name for r in timed],
-        [r.real_tokens_per_sec for r in timed],
-        color=[colors[r.name] for r in timed],
-        hatch=["" if r.valid else "//" for r in timed],
-    )
-    speed_ax.invert_yaxis()  # first run on top, as in the table
-    speed_ax.tick_params(axis="y", labelsize="small")
-    speed_ax.set(xlabel="real tokens/s (padding excluded)", title="throughput")
-    fig.suptitle(title)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    # Write beside the target, then rename: a reader (CI artefact upload, an image viewer) never sees half a PNG.
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            fig.savefig(f, format="png", dpi=100)
-        os.chmod(tmp, 0o644)  # mkstemp makes it 0600
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
-    return path
 
 
 def _num(value: float | None, spec: str) -> str:
@@ -631,7 +716,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Run the command line; returns the exit code (0 fine, 1 equivalence mismatch, 2 bad input)."""
     parser = argparse.ArgumentParser(prog="python -m mhaplug.compare", description=__doc__.split("\n\n")[0])
     parser.add_argument("runs_dir", metavar="RUNS_DIR", help="directory searched recursively for runs")
-    parser.add_argument("--plot", metavar="FILE.png", help="also write val loss curves and throughput bars")
+    parser.add_argument("--plot", metavar="FILE.png", help="also write loss curves and throughput bars")
+    parser.add_argument("--html", metavar="FILE.html", help="also write one self-contained report: tables and plot")
     parser.add_argument(
         "--tolerance",
         type=float,
@@ -639,22 +725,48 @@ def main(argv: Sequence[str] | None = None) -> int:
         help="largest absolute final val loss difference between equivalent runs (default 1e-3)",
     )
     parser.add_argument("--sort", choices=("val_loss", "tokens", "name"), default="name")
-    parser.add_argument("--baseline", metavar="NAME", help="run name that speed-ups are relative to")
-    parser.add_argument("--markdown", action="store_true", help="print the table as Markdown")
+    parser.add_argument("--baseline", metavar="NAME", help="run (name or number) that speed-ups are relative to")
+    parser.add_argument("--markdown", action="store_true", help="print the tables as Markdown")
     args = parser.parse_args(argv)
     try:
         runs = load_runs(args.runs_dir)
         findings = check_equivalence(runs, args.tolerance)
-        baseline = choose_baseline(runs, args.baseline)
-        print(format_table(runs, findings, baseline=baseline, sort=args.sort, markdown=args.markdown))
+        names = short_names(runs)
+        by_number = {short: name for name, short in names.items()}
+        baseline = choose_baseline(runs, by_number.get(args.baseline, args.baseline))
+        print(format_table(runs, findings, baseline=baseline, sort=args.sort, markdown=args.markdown, names=names))
         print()
-        notes = summary_lines(runs, findings, tolerance=args.tolerance, baseline=baseline)
+        print(format_legend(runs, markdown=args.markdown, names=names))
+        print()
+        notes = note_lines(runs, findings, names=names)
+        summary = summary_lines(runs, findings, tolerance=args.tolerance, baseline=baseline, names=names)
         skipped = skipped_runs(args.runs_dir)
         if skipped:
-            notes.append(f"{len(skipped)} combination(s) skipped as invalid (see skipped.txt in their folders)")
-        print("\n".join(f"- {n}" for n in notes) if args.markdown else "\n".join(notes))
-        if args.plot:
-            print(f"plot: {plot(runs, args.plot, title=f'mhaplug runs: {args.runs_dir}')}")
+            summary.append(f"{len(skipped)} combination(s) skipped as invalid (see skipped.txt in their folders)")
+        bullet = "- " if args.markdown else ""
+        if notes:
+            print("\n".join(bullet + n for n in notes), end="\n\n")
+        print("\n".join(bullet + n for n in summary))
+        if args.plot or args.html:
+            from mhaplug import report  # matplotlib: imported only when a picture is asked for
+
+            title = f"mhaplug runs: {args.runs_dir}"
+            png = report.figure_png(runs, title=title, baseline=baseline, names=names)
+            if args.plot:
+                print(f"plot: {report.write_atomic(args.plot, png)}")
+            if args.html:
+                page = report.html_report(
+                    runs,
+                    findings,
+                    title=title,
+                    baseline=baseline,
+                    sort=args.sort,
+                    names=names,
+                    notes=notes,
+                    summary=summary,
+                    png=png,
+                )
+                print(f"html: {report.write_atomic(args.html, page.encode())}")
     except (OSError, ValueError) as err:
         print(f"mhaplug.compare: error: {err}", file=sys.stderr)
         return 2

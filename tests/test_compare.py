@@ -96,6 +96,63 @@ def audit_summary(failed: list[str]) -> dict[str, Any]:
     }
 
 
+# The committed CPU ablation (benchmarks/results/ablation-cpu-2cores.md), as the first release laid it out: sweep job
+# folders numbered 0..27 (the skipped combinations among them), each run named by its overrides in summary.json.
+# (folder, strategy, layout, padding side, valid, final val loss, real tokens/s, failed audit checks)
+ABLATION = [
+    ("0", "auto", "padded", "right", True, 6.5312, 15443, []),
+    ("1", "auto", "packed", "right", True, 6.3225, 17319, []),
+    ("2", "auto", "padded", "left", True, 6.5312, 14264, []),
+    ("4", "reference", "padded", "right", True, 6.5312, 14404, []),
+    ("5", "reference", "packed", "right", True, 6.3225, 16788, []),
+    ("6", "reference", "padded", "left", True, 6.5312, 13887, []),
+    ("8", "torch_mha", "padded", "right", True, 6.5312, 12965, []),
+    (
+        "9",
+        "torch_mha",
+        "packed",
+        "right",
+        False,
+        6.3225,
+        16259,
+        ["finite", "padding", "loss", "causality", "documents"],
+    ),
+    ("10", "torch_mha", "padded", "left", False, 6.5312, 13115, ["finite", "padding", "loss", "causality"]),
+    ("12", "merged_bool", "padded", "right", True, 6.5312, 14399, []),
+    ("13", "merged_bool", "packed", "right", True, 6.3225, 17194, []),
+    ("14", "merged_bool", "padded", "left", True, 6.5312, 16215, []),
+    ("16", "merged_additive", "padded", "right", True, 6.5312, 14462, []),
+    ("17", "merged_additive", "packed", "right", True, 6.3225, 18781, []),
+    ("18", "merged_additive", "padded", "left", True, 6.5312, 14240, []),
+    ("20", "causal_kpm", "padded", "right", True, 6.5312, 14557, []),
+    ("22", "causal_kpm", "padded", "left", True, 6.5312, 14510, []),
+    ("24", "causal_only", "padded", "right", True, 6.5312, 14687, []),
+    ("26", "causal_only", "padded", "left", False, 6.5227, 17475, ["padding", "loss"]),
+]
+
+
+def make_ablation(runs_dir: Path) -> Path:
+    """The 19 runs of :data:`ABLATION` (and one skipped combination) with their real, long run names."""
+    for folder, strategy, layout, side, valid, final, tokens, failed in ABLATION:
+        make_run(
+            runs_dir,
+            folder,
+            strategy=strategy,
+            final=final,
+            key=layout,
+            valid=valid,
+            padding_side=side,
+            tokens=float(tokens),
+            audit_failed=failed,
+            run_name=f"attention={strategy},data.layout={layout},data.padding_side={side}",
+            layout=layout,
+            pad_fraction=0.001 if layout == "packed" else 0.736,
+        )
+    (runs_dir / "3").mkdir()
+    (runs_dir / "3" / "skipped.txt").write_text("attention=auto,data.layout=packed,data.padding_side=left: ...\n")
+    return runs_dir
+
+
 @pytest.fixture
 def equivalent(tmp_path: Path) -> Path:
     """Three strategies, one computation, losses within 1e-3 of each other."""
@@ -110,35 +167,102 @@ def test_table_has_every_run_and_value(equivalent: Path) -> None:
     findings = compare.check_equivalence(runs)
     table = compare.format_table(runs, findings, baseline=compare.choose_baseline(runs))
     assert table.splitlines() == [
+        "run  strategy     layout  padding  batching  final val  real tok/s  speed-up    pad  audit  check",
+        "---  -----------  ------  -------  --------  ---------  ----------  --------  -----  -----  -----------------",
+        "  1  causal_kpm   padded  left     random       5.0008       2,500     2.50x  37.5%  pass   ok (3 equivalent)",
+        "  2  merged_bool  padded  right    random       5.0004       1,500     1.50x  37.5%  pass   ok (3 equivalent)",
+        "  3  torch_mha    padded  right    random       5.0000       1,000     1.00x  37.5%  pass   ok (3 equivalent)",
+    ]
+    # Below it, the legend: each number's run name, with the numbers the table left out.
+    assert compare.format_legend(runs).splitlines() == [
+        "run  best val  peak MB  wall s  run name",
+        "---  --------  -------  ------  ---------------------------------------------",
+        "  1    4.9908    512.3    61.2  attention=causal_kpm,data.padding_side=left",
+        "  2    4.9904    512.3    61.2  attention=merged_bool,data.padding_side=right",
+        "  3    4.9900    512.3    61.2  attention=torch_mha,data.padding_side=right",
+    ]
+    assert compare.note_lines(runs, findings) == []  # nothing shortened
+
+
+def test_the_ablation_table_fits_120_columns_and_the_legend_names_every_run(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The 19 runs of the committed ablation, with their real run names (a sweep job's overrides): the table was
+    over 200 columns wide with them."""
+    runs = compare.load_runs(make_ablation(tmp_path))
+    findings = compare.check_equivalence(runs)
+    table = compare.format_table(runs, findings, baseline=compare.choose_baseline(runs)).splitlines()
+    assert len(table) == 2 + 19
+    assert max(map(len, table)) == 119 <= compare.TABLE_WIDTH == 120
+    assert table[:2] + table[7:8] + table[18:20] == [
+        "run  strategy         layout  padding  batching  final val  real tok/s  speed-up    pad  audit      check",
         (
-            "run                                            strategy     layout  padding  batching  final val  best val"
-            "  real tok/s  speed-up    pad  peak MB  wall s  audit  check"
+            "---  ---------------  ------  -------  --------  ---------  ----------  --------  -----  ---------"
+            "  -------------------"
         ),
         (
-            "---------------------------------------------  -----------  ------  -------  --------  ---------  --------"
-            "  ----------  --------  -----  -------  ------  -----  ----------------------"
+            "  6  causal_only      padded  left     random       6.5227      17,475     1.35x  73.6%  exp. FAIL"
+            "  expected divergence"
         ),
         (
-            "attention=causal_kpm,data.padding_side=left    causal_kpm   padded  left     random       5.0008    4.9908"
-            "       2,500     2.50x  37.5%    512.3    61.2  pass   ok (3 equivalent runs)"
+            " 17  torch_mha        packed  right    random       6.3225      16,259     1.25x   0.1%  exp. FAIL"
+            "  invalid but equal"
         ),
         (
-            "attention=merged_bool,data.padding_side=right  merged_bool  padded  right    random       5.0004    4.9904"
-            "       1,500     1.50x  37.5%    512.3    61.2  pass   ok (3 equivalent runs)"
-        ),
-        (
-            "attention=torch_mha,data.padding_side=right    torch_mha    padded  right    random       5.0000    4.9900"
-            "       1,000     1.00x  37.5%    512.3    61.2  pass   ok (3 equivalent runs)"
+            " 18  torch_mha        padded  left     random       6.5312      13,115     1.01x  73.6%  exp. FAIL"
+            "  invalid but equal"
         ),
     ]
+    legend = compare.format_legend(runs).splitlines()
+    assert max(map(len, legend)) <= 120
+    assert legend == [
+        "run  best val  peak MB  wall s  run name",
+        "---  --------  -------  ------  --------------------------------------------------------------------",
+        "  1    6.3125    512.3    61.2  attention=auto,data.layout=packed,data.padding_side=right",
+        "  2    6.5212    512.3    61.2  attention=auto,data.layout=padded,data.padding_side=left",
+        "  3    6.5212    512.3    61.2  attention=auto,data.layout=padded,data.padding_side=right",
+        "  4    6.5212    512.3    61.2  attention=causal_kpm,data.layout=padded,data.padding_side=left",
+        "  5    6.5212    512.3    61.2  attention=causal_kpm,data.layout=padded,data.padding_side=right",
+        "  6    6.5127    512.3    61.2  attention=causal_only,data.layout=padded,data.padding_side=left",
+        "  7    6.5212    512.3    61.2  attention=causal_only,data.layout=padded,data.padding_side=right",
+        "  8    6.3125    512.3    61.2  attention=merged_additive,data.layout=packed,data.padding_side=right",
+        "  9    6.5212    512.3    61.2  attention=merged_additive,data.layout=padded,data.padding_side=left",
+        " 10    6.5212    512.3    61.2  attention=merged_additive,data.layout=padded,data.padding_side=right",
+        " 11    6.3125    512.3    61.2  attention=merged_bool,data.layout=packed,data.padding_side=right",
+        " 12    6.5212    512.3    61.2  attention=merged_bool,data.layout=padded,data.padding_side=left",
+        " 13    6.5212    512.3    61.2  attention=merged_bool,data.layout=padded,data.padding_side=right",
+        " 14    6.3125    512.3    61.2  attention=reference,data.layout=packed,data.padding_side=right",
+        " 15    6.5212    512.3    61.2  attention=reference,data.layout=padded,data.padding_side=left",
+        " 16    6.5212    512.3    61.2  attention=reference,data.layout=padded,data.padding_side=right",
+        " 17    6.3125    512.3    61.2  attention=torch_mha,data.layout=packed,data.padding_side=right",
+        " 18    6.5212    512.3    61.2  attention=torch_mha,data.layout=padded,data.padding_side=left",
+        " 19    6.5212    512.3    61.2  attention=torch_mha,data.layout=padded,data.padding_side=right",
+    ]
+    # What the short cells leave out, by run number; then the check's verdict, the runs named by number.
+    assert compare.main([str(tmp_path)]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert out[len(table) + 1 + len(legend) + 1 :] == [
+        "6: audit expected FAIL: padding, loss; expected divergence: -0.008 vs 15",
+        "17: audit expected FAIL: finite, padding, loss, causality, documents",
+        "18: audit expected FAIL: finite, padding, loss, causality",
+        "",
+        "speed-up: real tokens/s relative to run 19 (12,965)",
+        "equivalence: 2 group(s), 16 valid runs, all within 0.001",
+        "mask audit: 16 valid run(s) passed, 3 invalid run(s) failed as expected",
+        "3 invalid run(s) kept for teaching (valid=false), never a failure: 6, 17, 18",
+        "1 combination(s) skipped as invalid (see skipped.txt in their folders)",
+    ]
+    # Numbers follow the run names whatever the sort: the fastest run is still 8.
+    by_tokens = compare.format_table(runs, findings, sort="tokens").splitlines()
+    assert [line.split()[:2] for line in by_tokens[2:4]] == [["8", "merged_additive"], ["6", "causal_only"]]
 
 
 def test_equivalent_runs_within_tolerance_pass(equivalent: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert compare.main([str(equivalent)]) == 0
     out = capsys.readouterr().out
-    assert out.count("ok (3 equivalent runs)") == 3
+    assert out.count("ok (3 equivalent)") == 3
     assert out.splitlines()[-3:] == [
-        "speed-up: real tokens/s relative to attention=torch_mha,data.padding_side=right (1,000)",
+        "speed-up: real tokens/s relative to run 3 (1,000)",
         "equivalence: 1 group(s), 3 valid runs, all within 0.001",
         "mask audit: 3 valid run(s) passed",
     ]
@@ -160,12 +284,14 @@ def test_a_pair_differing_by_0_01_is_a_mask_bug(tmp_path: Path, capsys: pytest.C
     assert findings[1].deltas == (pytest.approx(0.01),)
     assert compare.main([str(tmp_path), "--sort", "val_loss"]) == 1
     out = capsys.readouterr().out
-    assert (
-        f"MISMATCH: 1 pair(s) of equivalent valid runs differ in final val loss by more than 0.001: "
-        f"{flex} vs {ref} (0.010). Same equivalence_key = same computation: a mask bug."
+    assert (  # runs by number: flex 1, merged_bool 2, reference 3
+        "MISMATCH: 1 pair(s) of equivalent valid runs differ in final val loss by more than 0.001: "
+        "1 vs 3 (0.010). Same equivalence_key = same computation: a mask bug."
     ) in out
-    names = [line.split()[0] for line in out.splitlines()[2:5]]
-    assert names == [ref, flex, "attention=merged_bool,data.padding_side=right"]  # sorted by final val loss
+    lines = out.splitlines()
+    assert [line.split()[0] for line in lines[2:5]] == ["3", "1", "2"]  # sorted by final val loss
+    assert [line[-13:] for line in lines[2:4]] == ["MISMATCH vs 1", "MISMATCH vs 3"]
+    assert "1: MISMATCH vs 3 (+0.010)" in lines and "3: MISMATCH vs 1 (-0.010)" in lines
 
 
 def test_nan_loss_never_matches(tmp_path: Path) -> None:
@@ -180,10 +306,12 @@ def test_invalid_run_diverges_without_failing(equivalent: Path, capsys: pytest.C
     make_run(equivalent, "5", strategy="reference", final=5.0, padding_side="left")
     assert compare.main([str(equivalent)]) == 0
     out = capsys.readouterr().out
-    row = next(line for line in out.splitlines() if line.startswith("attention=causal_only"))
-    assert row.endswith("expected divergence: +0.250 vs attention=reference,data.padding_side=left")
-    assert "1 invalid run(s) kept for teaching (valid=false), never a failure: attention=causal_only" in out
-    assert out.count("ok (5 equivalent runs)") == 5
+    lines = out.splitlines()
+    assert "  2    5.2400    512.3    61.2  attention=causal_only,data.padding_side=left" in lines  # the legend
+    assert lines[3].startswith("  2  causal_only") and lines[3].endswith("pass   expected divergence")
+    assert "2: expected divergence: +0.250 vs 4" in lines  # 4: reference, left
+    assert "1 invalid run(s) kept for teaching (valid=false), never a failure: 2" in lines
+    assert out.count("ok (5 equivalent)") == 5
 
 
 def test_invalid_run_that_does_not_diverge_says_so(tmp_path: Path) -> None:
@@ -207,11 +335,11 @@ def test_incomplete_runs_are_listed(equivalent: Path, capsys: pytest.CaptureFixt
         ("4", False, 99),
     ]
     assert compare.main([str(equivalent)]) == 0
-    out = capsys.readouterr().out
-    row = next(line for line in out.splitlines() if line.startswith("attention=flex,data.layout=packed"))
-    assert row.split()[1:6] == ["-", "-", "-", "-", "-"]
-    assert row.endswith("incomplete: no summary.json, last logged step 99")
-    assert "2 incomplete run(s) without summary.json: attention=flex,data.layout=packed, 4" in out
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[4].split() == ["3", "-", "-", "-", "-", "-", "-", "-", "-", "-", "incomplete"]
+    assert "  3         -        -       -  attention=flex,data.layout=packed" in lines  # the legend
+    assert "3: incomplete: no summary.json, last logged step 99" in lines
+    assert "2 incomplete run(s) without summary.json: 1, 3" in lines  # 1: the folder "4"
 
 
 def test_duplicate_run_names_get_their_path(tmp_path: Path) -> None:
@@ -249,14 +377,23 @@ def test_markdown_and_sort_by_tokens(equivalent: Path, capsys: pytest.CaptureFix
         == 0
     )
     lines = capsys.readouterr().out.splitlines()
-    assert lines[0].startswith("| run ") and lines[0].endswith(" | check                  |")
-    assert lines[1].startswith("|---") and "|----------:|" in lines[1]
-    assert [line.split(" | ")[0] for line in lines[2:5]] == [
-        "| attention=causal_kpm,data.padding_side=left  ",
-        "| attention=merged_bool,data.padding_side=right",
-        "| attention=torch_mha,data.padding_side=right  ",
+    assert lines[0] == (
+        "| run | strategy    | layout | padding | batching | final val | real tok/s | speed-up |   pad | audit "
+        "| check             |"
+    )
+    assert lines[1] == (  # "---:" right-aligns the numbers
+        "|----:|-------------|--------|---------|----------|----------:|-----------:|---------:|------:|-------"
+        "|-------------------|"
+    )
+    assert [line.split(" | ")[0] for line in lines[2:5]] == ["|   1", "|   2", "|   3"]
+    assert [line.split(" | ")[7] for line in lines[2:5]] == ["   1.00x", "   0.60x", "   0.40x"]
+    assert lines[6:9] == [
+        "| run | best val | peak MB | wall s | run name                                      |",
+        "|----:|---------:|--------:|-------:|-----------------------------------------------|",
+        "|   1 |   4.9908 |   512.3 |   61.2 | attention=causal_kpm,data.padding_side=left   |",
     ]
-    assert [line.split(" | ")[8] for line in lines[2:5]] == ["   1.00x", "   0.60x", "   0.40x"]
+    assert compare.main([str(equivalent), "--markdown", "--baseline", "2"]) == 0  # a run number works too
+    assert "- speed-up: real tokens/s relative to run 2 (1,500)" in capsys.readouterr().out
     assert lines[-2:] == [
         "- equivalence: 1 group(s), 3 valid runs, all within 0.001",
         "- mask audit: 3 valid run(s) passed",
@@ -265,18 +402,6 @@ def test_markdown_and_sort_by_tokens(equivalent: Path, capsys: pytest.CaptureFix
 
 def test_read_curve_skips_train_rows(equivalent: Path) -> None:
     assert compare.read_curve(equivalent / "1" / "csv" / "version_0" / "metrics.csv") == [(49, 5.5), (99, 5.0004)]
-
-
-def test_plot_writes_a_png(equivalent: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    make_run(equivalent, "3", strategy="causal_only", final=5.25, valid=False)
-    make_run(equivalent, "4", summary=False)
-    target = equivalent / "report" / "ablation.png"
-    assert compare.main([str(equivalent), "--plot", str(target)]) == 0
-    assert f"plot: {target}" in capsys.readouterr().out
-    data = target.read_bytes()
-    assert data[:8] == b"\x89PNG\r\n\x1a\n"
-    assert len(data) > 20_000
-    assert [p.name for p in target.parent.iterdir()] == ["ablation.png"]  # no temp file left behind
 
 
 def test_missing_runs_dir(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -350,20 +475,15 @@ def test_module_runs_as_a_command(tmp_path: Path) -> None:
         "batching",
         "final",
         "val",
-        "best",
-        "val",
         "real",
         "tok/s",
         "speed-up",
         "pad",
-        "peak",
-        "MB",
-        "wall",
-        "s",
         "audit",
         "check",
     ]
-    assert lines[2].endswith("MISMATCH vs attention=torch_mha,data.padding_side=right (+0.010)")
+    assert lines[2].endswith("MISMATCH vs 2")  # 1: merged_bool, 2: torch_mha
+    assert "1: MISMATCH vs 2 (+0.010)" in lines
     assert lines[-2].startswith("MISMATCH: 1 pair(s) of equivalent valid runs differ")
     assert lines[-1] == "mask audit: 2 valid run(s) passed"
 
@@ -384,27 +504,30 @@ def test_audit_column_shows_pass_expected_failures_and_runs_without_an_audit(
     make_run(equivalent, "5", strategy="causal_only", final=5.0, valid=False)  # wrong mask, changed nothing here
     assert compare.main([str(equivalent), "--markdown"]) == 0
     out = capsys.readouterr().out
-    rows = [[cell.strip() for cell in line.strip("| ").split(" | ")] for line in out.splitlines()[2:8]]
-    assert {row[0]: row[-2] for row in rows} == {
+    lines = out.splitlines()
+    rows = [[cell.strip() for cell in line.strip("| ").split(" | ")] for line in lines[2:8]]
+    legend = [[cell.strip() for cell in line.strip("| ").split(" | ")] for line in lines[11:17]]
+    assert {name: audit for (_, *_, audit, _), (*_, name) in zip(rows, legend)} == {
         "attention=causal_kpm,data.padding_side=left": "pass",
+        "attention=causal_only,data.padding_side=left": "exp. FAIL",
+        "attention=causal_only,data.padding_side=right": "pass",
         "attention=merged_bool,data.padding_side=right": "pass",
         "attention=torch_mha,data.padding_side=right (0)": "pass",
-        "attention=causal_only,data.padding_side=left": "expected FAIL: padding, loss",
         "attention=torch_mha,data.padding_side=right (4)": "-",
-        "attention=causal_only,data.padding_side=right": "pass (invalid run)",
     }
+    assert "- 2: audit expected FAIL: padding, loss; expected divergence: +0.249 vs 1" in lines
     assert "mask audit: 3 valid run(s) passed, 1 invalid run(s) failed as expected" in out
 
 
 def test_a_valid_run_that_failed_the_audit_is_a_mask_bug(equivalent: Path, capsys: pytest.CaptureFixture[str]) -> None:
     make_run(equivalent, "3", strategy="flex", final=5.0, audit_failed=["documents"])  # only the audit sees it
     assert compare.main([str(equivalent)]) == 1
-    out = capsys.readouterr().out
-    row = next(line for line in out.splitlines() if line.startswith("attention=flex"))
-    assert row.endswith("FAIL: documents  ok (4 equivalent runs)")
-    assert out.splitlines()[-1] == (
-        "AUDIT FAILED: 1 valid run(s) failed the step-0 mask audit: attention=flex,data.padding_side=right "
-        "(documents). Pads, later tokens or other documents reach real positions: a mask bug."
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[3].startswith("  2  flex") and lines[3].endswith("FAIL   ok (4 equivalent)")  # 1: causal_kpm
+    assert "2: audit FAIL: documents" in lines
+    assert lines[-1] == (
+        "AUDIT FAILED: 1 valid run(s) failed the step-0 mask audit: 2 (documents). Pads, later tokens or other "
+        "documents reach real positions: a mask bug."
     )
 
 
@@ -459,7 +582,9 @@ def test_a_resumed_run_is_one_run_with_every_step(tmp_path: Path, capsys: pytest
     ]
     assert compare.read_curve(first, "train/loss") == [(s, 10 - s / 10) for s in range(28)]  # one file alone
     assert compare.main([str(tmp_path), "--plot", str(tmp_path / "p.png")]) == 0
-    assert len([line for line in capsys.readouterr().out.splitlines() if line.startswith("attention=")]) == 1
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[2].startswith("  1  merged_bool") and lines[3] == ""  # one run in the table
+    assert lines[6] == "  1    4.9900    512.3    61.2  attention=merged_bool,data.padding_side=right"
 
     (run_dir / "summary.json").unlink()  # the same run while its last attempt still trains: incomplete, every step
     assert [(r.complete, r.steps) for r in compare.load_runs(tmp_path)] == [(False, 39)]
@@ -500,13 +625,15 @@ def test_interrupted_and_diverged_runs_are_reported_not_compared(
     assert all(f.message == "ok (3 equivalent runs)" for f in findings.values() if f.status == "ok")  # not in the group
     assert compare.main([str(equivalent)]) == 1  # a valid run that diverged
     out = capsys.readouterr().out
-    assert (
-        "DIVERGED: 1 valid run(s) stopped at a NaN or inf train/loss: "
-        "attention=merged_additive,data.padding_side=right (step 3)"
-    ) in out
-    assert (
-        "1 interrupted run(s) (SIGTERM), not compared until resumed: attention=reference,data.padding_side=right" in out
-    )
+    lines = out.splitlines()  # runs by number: causal_kpm 1, merged_additive 2, merged_bool 3, reference 4
+    assert [line.split("  ")[-1].strip() for line in lines[3:4] + lines[5:6]] == [
+        "DIVERGED, step 3",
+        "interrupted, step 26",
+    ]
+    assert "2: DIVERGED: train/loss NaN or inf at step 3" in lines
+    assert f"4: interrupted at step 26 (SIGTERM): resume with ckpt_path={ckpt}" in lines
+    assert "DIVERGED: 1 valid run(s) stopped at a NaN or inf train/loss: 2 (step 3)" in lines
+    assert "1 interrupted run(s) (SIGTERM), not compared until resumed: 4" in lines
 
 
 def test_a_diverged_invalid_run_is_no_failure(equivalent: Path) -> None:
