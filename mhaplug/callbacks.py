@@ -535,11 +535,12 @@ class HParamsSummary(pl.Callback):
     (strategy, layout, padding side, ...) and per result (``summary/final_val_loss``, ...), sortable and filterable.
 
     ``settings`` names the values to log. Each is looked up in the Trainer (``precision``, ``max_steps``,
-    ``world_size``), the LightningModule's hyper-parameters (what it ran with, e.g. ``vocab_size`` of the tokenizer)
-    and the DataModule's, in that order; a name none of them has is an error at the start of the fit. ``None``
-    (the default) logs every hyper-parameter of the module and the DataModule. The results are those of
-    :func:`run_results`, logged as ``summary/<name>`` (``<name>``: the key in summary.json), NaN included; a result
-    that is None (no validation ran) is left out.
+    ``world_size``), the LightningModule's hyper-parameters (what the model was built with) and the DataModule's, in
+    that order; a name none of them has is an error at the start of the fit. ``None`` (the default) logs every
+    hyper-parameter of the module and the DataModule. The results are those of :func:`run_results`, logged as
+    ``summary/<name>`` (``<name>``: the key in summary.json), NaN included; a result that is None (no validation
+    ran) is left out. Every run writes its own experiment summary and TensorBoard takes its columns from one of
+    them: runs compared together should log the same settings (a sweep's jobs do).
 
     Logged through Lightning's ``TensorBoardLogger.log_hyperparams(params, metrics)``: the HParams plugin's
     experiment, session-start and session-end summaries in the run's event file, and the results as scalars at the

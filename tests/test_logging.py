@@ -133,8 +133,8 @@ def test_hparams_summary_writes_the_runs_settings_and_results_for_tensorboards_h
     trainer, data, monitor = fit_logged(tmp_path, settings=SETTINGS)
     hparams, metric_names, scalars = read_tensorboard(tmp_path / "tensorboard" / "version_0")
 
-    # Settings: the Trainer's (precision, ...), the module's (strategy, vocab_size of the trained tokenizer, ...), the
-    # DataModule's (batch_size, max_tokens); numbers as TensorBoard's floats, bools and None as words.
+    # Settings: the Trainer's (precision, ...), the module's (strategy, vocab_size, ...), the DataModule's
+    # (batch_size, max_tokens); numbers as TensorBoard's floats, bools and None as words.
     assert hparams == {
         "strategy": "merged_bool",
         "layout": "packed",
@@ -275,7 +275,7 @@ def test_logger_tensorboard_keeps_the_csv_log_and_adds_tensorboard_with_the_summ
         "pad_to_multiple_of": "None",
         "max_length": 64.0,
         "source": "synthetic",
-        "vocab_size": float(ckpt["hyper_parameters"]["vocab_size"]),  # the tokenizer's, which the model has
+        "vocab_size": float(ckpt["hyper_parameters"]["vocab_size"]),  # the model's embedding rows
         "d_model": 32.0,
         "num_heads": 2.0,
         "num_layers": 1.0,
