@@ -28,12 +28,17 @@ TIP = (
 
 
 @contextmanager
-def restored_filters() -> Iterator[None]:
-    """The logging filters of the tip's loggers as they were (warnings.catch_warnings restores warning filters)."""
+def without_quiet_filters() -> Iterator[None]:
+    """No warning filters and none of mhaplug.quiet's logging filters inside (train.py installs them when imported,
+    so another test may have); every filter as it was afterwards."""
     loggers = [logging.getLogger(name) for name in quiet.LITLOGGER_TIP_LOGGERS]
     saved = [list(lg.filters) for lg in loggers]
     try:
-        yield
+        with warnings.catch_warnings():
+            warnings.resetwarnings()
+            for lg in loggers:
+                lg.removeFilter(quiet._LITLOGGER_TIP_FILTER)
+            yield
     finally:
         for lg, filters in zip(loggers, saved, strict=True):
             lg.filters[:] = filters
@@ -43,7 +48,7 @@ def warnings_shown(install: bool) -> list[tuple[str, str, str]]:
     """(category, module file, message) of each warning shown while Lightning flattens a leaf, the way its
     CombinedLoader does in every fit, then while the test itself constructs a LeafSpec and Lightning's module warns
     of something else."""
-    with restored_filters(), warnings.catch_warnings(record=True) as shown:
+    with without_quiet_filters(), warnings.catch_warnings(record=True) as shown:
         warnings.simplefilter("always")  # not once per location: every call below shows unless filtered
         if install:
             silence_known_noise()
@@ -71,7 +76,7 @@ def test_the_leafspec_warning_from_lightning_is_hidden_and_every_other_warning_s
 
 
 def test_the_filters_are_installed_once() -> None:
-    with restored_filters(), warnings.catch_warnings():
+    with without_quiet_filters():
         before = len(warnings.filters)
         silence_known_noise()
         silence_known_noise()
@@ -95,7 +100,7 @@ def lightning_info_when_a_trainer_is_built(install: bool) -> list[tuple[int, str
     name = "pytorch_lightning.utilities.rank_zero"
     records = Records()
     logger = logging.getLogger(name)
-    with restored_filters():
+    with without_quiet_filters():
         logger.addHandler(records)  # sees a record only once the logger's filters passed it
         try:
             if install:
