@@ -38,7 +38,19 @@ from torch import Tensor
 from mhaplug import attention, masks
 from mhaplug.attention import CAPABILITIES, MultiheadAttention
 from mhaplug.collate import PackCollator, PadCollator
-from mhaplug.show_draw import KERNEL_PANELS, NAN, PANELS, ZEROED, Grid, Section, draw, write_png
+from mhaplug.show_draw import (
+    KERNEL_PANELS,
+    NAN,
+    PANELS,
+    ZEROED,
+    Grid,
+    Section,
+    cell_colours,
+    check_out,
+    draw,
+    figure_size,
+    write_png,
+)
 
 __all__ = [
     "KERNEL_PANELS",
@@ -48,9 +60,12 @@ __all__ = [
     "Grid",
     "KernelInput",
     "Section",
+    "cell_colours",
+    "check_out",
     "choose_documents",
     "compose",
     "draw",
+    "figure_size",
     "kernel_grid",
     "kernel_input",
     "layer_arguments",
@@ -281,7 +296,7 @@ def choose_documents(
 
     Padded: ``rows`` documents of 2..``columns`` tokens from the first batch that has as many, spread over its
     lengths, longest first. Packed: the first documents of 2..``columns // 2`` tokens, as many as first-fit needs to
-    open ``rows`` rows of ``columns`` tokens (so the last row is not full: its padding shows).
+    fill ``rows`` rows of ``columns`` tokens (one more would open another row).
     """
     from mhaplug.collate import first_fit_pack
 
@@ -362,6 +377,7 @@ def render(cfg: Any, out: str | os.PathLike[str], *, rows: int = 3, columns: int
         raise ValueError(
             f"--rows {rows} is more than data.batch_size={cfg.data.batch_size}: the rows come from one batch"
         )
+    check_out(out)  # before the data is read: a bad path fails at once
     strategy = cfg.attention.strategy
     if strategy not in CAPABILITIES:
         raise ValueError(f"attention.strategy={strategy!r} is not a strategy; allowed: {', '.join(CAPABILITIES)}")
@@ -422,8 +438,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         cfg = compose(args.overrides)
         path = render(cfg, args.out, rows=args.rows, columns=args.columns)
     except (HydraException, OmegaConfBaseException) as error:
-        message = " ".join(str(error).split())
-        print(f"{parser.prog}: error: overrides {' '.join(args.overrides)!r}: {message}", file=sys.stderr)
+        message = str(error).split("Config search path:")[0]  # Hydra appends its search path: not the user's concern
+        if error.__cause__ is not None:  # e.g. "Key 'batchsize' not in 'DataConfig'", under "Could not override"
+            message += f" ({str(error.__cause__).splitlines()[0]})"
+        print(
+            f"{parser.prog}: error: overrides {' '.join(args.overrides)!r}: {' '.join(message.split())}",
+            file=sys.stderr,
+        )
         return 2
     except (ValueError, TypeError, OSError) as error:
         print(f"{parser.prog}: error: {' '.join(str(error).split())}", file=sys.stderr)

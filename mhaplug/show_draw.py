@@ -36,6 +36,7 @@ __all__ = [
     "Grid",
     "Section",
     "cell_colours",
+    "check_out",
     "draw",
     "figure_size",
     "row_heights",
@@ -135,7 +136,7 @@ def row_heights(batch_size: int, length: int, panels: Sequence[str] = PANELS) ->
     heights = [1.3]
     for panel in panels:
         if panel == "key_padding_mask":
-            heights.append(0.95 + cell * batch_size)
+            heights.append(1.05 + cell * batch_size)
         else:
             heights.append(0.5 + cell * length + {"attn_mask": 0.5, "causal_kpm": 2 * cell}.get(panel, 0.0))
     return heights
@@ -298,17 +299,23 @@ def _draw_grid(ax: Axes, grid: Grid, tokens: list[str] | None, *, key_labels: bo
     ax.set_title(grid.caption, fontsize=6.5, pad=2)
 
 
+def check_out(out: str | os.PathLike[str]) -> Path:
+    """``out`` as a path a PNG can be written to (its folder exists, it is not a folder), or a ValueError naming it."""
+    path = Path(out)
+    if path.is_dir():
+        raise ValueError(f"--out {str(out)!r} is a directory; give a file name such as {str(path / 'masks.png')!r}")
+    if not path.parent.is_dir():
+        raise ValueError(f"--out {str(out)!r}: the folder {str(path.parent)!r} does not exist")
+    return path
+
+
 def write_png(figure: Figure, out: str | os.PathLike[str]) -> Path:
     """Save ``figure`` as a PNG at ``out``, atomically (a temporary file in the same folder, then ``os.replace``):
     a reader never sees half a picture. Return the path."""
     import numpy as np
     from PIL import Image  # a dependency of matplotlib's
 
-    path = Path(out)
-    if path.is_dir():
-        raise ValueError(f"--out {str(out)!r} is a directory; give a file name such as {str(path / 'masks.png')!r}")
-    if not path.parent.is_dir():
-        raise ValueError(f"--out {str(out)!r}: the folder {str(path.parent)!r} does not exist")
+    path = check_out(out)
     figure.canvas.draw()
     # A palette of 64 colours, no dithering: the figure is flat colours and text, and the PNG is a quarter of the
     # RGBA one with no visible change.
