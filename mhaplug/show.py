@@ -428,7 +428,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--out", default="masks.png", help="PNG to write (default: masks.png)")
     parser.add_argument("--rows", type=int, default=3, help="documents (padded) and rows (packed) to show")
     parser.add_argument("--columns", type=int, default=16, help="longest row, in tokens (L and S)")
-    args = parser.parse_args(argv)
+    args = parser.parse_intermixed_args(argv)  # overrides before and after the options
     import datasets
     from hydra.errors import HydraException
     from omegaconf.errors import OmegaConfBaseException
