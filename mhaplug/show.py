@@ -266,7 +266,7 @@ def section(
     kernels = {strategy: kernel_input(batch, strategy, **layer) for strategy in (*KERNEL_PANELS, "auto")}
     auto = kernels["auto"].dispatch
     for strategy in KERNEL_PANELS:
-        grid = kernel_grid(kernels[strategy], row, length, _caption(strategy, kernels[strategy], row, auto))
+        grid = kernel_grid(kernels[strategy], row, length, _caption(strategy, kernels[strategy], row, auto, packed))
         if strategy == "causal_only" and grid.attends is not None:  # right padding: pad keys, seen by pads only
             seen = int((grid.attends & kpm[row][None, :]).any(-1).sum())
             if seen:
@@ -275,13 +275,16 @@ def section(
     return Section(name, batch, row, tokens, grids, auto)
 
 
-def _caption(strategy: str, kernel: KernelInput, row: int, auto: str | None) -> str:
+def _caption(strategy: str, kernel: KernelInput, row: int, auto: str | None, packed: bool) -> str:
     if kernel.refused:
         return ""
     caption = f"row b={row}"
     if strategy == "torch_mha" and kernel.mask is not None:
         caption += f", head 0 of {tuple(kernel.mask.shape)} (B, H, L, S)"
-    return caption + ("; auto takes this path here" if strategy == auto else "")
+    if strategy != auto:
+        return caption
+    # DecoderLM under auto on the CPU runs each document of a packed row as a row of its own (causal_kpm there)
+    return caption + ("; auto here (DecoderLM on CPU: a row per document)" if packed else "; auto takes this path here")
 
 
 # ----------------------------------------------------------------------------------------------------------

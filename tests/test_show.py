@@ -111,7 +111,7 @@ def test_merged_bool_hands_a_keep_mask_with_empty_rows_opened_and_zeroed(section
     packed = sections["packed"].grids["merged_bool"]
     assert torch.equal(packed.values, PACKED_ROW0_KEEP | bools("...... ...... ...... ...... ...... TTTTTT"))
     assert sections["packed"].auto_dispatch == "merged_bool"
-    assert packed.caption == "row b=0; auto takes this path here"
+    assert packed.caption == "row b=0; auto here (DecoderLM on CPU: a row per document)"
 
 
 def test_merged_additive_hands_zero_and_minus_inf(sections: dict[str, show.Section]) -> None:
@@ -135,6 +135,7 @@ def test_causal_kpm_hands_the_causal_flag_and_a_padding_vector(sections: dict[st
     assert torch.equal(right.vector, flags("TTTFF"))
     assert torch.equal(right.attends, RIGHT_ROW0_KEEP)
     assert sections["right"].auto_dispatch == "causal_kpm"
+    assert right.caption == "row b=0; auto takes this path here"
     assert "refused for packed rows" in sections["packed"].grids["causal_kpm"].refused
 
 
