@@ -36,27 +36,19 @@ from pytorch_lightning.loggers import CSVLogger
 from pytorch_lightning.utilities.exceptions import SIGTERMException
 
 from mhaplug.callbacks import CheckpointOnSigterm, DivergedError, MaskAudit, ThroughputMonitor
-from mhaplug.config import ConfigError, SkipRun, register_configs, validate
+from mhaplug.config import ConfigError, SkipRun, choice_of, register_configs, validate
 
 log = logging.getLogger("mhaplug.train")
 
 EXIT_REFUSED, EXIT_DIVERGED, EXIT_INTERRUPTED = 2, 3, 143  # 143 = 128 + SIGTERM, what a shell reports for it
 
 # Settings that do not change the computation when the masks are right: runs that differ only in these
-# must reach the same loss (mhaplug.compare checks it).
+# must reach the same loss (mhaplug.compare checks it). Whole sections, then single knobs of a section.
 _NOT_IN_EQUIVALENCE = {"attention", "paths", "logger", "callbacks", "hydra", "on_invalid", "task_name", "ckpt_path"}
-
-
-def equivalence_key(cfg: DictConfig) -> str:
-    container = OmegaConf.to_container(cfg, resolve=True)
-    assert isinstance(container, dict)
-    kept = {k: v for k, v in container.items() if k not in _NOT_IN_EQUIVALENCE}
-    data = dict(kept.get("data", {}))
-    for knob in ("padding_side", "num_workers", "cache_dir"):
-        data.pop(knob, None)
-    kept["data"] = data
-    trainer = dict(kept.get("trainer", {}))
-    for knob in (
+_KNOBS_NOT_IN_EQUIVALENCE = {
+    "data": ("padding_side", "num_workers", "cache_dir"),
+    "model": ("strategy", "padding_side"),  # attention.strategy and data.padding_side, interpolated
+    "trainer": (
         "accelerator",
         "devices",
         "strategy",
@@ -65,9 +57,16 @@ def equivalence_key(cfg: DictConfig) -> str:
         "default_root_dir",
         "logger",
         "callbacks",
-    ):
-        trainer.pop(knob, None)
-    kept["trainer"] = trainer
+    ),
+}
+
+
+def equivalence_key(cfg: DictConfig) -> str:
+    container = OmegaConf.to_container(cfg, resolve=True, enum_to_str=True)
+    assert isinstance(container, dict)
+    kept = {k: v for k, v in container.items() if k not in _NOT_IN_EQUIVALENCE}
+    for section, knobs in _KNOBS_NOT_IN_EQUIVALENCE.items():
+        kept[section] = {k: v for k, v in (kept.get(section) or {}).items() if k not in knobs}
     return hashlib.sha256(json.dumps(kept, sort_keys=True, default=str).encode()).hexdigest()[:12]
 
 
@@ -90,17 +89,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     datamodule = instantiate(cfg.data, _convert_="all")
     datamodule.prepare_data()
     datamodule.setup("fit")
-    model = instantiate(
-        cfg.model,
-        _convert_="all",
-        vocab_size=datamodule.vocab_size,
-        max_positions=cfg.data.max_length,
-        strategy=cfg.attention.strategy,
-        layout=cfg.data.layout,
-        padding_side=cfg.data.padding_side,
-        batching=cfg.data.batching,
-        betas=tuple(cfg.model.betas),
-    )
+    model = instantiate(cfg.model, _convert_="all")  # vocab, positions and strategy: configs/model/small.yaml
     callbacks = [instantiate(c) for c in (cfg.callbacks or {}).values() if c is not None]
     for callback in callbacks:
         if isinstance(callback, MaskAudit):
@@ -161,10 +150,10 @@ def _summary(
         "diverged_at_step": outcome.get("diverged_at_step"),
         "resume_ckpt_path": outcome.get("resume_ckpt_path"),
         "resumed_from": cfg.ckpt_path,
-        "strategy": cfg.attention.strategy,
-        "layout": cfg.data.layout,
-        "padding_side": cfg.data.padding_side,
-        "batching": cfg.data.batching,
+        "strategy": str(cfg.attention.strategy),  # Choice members as plain strs
+        "layout": str(cfg.data.layout),
+        "padding_side": str(cfg.data.padding_side),
+        "batching": str(cfg.data.batching),
         "valid": invalid is None,
         "invalid_reason": invalid,
         "equivalence_key": equivalence_key(cfg),
@@ -276,10 +265,11 @@ _OWN_CONFIGS = ("-cn", "--config-name", "-cp", "--config-path", "-cd", "--config
 _NOT_CHECKED = {"hydra"}  # Hydra's own groups (hydra/launcher=...) live in its package, not under configs/
 
 
-def check_group_overrides(args: list[str], configs: Path = CONFIGS) -> list[str]:
-    """The command line's ``group=option`` overrides checked against ``configs/<group>/*.yaml`` before Hydra runs:
-    an unknown option (also one value of a sweep, ``attention=auto,fast``) raises :class:`ConfigError` naming the
-    group, the value and the options (Hydra would print a multi-line error and exit 1). Returns ``args``, with
+def check_overrides(args: list[str], configs: Path = CONFIGS) -> list[str]:
+    """The command line's overrides checked before Hydra runs: a ``group=option`` against ``configs/<group>/*.yaml``,
+    a ``key=value`` of a choice (``data.layout``, typed by :class:`mhaplug.util.Choice` in the schema) against its
+    values. A bad one (also one value of a sweep, ``attention=auto,fast``) raises :class:`ConfigError` naming the key,
+    the value and what is allowed: Hydra would print a multi-line error and exit 1. Returns ``args``, with
     ``group=null`` (drop the group, as ``logger=null`` reads) written as Hydra spells it, ``~group``. Left to Hydra:
     a run with another config tree (``--config-dir`` ...) and an override Hydra's grammar rejects."""
     from hydra.core.override_parser.overrides_parser import OverridesParser
@@ -299,8 +289,12 @@ def check_group_overrides(args: list[str], configs: Path = CONFIGS) -> list[str]
             checked.append(arg)  # Hydra reports it
             continue
         group = override.key_or_group
-        if group not in groups or override.is_delete() or override.value_type == ValueType.GLOB_CHOICE_SWEEP:
+        if override.is_delete() or override.value_type == ValueType.GLOB_CHOICE_SWEEP:
             checked.append(arg)  # a glob matches existing options only
+            continue
+        if group not in groups:
+            _check_choice_override(override)
+            checked.append(arg)
             continue
         if not override.is_sweep_override() and override.value() is None:
             checked.append(f"~{group}")  # group=null: no config of this group
@@ -315,6 +309,19 @@ def check_group_overrides(args: list[str], configs: Path = CONFIGS) -> list[str]
                 )
         checked.append(arg)
     return checked
+
+
+def _check_choice_override(override: Any) -> None:
+    choice = choice_of(override.key_or_group)
+    if choice is None:
+        return
+    values = list(override.sweep_string_iterator()) if override.is_sweep_override() else [override.value()]
+    for value in values:
+        if value not in choice.values():
+            hint = " (or pick one with attention=NAME)" if override.key_or_group == "attention.strategy" else ""
+            raise ConfigError(
+                f"{override.key_or_group}={value} is not valid; allowed: {', '.join(choice.values())}{hint}"
+            )
 
 
 _exit_code = 0  # the largest exit code of this process's runs (a sweep runs several jobs in one process)
@@ -373,7 +380,7 @@ def _discard_if_empty(folder: Path, own: set[str]) -> None:
 
 if __name__ == "__main__":
     try:
-        sys.argv[1:] = check_group_overrides(sys.argv[1:])
+        sys.argv[1:] = check_overrides(sys.argv[1:])
     except ConfigError as err:
         print(f"train.py: error: {err}", file=sys.stderr, flush=True)
         sys.exit(EXIT_REFUSED)

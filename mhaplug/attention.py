@@ -28,8 +28,17 @@ from torch import Tensor, nn
 
 from mhaplug import masks
 from mhaplug.unpad import TokenLayout
+from mhaplug.util import Choice, check_choice, check_int
 
-__all__ = ["CAPABILITIES", "STRATEGIES", "Capabilities", "MultiheadAttention", "capability_table", "swap_attention"]
+__all__ = [
+    "CAPABILITIES",
+    "STRATEGIES",
+    "Capabilities",
+    "MultiheadAttention",
+    "Strategy",
+    "capability_table",
+    "swap_attention",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -102,6 +111,8 @@ CAPABILITIES: dict[str, Capabilities] = {
 }
 STRATEGIES: tuple[str, ...] = tuple(CAPABILITIES)
 DEFAULT_STRATEGY = "auto"
+# The strategies as a Choice, the type of ``attention.strategy`` in the structured configs (checked at composition)
+Strategy = Choice("Strategy", [(name, name) for name in STRATEGIES])  # type: ignore[misc]
 
 
 def strategies_where(**flags: bool) -> tuple[str, ...]:
@@ -456,9 +467,7 @@ class MultiheadAttention(nn.MultiheadAttention):
         *,
         strategy: str = DEFAULT_STRATEGY,
     ) -> None:
-        for name, value in (("embed_dim", embed_dim), ("num_heads", num_heads)):
-            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-                raise ValueError(f"{name} must be a positive int, got {value!r}")
+        embed_dim, num_heads = check_int("embed_dim", embed_dim), check_int("num_heads", num_heads)
         if embed_dim % num_heads:
             raise ValueError(
                 f"num_heads must divide embed_dim, got embed_dim={embed_dim} and num_heads={num_heads}; "
@@ -508,9 +517,7 @@ class MultiheadAttention(nn.MultiheadAttention):
 
     @strategy.setter
     def strategy(self, value: str) -> None:
-        if value not in CAPABILITIES:
-            raise ValueError(f"strategy must be one of {', '.join(STRATEGIES)}; got {value!r}")
-        self._strategy = value
+        self._strategy = check_choice("strategy", value, STRATEGIES)
 
     def extra_repr(self) -> str:
         return f"embed_dim={self.embed_dim}, num_heads={self.num_heads}, batch_first={self.batch_first}, strategy={self.strategy!r}"
@@ -869,8 +876,7 @@ def swap_attention(model: nn.Module, strategy: str = DEFAULT_STRATEGY) -> dict[s
         ``{qualified module name: what was there before}``, e.g.
         ``{"encoder.layers.0.self_attn": "torch.nn.MultiheadAttention", "encoder": "nested-tensor fast path off"}``.
     """
-    if strategy not in CAPABILITIES:
-        raise ValueError(f"strategy must be one of {', '.join(STRATEGIES)}; got {strategy!r}")
+    strategy = check_choice("strategy", strategy, STRATEGIES)
     if isinstance(model, nn.MultiheadAttention):
         raise TypeError(
             "swap_attention replaces the attention layers inside a model; for a bare nn.MultiheadAttention use "

@@ -74,9 +74,17 @@ from torch import Tensor
 from torch.utils.data import default_collate
 
 from mhaplug import masks
-from mhaplug.loss import IGNORE_INDEX
+from mhaplug.util import PADDING_SIDES, check_choice, check_int, round_up
 
-__all__ = ["COMPUTED_KEYS", "PackCollator", "PadCollator", "add_token_counts", "first_fit_pack", "round_up"]
+__all__ = [
+    "COMPUTED_KEYS",
+    "IGNORE_INDEX",
+    "PackCollator",
+    "PadCollator",
+    "add_token_counts",
+    "first_fit_pack",
+    "round_up",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -90,12 +98,9 @@ COMPUTED_KEYS: tuple[str, ...] = (
 )  # fmt: skip
 _INT64 = np.iinfo(np.int64)
 
-
-def round_up(length: int, multiple: int | None) -> int:
-    """``length`` rounded up to a multiple of ``multiple`` (no extra block when it already is one)."""
-    if not multiple:
-        return length
-    return -(-length // multiple) * multiple
+# The label that takes no loss, where the collators write it by default (padding, and the first token of every
+# sequence or document) and what the loss and the token counts skip: torch's and Hugging Face's default.
+IGNORE_INDEX = -100
 
 
 def add_token_counts(batch: dict[str, Any], *, label_pad_id: int = IGNORE_INDEX) -> dict[str, Any]:
@@ -124,13 +129,6 @@ def add_token_counts(batch: dict[str, Any], *, label_pad_id: int = IGNORE_INDEX)
     batch["num_real_tokens"] = real
     batch["num_padded_tokens"] = labels.numel()
     return batch
-
-
-def _check_positive(name: str, value: int | None, *, optional: bool = True) -> None:
-    if value is None and optional:
-        return
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"{name} must be a positive int{' or None' if optional else ''}, got {value!r}")
 
 
 def _check_int(name: str, value: object, meaning: str) -> int:
@@ -266,8 +264,8 @@ class _Collator:
     def __post_init__(self) -> None:
         self.pad_token_id = _check_int("pad_token_id", self.pad_token_id, "the id written on padding")
         self.label_pad_id = _check_int("label_pad_id", self.label_pad_id, "the label where no loss is taken")
-        _check_positive("pad_to_multiple_of", self.pad_to_multiple_of)
-        _check_positive("vocab_size", self.vocab_size)
+        self.pad_to_multiple_of = check_int("pad_to_multiple_of", self.pad_to_multiple_of, optional=True)
+        self.vocab_size = check_int("vocab_size", self.vocab_size, optional=True)
         keys = self.passthrough_keys
         if isinstance(keys, (str, bytes)) or not isinstance(keys, Iterable):
             hint = f"; write ({keys!r},)" if isinstance(keys, str) else ""
@@ -347,11 +345,9 @@ class PadCollator(_Collator):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if self.padding_side not in ("right", "left"):
-            raise ValueError(f"padding_side must be 'right' or 'left', got {self.padding_side!r}")
-        if self.overflow not in ("error", "truncate"):
-            raise ValueError(f"overflow must be 'error' or 'truncate', got {self.overflow!r}")
-        _check_positive("max_length", self.max_length)
+        self.padding_side = check_choice("padding_side", self.padding_side, PADDING_SIDES)  # type: ignore[assignment]
+        self.overflow = check_choice("overflow", self.overflow, ("error", "truncate"))  # type: ignore[assignment]
+        self.max_length = check_int("max_length", self.max_length, optional=True)
 
     def __call__(self, rows: Sequence[Row]) -> dict[str, Any]:
         flat, lengths = self._flat_ids(rows)  # (T,) int64 numpy, (B,) int64 numpy
@@ -447,9 +443,7 @@ def first_fit_pack(lengths: Sequence[int] | np.ndarray | Tensor, capacity: int) 
     them there one by one, since no row before it has room), and a run reaching the first unopened row fills
     the new rows it needs at once. Each descent places at least one document.
     """
-    if isinstance(capacity, (bool, np.bool_)) or not isinstance(capacity, numbers.Integral) or capacity < 1:
-        raise ValueError(f"capacity must be a positive int, got {capacity!r}")
-    capacity = int(capacity)
+    capacity = check_int("capacity", capacity)
     sizes = lengths.tolist() if isinstance(lengths, (np.ndarray, Tensor)) else list(lengths)
     if not all(type(size) is int for size in sizes):  # numpy ints, or not ints: checked one by one
         sizes = [_document_length(size, i) for i, size in enumerate(sizes)]
@@ -552,9 +546,9 @@ class PackCollator(_Collator):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        _check_positive("max_length", self.max_length, optional=False)
-        if self.long_documents not in ("split", "error", "truncate"):
-            raise ValueError(f"long_documents must be 'split', 'error' or 'truncate', got {self.long_documents!r}")
+        self.max_length = check_int("max_length", self.max_length)
+        long_documents = check_choice("long_documents", self.long_documents, ("split", "error", "truncate"))
+        self.long_documents = long_documents  # type: ignore[assignment]
         if not isinstance(self.return_flash_attn_kwargs, bool):
             raise TypeError(f"return_flash_attn_kwargs must be a bool, got {self.return_flash_attn_kwargs!r}")
         if self.passthrough_keys:

@@ -13,11 +13,13 @@ next name, so two runs never share a folder, whenever and wherever they start.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import itertools
 import math
 import numbers
 import os
+import typing
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -26,16 +28,17 @@ from typing import Any
 
 import torch
 from hydra.core.config_store import ConfigStore
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import MISSING, DictConfig, OmegaConf
 
-from mhaplug.attention import CAPABILITIES, DEFAULT_STRATEGY, STRATEGIES, strategies_where
-from mhaplug.data import BATCHINGS, EOS_TOKEN, LAYOUTS, PAD_TOKEN, SOURCES
+from mhaplug.attention import CAPABILITIES, DEFAULT_STRATEGY, Strategy, strategies_where
+from mhaplug.util import EOS_TOKEN, PAD_TOKEN, Batching, Choice, Layout, OnInvalid, PaddingSide, Source
 
 __all__ = [
     "ConfigError",
     "SkipRun",
     "TrainConfig",
     "checkpoint_run_dir",
+    "choice_of",
     "claim_job_subdir",
     "claim_run_dir",
     "min_vocab_size",
@@ -48,20 +51,28 @@ class ConfigError(ValueError):
     """A setting, or a combination of settings, that cannot train correctly."""
 
 
+# The schema of configs/: the settings of TextDataModule and LitDecoderLM (with DecoderConfig), typed, so that
+# OmegaConf refuses a misspelt key or a value of the wrong type (a choice outside its Choice) when the config is
+# composed. Names and defaults are those of the classes the configs instantiate, which are their one definition:
+# tests/test_train.py fails when the two differ. The YAML files set only what differs from these defaults.
+
+
 @dataclass
 class DataConfig:
-    _target_: str = "mhaplug.data.TextDataModule"
-    source: str = "stdlib_docs"
-    path: Any = None
+    """:class:`mhaplug.data.TextDataModule`'s parameters."""
+
+    _target_: str = MISSING  # configs/data/stdlib_docs.yaml: mhaplug.data.TextDataModule
+    source: Source = Source.stdlib_docs
+    path: Any = None  # a str, or a list of them (text_files)
     name: str | None = None
     split: str = "train"
     text_column: str = "text"
     tokenizer_path: str | None = None
     vocab_size: int = 4096
     max_length: int = 256
-    layout: str = "packed"
-    padding_side: str = "right"
-    batching: str = "random"
+    layout: Layout = Layout.padded
+    padding_side: PaddingSide = PaddingSide.right
+    batching: Batching = Batching.random
     batch_size: int = 16
     max_tokens: int | None = None
     pad_to_multiple_of: int | None = None
@@ -76,13 +87,19 @@ class DataConfig:
 
 @dataclass
 class ModelConfig:
-    _target_: str = "mhaplug.lit.LitDecoderLM"
+    """:class:`mhaplug.lit.LitDecoderLM`'s parameters: the :class:`mhaplug.model.DecoderConfig` fields (the
+    architecture), then the optimiser's and what the run records."""
+
+    _target_: str = MISSING  # configs/model/small.yaml: mhaplug.lit.LitDecoderLM
+    vocab_size: int = MISSING  # configs/model/small.yaml: ${data.vocab_size}
+    max_positions: int = 256
     d_model: int = 128
     num_heads: int = 4
     num_layers: int = 2
     d_ff: int = 512
     dropout: float = 0.0
     attn_dropout: float = 0.0
+    strategy: Strategy = Strategy[DEFAULT_STRATEGY]
     tie_weights: bool = True
     compile: bool = False
     lr: float = 3e-3
@@ -92,11 +109,14 @@ class ModelConfig:
     min_lr_ratio: float = 0.1
     accumulate_grad_batches: int = 1
     gradient_clip_val: float = 1.0
+    layout: Layout = Layout.padded
+    padding_side: PaddingSide = PaddingSide.right
+    batching: Batching = Batching.random
 
 
 @dataclass
 class AttentionConfig:
-    strategy: str = DEFAULT_STRATEGY
+    strategy: Strategy = Strategy[DEFAULT_STRATEGY]
 
 
 @dataclass
@@ -105,13 +125,24 @@ class TrainConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     attention: AttentionConfig = field(default_factory=AttentionConfig)
     trainer: dict[str, Any] = field(default_factory=dict)
-    logger: Any = None
+    logger: Any = None  # name -> logger config, as callbacks
     callbacks: Any = None
     paths: dict[str, Any] = field(default_factory=dict)
     task_name: str = "train"
     seed: int = 0
     ckpt_path: str | None = None
-    on_invalid: str = "error"  # error | skip | run (run: train a wrong-but-runnable combination, for teaching)
+    on_invalid: OnInvalid = OnInvalid.error  # what to do with a combination that cannot train correctly
+
+
+def choice_of(key: str) -> type[Choice] | None:
+    """The :class:`mhaplug.util.Choice` that types ``key`` (dotted, ``data.layout``) in :class:`TrainConfig`, or None
+    for a key that is not a choice (or not in the schema)."""
+    node: Any = TrainConfig
+    for part in key.split("."):
+        if not dataclasses.is_dataclass(node):
+            return None
+        node = typing.get_type_hints(node).get(part)
+    return node if isinstance(node, type) and issubclass(node, Choice) else None
 
 
 def register_configs() -> None:
@@ -195,12 +226,6 @@ def _claim(parent: str | os.PathLike[str], names: Iterable[str]) -> str:
             continue
         return path
     raise AssertionError("unreachable: the candidate names never run out")
-
-
-def _choice(name: str, value: Any, allowed: tuple[str, ...], group: str | None = None) -> None:
-    if value not in allowed:
-        how = f"pick one with {group}=NAME" if group else f"set {name}=one of them"
-        raise ConfigError(f"{name}={value!r} is not valid; allowed: {', '.join(allowed)} ({how})")
 
 
 def invalid_combination(cfg: DictConfig) -> tuple[str, bool] | None:
@@ -288,7 +313,7 @@ def min_vocab_size() -> int:
     the special tokens ``<|pad|>`` and ``<|endoftext|>``, then all 256 bytes, whatever the vocab size asked for. With
     a smaller one the last byte tokens get ids past the embedding: the collator refuses them, but only once a text
     holds one of those bytes (plain ASCII text trains with 257 and fails later on other text)."""
-    from tokenizers import pre_tokenizers  # imported by mhaplug.data already
+    from tokenizers import pre_tokenizers  # light (no datasets, no Lightning)
 
     return len(pre_tokenizers.ByteLevel.alphabet()) + len((PAD_TOKEN, EOS_TOKEN))
 
@@ -353,13 +378,7 @@ class SkipRun(Exception):
 def validate(cfg: DictConfig) -> str | None:
     """Raise :class:`ConfigError` for a bad value or combination, or :class:`SkipRun` when ``on_invalid`` says to
     skip it; return the reason when ``on_invalid=run`` lets a wrong-but-runnable combination train on purpose."""
-    _choice("on_invalid", cfg.on_invalid, ("error", "skip", "run"))
-    _choice("attention.strategy", cfg.attention.strategy, STRATEGIES, "attention")
-    _choice("data.source", cfg.data.source, SOURCES, "data")
-    _choice("data.layout", cfg.data.layout, LAYOUTS)
-    _choice("data.padding_side", cfg.data.padding_side, ("right", "left"))
-    _choice("data.batching", cfg.data.batching, BATCHINGS)
-    _check_values(cfg)
+    _check_values(cfg)  # the choices (strategy, layout, ...) are typed: OmegaConf checked them at composition
     if cfg.data.batching == "token_budget" and not cfg.data.max_tokens:
         raise ConfigError(
             f"data.batching=token_budget needs data.max_tokens (padded tokens per batch), e.g. "

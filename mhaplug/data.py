@@ -41,8 +41,7 @@ import random
 import reprlib
 import sys
 import sysconfig
-from collections.abc import Callable, Iterable, Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -54,6 +53,16 @@ from torch.utils.data import DataLoader, Dataset
 
 from mhaplug import sampling, unpad
 from mhaplug.collate import PackCollator, PadCollator, first_fit_pack
+from mhaplug.util import (  # the choices live there, where config validation imports them without datasets
+    BATCHINGS,
+    EOS_TOKEN,
+    LAYOUTS,
+    PAD_TOKEN,
+    PADDING_SIDES,
+    SOURCES,
+    atomic_path,
+    check_choice,
+)
 
 __all__ = [
     "BATCHINGS",
@@ -71,10 +80,6 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-SOURCES = ("stdlib_docs", "synthetic", "text_files", "hf")
-LAYOUTS = ("padded", "packed")
-BATCHINGS = ("random", "length_grouped", "token_budget")
-PAD_TOKEN, EOS_TOKEN = "<|pad|>", "<|endoftext|>"  # ids 0 and 1: pad is never EOS (HF transformers #23530)
 _STDLIB_SKIP = {
     "site-packages",
     "test",
@@ -110,24 +115,9 @@ def _key(*parts: Any) -> str:
 _T = TypeVar("_T")
 
 
-@contextmanager
-def _atomic_path(path: Path) -> Iterator[Path]:
-    """A temporary path in ``path``'s folder to write an entry to. When the block ends without an error it replaces
-    ``path`` in one step (``os.replace``), so a reader sees the old entry or the whole new one, never part of one;
-    after an error it is removed and ``path`` is left as it was."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f"{path.name}.tmp{os.getpid()}")  # same folder: os.replace never copies across disks
-    tmp.unlink(missing_ok=True)
-    try:
-        yield tmp
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
 def _cached(path: Path, *, read: Callable[[Path], _T], build: Callable[[Path], None]) -> _T:
     """The cache entry at ``path``. ``read`` loads and validates an entry, raising if it is bad; ``build`` writes a
-    new one to the path it is given (see :func:`_atomic_path`). A bad entry (truncated, corrupted, or not what
+    new one to the path it is given (see :func:`mhaplug.util.atomic_path`). A bad entry (truncated, corrupted, or not what
     this version writes) is logged as a WARNING with its path, and rebuilt."""
     if path.exists():
         try:
@@ -136,7 +126,7 @@ def _cached(path: Path, *, read: Callable[[Path], _T], build: Callable[[Path], N
         # means the entry is bad, and it is rebuilt.
         except Exception as error:  # noqa: BLE001
             logger.warning("cache entry %s is unreadable (%s: %s); rebuilding it", path, type(error).__name__, error)
-    with _atomic_path(path) as tmp:
+    with atomic_path(path) as tmp:
         build(tmp)
     return read(path)
 
@@ -454,14 +444,11 @@ class TextDataModule(pl.LightningDataModule):
         synthetic_max_words: int = 64,
     ) -> None:
         super().__init__()
-        for arg, value, allowed in (
-            ("source", source, SOURCES),
-            ("layout", layout, LAYOUTS),
-            ("batching", batching, BATCHINGS),
-            ("padding_side", padding_side, ("right", "left")),
-        ):
-            if value not in allowed:
-                raise ValueError(f"{arg} must be one of {', '.join(allowed)}; got {value!r}")
+        # plain strs (a structured config hands Enum members): save_hyperparameters below records these locals
+        source = check_choice("source", source, SOURCES)
+        layout = check_choice("layout", layout, LAYOUTS)
+        padding_side = check_choice("padding_side", padding_side, PADDING_SIDES)
+        batching = check_choice("batching", batching, BATCHINGS)
         if source in ("text_files", "hf") and not path:
             raise ValueError(
                 f"source={source!r} needs path= (a file, glob or list for text_files; a dataset name or directory for hf)"

@@ -15,26 +15,32 @@ only; throughput, padding and memory are :class:`mhaplug.callbacks.ThroughputMon
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
+from dataclasses import asdict
 from typing import Any
 
 import pytorch_lightning as pl
 import torch
 from torch import Tensor
 
-from mhaplug.attention import DEFAULT_STRATEGY
 from mhaplug.collate import add_token_counts
 from mhaplug.model import DecoderConfig, DecoderLM
+from mhaplug.util import BATCHINGS, LAYOUTS, PADDING_SIDES, check_choice, check_int
 
 __all__ = ["LitDecoderLM"]
 
 
 class LitDecoderLM(pl.LightningModule):
-    """A LightningModule that takes plain numbers (so ``save_hyperparameters`` and ``load_from_checkpoint``
-    work) and builds the model itself.
+    """A LightningModule that takes plain values (so ``save_hyperparameters`` and ``load_from_checkpoint`` work, also
+    with ``weights_only=True``) and builds the model itself.
 
     Args:
-        vocab_size ... compile: :class:`mhaplug.model.DecoderConfig`.
-        lr, weight_decay, betas: AdamW (no decay on biases, norms and embeddings' 1-D parameters).
+        **model: the :class:`mhaplug.model.DecoderConfig` fields (``vocab_size`` is required; ``max_positions``,
+            ``d_model``, ``num_heads``, ``num_layers``, ``d_ff``, ``dropout``, ``attn_dropout``, ``strategy``,
+            ``tie_weights``, ``compile``), the one definition of the architecture and its defaults; an unknown
+            name raises ``TypeError``. Saved with the hyper-parameters as plain values, every field included.
+        lr, weight_decay, betas: AdamW (no decay on the 1-D parameters, biases and norms; matrices are decayed,
+            the embeddings included).
         warmup_steps, min_lr_ratio: linear warm-up, then cosine decay to ``lr * min_lr_ratio`` at the last step.
         accumulate_grad_batches: micro-batches per optimizer step (this module's, not the Trainer's).
         gradient_clip_val: clip the global gradient norm (0 = off).
@@ -44,20 +50,9 @@ class LitDecoderLM(pl.LightningModule):
     def __init__(
         self,
         *,
-        vocab_size: int,
-        max_positions: int = 256,
-        d_model: int = 128,
-        num_heads: int = 4,
-        num_layers: int = 2,
-        d_ff: int = 512,
-        dropout: float = 0.0,
-        attn_dropout: float = 0.0,
-        strategy: str = DEFAULT_STRATEGY,
-        tie_weights: bool = True,
-        compile: bool = False,
         lr: float = 3e-3,
         weight_decay: float = 0.1,
-        betas: tuple[float, float] = (0.9, 0.95),
+        betas: Sequence[float] = (0.9, 0.95),
         warmup_steps: int = 20,
         min_lr_ratio: float = 0.1,
         accumulate_grad_batches: int = 1,
@@ -65,27 +60,27 @@ class LitDecoderLM(pl.LightningModule):
         layout: str = "padded",
         padding_side: str = "right",
         batching: str = "random",
+        **model: Any,
     ) -> None:
         super().__init__()
-        if accumulate_grad_batches < 1:
-            raise ValueError(f"accumulate_grad_batches must be >= 1, got {accumulate_grad_batches}")
-        self.save_hyperparameters()
-        self.automatic_optimization = False
-        self.model = DecoderLM(
-            DecoderConfig(
-                vocab_size=vocab_size,
-                max_positions=max_positions,
-                d_model=d_model,
-                num_heads=num_heads,
-                num_layers=num_layers,
-                d_ff=d_ff,
-                dropout=dropout,
-                attn_dropout=attn_dropout,
-                strategy=strategy,
-                tie_weights=tie_weights,
-                compile=compile,
-            )
+        config = DecoderConfig(**model)  # checks every field; the strategy becomes a plain str
+        self.save_hyperparameters(
+            {
+                **asdict(config),
+                "lr": float(lr),
+                "weight_decay": float(weight_decay),
+                "betas": tuple(float(b) for b in betas),
+                "warmup_steps": check_int("warmup_steps", warmup_steps, minimum=0),
+                "min_lr_ratio": float(min_lr_ratio),
+                "accumulate_grad_batches": check_int("accumulate_grad_batches", accumulate_grad_batches),
+                "gradient_clip_val": float(gradient_clip_val),
+                "layout": check_choice("layout", layout, LAYOUTS),
+                "padding_side": check_choice("padding_side", padding_side, PADDING_SIDES),
+                "batching": check_choice("batching", batching, BATCHINGS),
+            }
         )
+        self.automatic_optimization = False
+        self.model = DecoderLM(config)
         self._step: dict[str, Any] = self._new_step()
         self._val_sum: Tensor | None = None
         self._val_count = 0

@@ -19,10 +19,11 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from mhaplug import masks
+from mhaplug.collate import IGNORE_INDEX  # the collators write it; the loss skips it
+from mhaplug.util import check_int
 
 __all__ = ["IGNORE_INDEX", "linear_cross_entropy", "next_token_targets"]
 
-IGNORE_INDEX = -100  # a label that takes no loss (torch's and Hugging Face's default)
 DEFAULT_CHUNK_ELEMENTS = 2**21  # logits per chunk (8 MiB in float32): large GEMMs, little live memory
 
 
@@ -62,8 +63,7 @@ def linear_cross_entropy(
         )
     if chunk_size is None:
         chunk_size = max(1, DEFAULT_CHUNK_ELEMENTS // weight.shape[0])
-    elif isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
-        raise ValueError(f"chunk_size must be a positive int, got {chunk_size!r}")
+    chunk_size = check_int("chunk_size", chunk_size)
     return _LinearCrossEntropy.apply(hidden, weight, targets, ignore_index, chunk_size)
 
 

@@ -43,6 +43,8 @@ import torch
 from torch import Tensor
 from torch.utils.weak import WeakIdKeyDictionary
 
+from mhaplug.util import PADDING_SIDES, check_choice
+
 __all__ = [
     "PaddingSide",
     "add_causal_to_attn_mask",
@@ -68,7 +70,7 @@ __all__ = [
     "token_index_from_is_pad",
 ]
 
-PaddingSide = Literal["right", "left"]
+PaddingSide = Literal["right", "left"]  # the values of mhaplug.util.PADDING_SIDES, for type hints
 NEG_INF = float("-inf")
 
 
@@ -173,8 +175,7 @@ def is_pad_from_lengths(lengths: Tensor, max_length: int, *, padding_side: Paddi
         right: [[F F F T],      left: [[T F F F],
                 [F T T T]]             [T T T F]]
     """
-    if padding_side not in ("right", "left"):
-        raise ValueError(f"padding_side must be 'right' or 'left', got {padding_side!r}")
+    padding_side = check_choice("padding_side", padding_side, PADDING_SIDES)  # type: ignore[assignment]
     if lengths.dim() != 1 or lengths.dtype.is_floating_point or lengths.dtype == torch.bool:
         raise TypeError(f"lengths must be a 1-D integer tensor (B,), got {lengths.dtype} {tuple(lengths.shape)}")
     positions = torch.arange(max_length, device=lengths.device)  # (L,)

@@ -32,8 +32,10 @@ from torch import Tensor, nn
 
 from mhaplug import masks
 from mhaplug.attention import DEFAULT_STRATEGY, STRATEGIES, MultiheadAttention, strategies_where
-from mhaplug.loss import IGNORE_INDEX, linear_cross_entropy, next_token_targets
+from mhaplug.collate import IGNORE_INDEX
+from mhaplug.loss import linear_cross_entropy, next_token_targets
 from mhaplug.unpad import TokenLayout, plan_tokens
+from mhaplug.util import check_choice, check_int
 
 __all__ = ["PACKED_STRATEGIES", "DecoderConfig", "DecoderLM"]
 
@@ -58,13 +60,10 @@ class DecoderConfig:
 
     def __post_init__(self) -> None:
         for name in ("vocab_size", "max_positions", "d_model", "num_heads", "num_layers", "d_ff"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"model.{name} must be a positive int, got {value!r}")
+            setattr(self, name, check_int(name, getattr(self, name)))
         if self.d_model % self.num_heads:
-            raise ValueError(f"model.num_heads={self.num_heads} must divide model.d_model={self.d_model}")
-        if self.strategy not in STRATEGIES:
-            raise ValueError(f"model.strategy must be one of {', '.join(STRATEGIES)}; got {self.strategy!r}")
+            raise ValueError(f"num_heads={self.num_heads} must divide d_model={self.d_model}")
+        self.strategy = check_choice("strategy", self.strategy, STRATEGIES)  # a plain str (also from a config's Enum)
 
 
 class Block(nn.Module):

@@ -31,8 +31,9 @@ import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, Sampler
 
+from mhaplug.util import check_int, round_up
+
 __all__ = [
-    "BATCH_SAMPLERS",
     "BaseBatchSampler",
     "LengthGroupedBatchSampler",
     "Lengths",
@@ -46,21 +47,10 @@ __all__ = [
 Lengths = Sequence[int] | np.ndarray | Tensor  # token count of each sample (N,): list, numpy array or 1-D tensor
 
 
-def _check_int(value: Any, *, name: str, minimum: int = 1, optional: bool = False) -> Any:
-    if value is None and optional:
-        return None
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
-        kind = "an int" + (" or None" if optional else "")
-        raise TypeError(f"{name} must be {kind} >= {minimum}, got {value!r} ({type(value).__name__})")
-    if value < minimum:
-        raise ValueError(f"{name} must be an int >= {minimum}, got {value}")
-    return int(value)
-
-
 def padded_tokens(batch_lengths: Sequence[int], pad_to_multiple_of: int | None = None) -> int:
     """Token slots a padded batch occupies: ``len(batch) * round_up(max(batch_lengths), pad_to_multiple_of)``."""
-    multiple = _check_int(pad_to_multiple_of, name="pad_to_multiple_of", optional=True) or 1
-    return len(batch_lengths) * -(-int(np.max(batch_lengths)) // multiple) * multiple if len(batch_lengths) else 0
+    multiple = check_int("pad_to_multiple_of", pad_to_multiple_of, optional=True)
+    return len(batch_lengths) * round_up(int(np.max(batch_lengths)), multiple) if len(batch_lengths) else 0
 
 
 def pad_fraction(lengths: Lengths, batches: Iterable[Sequence[int]], pad_to_multiple_of: int | None = None) -> float:
@@ -143,14 +133,14 @@ class BaseBatchSampler(Sampler[list[int]]):
         super().__init__()
         self.lengths = _as_lengths(lengths)
         self.shuffle, self.drop_last = bool(shuffle), bool(drop_last)
-        self.seed = _check_int(seed, name="seed", minimum=0)
+        self.seed = check_int("seed", seed, minimum=0)
         distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
         if num_replicas is None:
             num_replicas = torch.distributed.get_world_size() if distributed else 1
         if rank is None:
             rank = torch.distributed.get_rank() if distributed else 0
-        self.num_replicas = _check_int(num_replicas, name="num_replicas")
-        self.rank = _check_int(rank, name="rank", minimum=0)
+        self.num_replicas = check_int("num_replicas", num_replicas)
+        self.rank = check_int("rank", rank, minimum=0)
         if self.rank >= self.num_replicas:
             raise ValueError(f"rank must be in [0, num_replicas={self.num_replicas}), got rank={self.rank}")
         self.epoch = 0
@@ -212,7 +202,7 @@ class BaseBatchSampler(Sampler[list[int]]):
 
     def set_epoch(self, epoch: int) -> None:
         """Select the epoch to iterate; a new epoch starts at batch 0, the current one keeps its position."""
-        epoch = _check_int(epoch, name="epoch", minimum=0)
+        epoch = check_int("epoch", epoch, minimum=0)
         if epoch != self.epoch:
             self.epoch, self._batches_yielded, self._resume_from = epoch, 0, 0
 
@@ -254,9 +244,9 @@ class BaseBatchSampler(Sampler[list[int]]):
                 f"state was saved by a sampler with other data or settings: {'; '.join(sorted(differ))}. "
                 f"Build the sampler from the same lengths and settings to resume, or start without the state."
             )
-        epoch = _check_int(state["epoch"], name="state['epoch']", minimum=0)
+        epoch = check_int("state['epoch']", state["epoch"], minimum=0)
         count = len(self._rank_batches(epoch))
-        done = _check_int(state["batches_yielded"], name="state['batches_yielded']", minimum=0)
+        done = check_int("state['batches_yielded']", state["batches_yielded"], minimum=0)
         if done > count:
             raise ValueError(f"state['batches_yielded'] is {done} but epoch {epoch} has {count} batches on this rank")
         self.epoch, self._batches_yielded, self._resume_from = epoch, done, done
@@ -278,7 +268,7 @@ class RandomBatchSampler(BaseBatchSampler):
         num_replicas: int | None = None,
         rank: int | None = None,
     ) -> None:
-        self.batch_size = _check_int(batch_size, name="batch_size")
+        self.batch_size = check_int("batch_size", batch_size)
         super().__init__(lengths, shuffle, seed, drop_last, num_replicas, rank)
 
     def _global_batches(self, rng: np.random.Generator | None) -> list[list[int]]:
@@ -309,8 +299,8 @@ class LengthGroupedBatchSampler(BaseBatchSampler):
         num_replicas: int | None = None,
         rank: int | None = None,
     ) -> None:
-        self.batch_size = _check_int(batch_size, name="batch_size")
-        self.mega_batch_mult = _check_int(mega_batch_mult, name="mega_batch_mult")
+        self.batch_size = check_int("batch_size", batch_size)
+        self.mega_batch_mult = check_int("mega_batch_mult", mega_batch_mult)
         super().__init__(lengths, shuffle, seed, drop_last, num_replicas, rank)
 
     def _global_batches(self, rng: np.random.Generator | None) -> list[list[int]]:
@@ -351,13 +341,13 @@ class TokenBudgetBatchSampler(BaseBatchSampler):
         num_replicas: int | None = None,
         rank: int | None = None,
     ) -> None:
-        self.max_tokens = _check_int(max_tokens, name="max_tokens")
-        self.pad_to_multiple_of = _check_int(pad_to_multiple_of, name="pad_to_multiple_of", optional=True)
-        self.max_batch_size = _check_int(max_batch_size, name="max_batch_size", optional=True)
-        self.mega_batch_mult = _check_int(mega_batch_mult, name="mega_batch_mult")
+        self.max_tokens = check_int("max_tokens", max_tokens)
+        self.pad_to_multiple_of = check_int("pad_to_multiple_of", pad_to_multiple_of, optional=True)
+        self.max_batch_size = check_int("max_batch_size", max_batch_size, optional=True)
+        self.mega_batch_mult = check_int("mega_batch_mult", mega_batch_mult)
         super().__init__(lengths, shuffle, seed, False, num_replicas, rank)
         multiple = self.pad_to_multiple_of or 1
-        self._widths = -(-self.lengths // multiple) * multiple  # (N,) padded length of each sample alone
+        self._widths = round_up(self.lengths, multiple)  # (N,) padded length of each sample alone
         too_long = np.flatnonzero(self._widths > self.max_tokens)
         if len(too_long):
             i = int(too_long[0])
@@ -383,13 +373,6 @@ class TokenBudgetBatchSampler(BaseBatchSampler):
                 batches.append(mega[start : start + fits].tolist())
                 start += fits
         return self._shuffle_batches(batches, rng)
-
-
-BATCH_SAMPLERS: dict[str, type[BaseBatchSampler]] = {
-    "random": RandomBatchSampler,
-    "length_grouped": LengthGroupedBatchSampler,
-    "token_budget": TokenBudgetBatchSampler,
-}
 
 
 class ResumableDataLoader(DataLoader):

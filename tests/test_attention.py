@@ -555,7 +555,7 @@ def test_constructor_errors() -> None:
         MultiheadAttention(E, H, strategy="fast")
     with pytest.raises(ValueError, match=r"dropout must be in \[0, 1\), got 1.5"):
         MultiheadAttention(E, H, dropout=1.5)
-    with pytest.raises(ValueError, match="embed_dim must be a positive int, got 0"):
+    with pytest.raises(ValueError, match="embed_dim must be an int >= 1, got 0"):
         MultiheadAttention(0, 1)
 
 

@@ -323,11 +323,11 @@ def test_bad_rows_name_the_row(collator, rows: list, error: type[Exception], mes
 
 
 def test_bad_settings() -> None:
-    with pytest.raises(ValueError, match="padding_side must be 'right' or 'left', got 'up'"):
+    with pytest.raises(ValueError, match="padding_side must be one of right, left; got 'up'"):
         PadCollator(padding_side="up")  # type: ignore[arg-type]
-    with pytest.raises(ValueError, match="pad_to_multiple_of must be a positive int or None, got 0"):
+    with pytest.raises(ValueError, match="pad_to_multiple_of must be an int >= 1 or None, got 0"):
         PadCollator(pad_to_multiple_of=0)
-    with pytest.raises(ValueError, match="max_length must be a positive int, got 0"):
+    with pytest.raises(ValueError, match="max_length must be an int >= 1, got 0"):
         PackCollator()
     with pytest.raises(ValueError, match=r"pad_token_id must be in \[0, vocab_size=10\), got 10"):
         PadCollator(pad_token_id=10, vocab_size=10)
@@ -445,9 +445,9 @@ def test_first_fit_pack_errors() -> None:
     with pytest.raises(ValueError, match="document 1 has 9 tokens, more than the row capacity 8"):  # the first longest
         first_fit_pack([3, 9, 9], 8)
     for capacity in (0, -3):
-        with pytest.raises(ValueError, match=f"capacity must be a positive int, got {capacity}"):
+        with pytest.raises(ValueError, match=f"capacity must be an int >= 1, got {capacity}"):
             first_fit_pack([1, 2], capacity)
-    with pytest.raises(ValueError, match="capacity must be a positive int, got True"):
+    with pytest.raises(TypeError, match=r"capacity must be an int >= 1, got True \(bool\)"):
         first_fit_pack([1], True)  # type: ignore[arg-type]
     with pytest.raises(
         ValueError, match=r"document 2 has 0 tokens; every length must be >= 1 \(drop empty documents\)"

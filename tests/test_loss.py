@@ -100,7 +100,7 @@ def test_next_token_targets_shift_the_labels_not_the_logits() -> None:
     [
         ({"hidden": torch.zeros(3, 4), "weight": torch.zeros(5, 6)}, r"hidden must be \(N, E\) and weight \(V, E\)"),
         ({"targets": torch.zeros(4, dtype=torch.int64)}, r"targets must be \(N,\) = \(3,\)"),
-        ({"chunk_size": 0}, "chunk_size must be a positive int, got 0"),
+        ({"chunk_size": 0}, "chunk_size must be an int >= 1, got 0"),
     ],
 )
 def test_bad_input_is_named(kwargs: dict, message: str) -> None:

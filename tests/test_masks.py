@@ -22,7 +22,7 @@ def test_is_pad_from_lengths_right_and_left() -> None:
 
 
 def test_is_pad_from_lengths_rejects_bad_arguments() -> None:
-    with pytest.raises(ValueError, match="padding_side must be 'right' or 'left', got 'middle'"):
+    with pytest.raises(ValueError, match="padding_side must be one of right, left; got 'middle'"):
         masks.is_pad_from_lengths(torch.tensor([1]), 2, padding_side="middle")  # type: ignore[arg-type]
     with pytest.raises(TypeError, match=r"lengths must be a 1-D integer tensor \(B,\), got torch.float32"):
         masks.is_pad_from_lengths(torch.tensor([1.0]), 2)

@@ -4,6 +4,8 @@ normalised by tokens, and (slow, real subprocesses) kill-and-resume, DDP and the
 from __future__ import annotations
 
 import csv
+import dataclasses
+import inspect
 import json
 import math
 import os
@@ -20,13 +22,25 @@ import pytest
 import torch
 from hydra import compose, initialize_config_dir
 from hydra.errors import ConfigCompositionException, MissingConfigException
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 import train as train_script
 from mhaplug import compare
 from mhaplug.attention import CAPABILITIES, STRATEGIES
-from mhaplug.config import ConfigError, SkipRun, checkpoint_run_dir, claim_job_subdir, claim_run_dir, validate
+from mhaplug.config import (
+    ConfigError,
+    DataConfig,
+    ModelConfig,
+    SkipRun,
+    checkpoint_run_dir,
+    claim_job_subdir,
+    claim_run_dir,
+    validate,
+)
+from mhaplug.data import TextDataModule
 from mhaplug.lit import LitDecoderLM
+from mhaplug.model import DecoderConfig
+from mhaplug.util import Choice
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = ROOT / "configs"
@@ -81,6 +95,46 @@ def test_every_config_option_composes_and_validates(tmp_path: Path, group: str, 
             assert cfg.attention.strategy == option
 
 
+def _defaults(parameters: dict[str, Any]) -> dict[str, Any]:
+    return {name: (str(value) if isinstance(value, Choice) else value) for name, value in parameters.items()}
+
+
+def test_the_schema_is_the_settings_of_the_classes_it_instantiates() -> None:
+    """One definition: DataConfig is TextDataModule's parameters, ModelConfig is DecoderConfig's fields and then
+    LitDecoderLM's own, with the same names, order and defaults; the YAML files set only what differs."""
+
+    def schema(cls: type) -> dict[str, Any]:
+        node = OmegaConf.structured(cls)
+        return {k: node._get_node(k)._value() for k in node if k != "_target_"}
+
+    def signature(fn: Any) -> dict[str, Any]:
+        params = inspect.signature(fn).parameters.values()
+        return {p.name: p.default for p in params if p.kind == p.KEYWORD_ONLY}
+
+    assert _defaults(schema(DataConfig)) == signature(TextDataModule.__init__)
+    decoder = {f.name: f.default for f in dataclasses.fields(DecoderConfig)}
+    model = _defaults(schema(ModelConfig))
+    assert decoder.pop("vocab_size") is dataclasses.MISSING and model.pop("vocab_size") == "???"  # from the data
+    lit = signature(LitDecoderLM.__init__)
+    assert model == {**decoder, **lit, "betas": list(lit["betas"])}  # a ListConfig holds the tuple as a list
+    assert list(model) == [*decoder, *lit]
+
+
+def test_the_model_takes_vocabulary_positions_and_strategy_from_the_config(tmp_path: Path) -> None:
+    """What train.py once wired by hand is interpolated when the config is composed (configs/model/small.yaml)."""
+    cfg = config(tmp_path, "model=tiny", "data.vocab_size=1000", "data.max_length=96", "attention=merged_bool")
+    model = OmegaConf.to_container(cfg.model, resolve=True, enum_to_str=True)
+    assert {k: model[k] for k in ("vocab_size", "max_positions", "strategy", "layout", "padding_side", "batching")} == {
+        "vocab_size": 1000,
+        "max_positions": 96,
+        "strategy": "merged_bool",
+        "layout": "packed",
+        "padding_side": "right",
+        "batching": "random",
+    }
+    assert (model["d_model"], model["lr"]) == (32, 3e-3)  # tiny's own, and DecoderConfig's / LitDecoderLM's default
+
+
 def test_a_misspelt_key_fails_when_the_config_is_composed(tmp_path: Path) -> None:
     with pytest.raises(ConfigCompositionException, match="batchsize"):
         config(tmp_path, "data.batchsize=8")
@@ -88,16 +142,37 @@ def test_a_misspelt_key_fails_when_the_config_is_composed(tmp_path: Path) -> Non
         config(tmp_path, "model.dmodel=64")
 
 
-def test_an_unknown_strategy_lists_the_allowed_ones(tmp_path: Path) -> None:
+def test_a_bad_choice_fails_when_the_config_is_composed_listing_the_allowed_values(tmp_path: Path) -> None:
+    """Choices are typed in the schema (mhaplug.util.Choice): OmegaConf refuses another value at composition, from
+    an override or a file, naming the allowed ones; train.py's pre-flight says the same in one line (exit 2)."""
     allowed = ", ".join(STRATEGIES)  # the one list of strategies (mhaplug.attention), in its order
-    with pytest.raises(ConfigError, match=f"attention.strategy='fast' is not valid; allowed: {allowed} "):
-        validate(config(tmp_path, "attention.strategy=fast"))
+    with pytest.raises(ConfigCompositionException, match="attention.strategy=fast") as failed:
+        config(tmp_path, "attention.strategy=fast")
+    assert f"Invalid value 'fast', expected one of [{allowed}]" in str(failed.value.__cause__)
     with pytest.raises(MissingConfigException, match="attention/fast"):
         config(tmp_path, "attention=fast")
-    with pytest.raises(
-        ConfigError, match="data.batching='grouped' is not valid; allowed: random, length_grouped, token_budget"
+    with pytest.raises(ConfigCompositionException) as failed:
+        config(tmp_path, "data.batching=grouped")
+    assert "Invalid value 'grouped', expected one of [random, length_grouped, token_budget]" in str(
+        failed.value.__cause__
+    )
+    with pytest.raises(ConfigCompositionException):
+        config(tmp_path, "on_invalid=sometimes")
+    for key, expected in (
+        (
+            "attention.strategy=fast",
+            f"attention.strategy=fast is not valid; allowed: {allowed} (or pick one with attention=NAME)",
+        ),
+        ("data.batching=grouped", "data.batching=grouped is not valid; allowed: random, length_grouped, token_budget"),
+        ("data.layout=padded,ragged", "data.layout=ragged is not valid; allowed: padded, packed"),
+        ("data.source=web", "data.source=web is not valid; allowed: stdlib_docs, synthetic, text_files, hf"),
+        ("model.padding_side=up", "model.padding_side=up is not valid; allowed: right, left"),
+        ("on_invalid=sometimes", "on_invalid=sometimes is not valid; allowed: error, skip, run"),
     ):
-        validate(config(tmp_path, "data.batching=grouped"))
+        with pytest.raises(ConfigError, match=f"^{re.escape(expected)}$"):
+            train_script.check_overrides([key])
+    fine = ["data.layout=packed", "attention.strategy=merged_bool", "model.d_model=64", "data.padding_side=left"]
+    assert train_script.check_overrides(fine) == fine
 
 
 def test_an_unknown_option_of_a_group_is_one_line_before_hydra_runs(tmp_path: Path) -> None:
@@ -107,17 +182,17 @@ def test_an_unknown_option_of_a_group_is_one_line_before_hydra_runs(tmp_path: Pa
     message = f"attention=fast is not an option of attention; allowed: {strategies} (the files in configs/attention/)"
     for args in (["attention=fast"], ["-m", "attention=auto,fast"], ["--multirun", "attention=choice(auto,fast)"]):
         with pytest.raises(ConfigError, match=re.escape(message)):
-            train_script.check_group_overrides(args)
+            train_script.check_overrides(args)
     with pytest.raises(ConfigError, match="attention=attention_schema is not an option of attention"):
-        train_script.check_group_overrides(["attention=attention_schema"])
+        train_script.check_overrides(["attention=attention_schema"])
     with pytest.raises(MissingConfigException, match="attention/attention_schema"):
         config(tmp_path, "attention=attention_schema")  # not selectable through Hydra either
     with pytest.raises(ConfigError, match=r"^data=hf_x is not an option of data; allowed: hf, stdlib_docs, synthetic,"):
-        train_script.check_group_overrides(["+data=hf_x", "model.d_model=64"])
+        train_script.check_overrides(["+data=hf_x", "model.d_model=64"])
     fine = ["-m", "attention=auto,merged_bool", "data.layout=padded", "trainer=glob(*)", "~debug", "hydra.run.dir=x"]
-    assert train_script.check_group_overrides(fine) == fine
-    assert train_script.check_group_overrides(["logger=null", "model=tiny"]) == ["~logger", "model=tiny"]
-    assert train_script.check_group_overrides(["-cd", "/elsewhere", "attention=fast"]) == [
+    assert train_script.check_overrides(fine) == fine
+    assert train_script.check_overrides(["logger=null", "model=tiny"]) == ["~logger", "model=tiny"]
+    assert train_script.check_overrides(["-cd", "/elsewhere", "attention=fast"]) == [
         "-cd",
         "/elsewhere",
         "attention=fast",
@@ -367,8 +442,10 @@ def test_train_debug_run_writes_logs_checkpoints_and_summary(
     ):
         assert column(rows, name), name
     assert column(rows, "val/ppl")[-1] == pytest.approx(math.exp(column(rows, "val/loss")[-1]), rel=1e-5)
-    restored = LitDecoderLM.load_from_checkpoint(tmp_path / "checkpoints" / "last.ckpt")
+    restored = LitDecoderLM.load_from_checkpoint(tmp_path / "checkpoints" / "last.ckpt", weights_only=True)
     assert restored.hparams.strategy == cfg.attention.strategy and restored.hparams.vocab_size == 512
+    assert type(restored.hparams.strategy) is str and restored.model.config.d_model == 32  # plain values only
+    assert {type(v) for v in restored.hparams.values()} <= {str, int, float, bool, tuple}
     out = capsys.readouterr().out
     assert "mhaplug run finished: 6 steps" in out and "pad fraction" in out and str(tmp_path) in out
     assert " s (attention=auto, layout=packed, batching=random)\n" in out  # no padding side: packed rows have none
