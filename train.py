@@ -37,6 +37,7 @@ from pytorch_lightning.utilities.exceptions import SIGTERMException
 
 from mhaplug.callbacks import CheckpointOnSigterm, DivergedError, MaskAudit, ThroughputMonitor
 from mhaplug.config import ConfigError, SkipRun, choice_of, register_configs, validate
+from mhaplug.util import write_atomic
 
 log = logging.getLogger("mhaplug.train")
 
@@ -113,9 +114,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
 
     summary = _summary(cfg, trainer, datamodule, wall, invalid_reason, outcome)
     if trainer.is_global_zero:
-        tmp = output_dir / f"summary.json.tmp{os.getpid()}"
-        tmp.write_text(json.dumps(summary, indent=2))
-        tmp.replace(output_dir / "summary.json")  # never a half-written summary
+        write_atomic(output_dir / "summary.json", json.dumps(summary, indent=2))  # never a half-written summary
         _print_summary(summary, output_dir, compare_dir=_compare_dir(output_dir))
     return summary
 
@@ -344,7 +343,7 @@ def main(cfg: DictConfig) -> float | None:
     except SkipRun as skipped:
         log.warning("skipped (%s): %s", skipped.why, skipped)
         output_dir.mkdir(parents=True, exist_ok=True)
-        (output_dir / "skipped.txt").write_text(f"{_run_name()}: {skipped}\n")
+        write_atomic(output_dir / "skipped.txt", f"{_run_name()}: {skipped}\n")
         return None
     except ConfigError as err:
         # One line, no traceback: Hydra would print one for an exception that reaches it, and exit 1.

@@ -56,6 +56,7 @@ import torch
 from torch import Tensor, nn
 
 from mhaplug import masks
+from mhaplug.collate import IGNORE_INDEX
 from mhaplug.model import DecoderLM, lm_loss_sum
 
 __all__ = ["AuditCheck", "AuditReport", "audit"]
@@ -426,7 +427,7 @@ def _pad_noise(embedding: nn.Module, real: Tensor, factor: float, generator: tor
 # What a pad column holds, per batch key (PadCollator's and PackCollator's conventions).
 _PAD_VALUES: dict[str, int | bool] = {
     "input_ids": 0,
-    "labels": -100,
+    "labels": IGNORE_INDEX,
     "key_padding_mask": True,
     "attention_mask": 0,
     "position_ids": 0,
@@ -521,7 +522,7 @@ def _loss(logits: Tensor, labels: Tensor | None) -> Tensor | None:
     """Mean next-token loss over the labels that take one (shifted), or None without labels or targets."""
     if labels is None:
         return None
-    count = (labels[:, 1:] != -100).sum()
+    count = (labels[:, 1:] != IGNORE_INDEX).sum()
     if not bool(count):
         return None
     return lm_loss_sum(logits, labels) / count

@@ -14,7 +14,7 @@ be stacked.
 Batch keys (B rows, L = padded length)::
 
     input_ids          int64 (B, L)   pad_token_id on padding
-    labels             int64 (B, L)   the token, or -100 where no loss: padding (from lengths, never from
+    labels             int64 (B, L)   the token, or IGNORE_INDEX (-100) where no loss: padding (from lengths, never from
                                       ``== pad_token_id``, so a pad id equal to EOS still learns to stop) and the
                                       first token of every sequence (packed: of every document), which nothing
                                       before it in the same sequence predicts (with left padding it would be
@@ -578,7 +578,7 @@ class PackCollator(_Collator):
         cu_seqlens = torch.zeros(len(doc_lengths) + 1, dtype=torch.int32)
         cu_seqlens[1:] = torch.tensor(doc_lengths).cumsum(0)
         out = {
-            # labels: -100 at document starts; no attention_mask (see the class docstring)
+            # labels: the ignore index at document starts; no attention_mask (see the class docstring)
             **self._batch(input_ids, is_pad, position_ids, (~is_pad).sum(-1), attention_mask=False),
             "document_ids": document_ids,
             "cu_seqlens": cu_seqlens,
