@@ -83,13 +83,13 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     invalid_reason = validate(cfg)
     if invalid_reason:
         log.warning("running an INVALID combination on purpose (on_invalid=run): %s", invalid_reason)
-    pl.seed_everything(cfg.seed, workers=True)
     output_dir = Path(cfg.paths.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
 
-    datamodule = instantiate(cfg.data, _convert_="all")
+    datamodule = instantiate(cfg.data, _convert_="all")  # seeded by data.seed, not the global generators
     datamodule.prepare_data()
     datamodule.setup("fit")
+    pl.seed_everything(cfg.seed, workers=True)  # after the data, so that data refused by its checks logs nothing
     model = instantiate(cfg.model, _convert_="all")  # vocab, positions and strategy: configs/model/small.yaml
     callbacks = [instantiate(c) for c in (cfg.callbacks or {}).values() if c is not None]
     for callback in callbacks:

@@ -31,7 +31,17 @@ from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig, OmegaConf
 
 from mhaplug.attention import CAPABILITIES, DEFAULT_STRATEGY, Strategy, strategies_where
-from mhaplug.util import EOS_TOKEN, PAD_TOKEN, Batching, Choice, Layout, OnInvalid, PaddingSide, Source
+from mhaplug.util import (
+    EOS_TOKEN,
+    PAD_TOKEN,
+    Batching,
+    Choice,
+    ConfigError,
+    Layout,
+    OnInvalid,
+    PaddingSide,
+    Source,
+)
 
 __all__ = [
     "ConfigError",
@@ -45,10 +55,6 @@ __all__ = [
     "register_configs",
     "validate",
 ]
-
-
-class ConfigError(ValueError):
-    """A setting, or a combination of settings, that cannot train correctly."""
 
 
 # The schema of configs/: the settings of TextDataModule and LitDecoderLM (with DecoderConfig), typed, so that

@@ -12,8 +12,9 @@ Sources (``source=``):
 - ``text_files``: local ``.txt`` (a document per line), ``.jsonl`` / ``.json`` or ``.parquet`` files (``path`` may be a
   file, a glob or a list), each read by its own extension into memory (:func:`read_text_files`): nothing is
   written to the Hugging Face cache, and a bad file raises naming the file and line.
-- ``hf``: any ``datasets.load_dataset(path, name, split=split)``: a hub name, or a local path. Offline with no
-  cache it fails with a message saying so.
+- ``hf``: any ``datasets.load_dataset(path, name, split=split)``: a hub name, or a local path (loaded offline). When
+  the hub cannot be reached (or ``HF_HUB_OFFLINE=1``) a hub name loads from the local cache only, and fails at once
+  with one line (:class:`mhaplug.util.ConfigError`) when it is not there.
 
 Pipeline: empty documents are dropped (and counted in the log); a deterministic train/validation split (by
 ``seed``); a byte-level BPE tokenizer trained with ``tokenizers`` on the training split only, or loaded from
@@ -41,7 +42,8 @@ import random
 import reprlib
 import sys
 import sysconfig
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -60,6 +62,7 @@ from mhaplug.util import (  # the choices live there, where config validation im
     PAD_TOKEN,
     PADDING_SIDES,
     SOURCES,
+    ConfigError,
     atomic_path,
     check_choice,
 )
@@ -353,15 +356,63 @@ _READERS: dict[str, Callable[[Path, str], list[str | None]]] = {
 
 
 def _load_hf(path: str, name: str | None, split: str) -> datasets.Dataset:
+    """``datasets.load_dataset(path, name, split=split)``, failing at once with one line (:class:`ConfigError`).
+
+    A local path loads offline. For a hub name, a hub that cannot be reached is found with one request of a few
+    seconds (no retries), and the dataset is then loaded from the local cache only: ``huggingface_hub`` would retry
+    each request five times (about 23 s) before ``datasets`` raises. ``HF_HUB_OFFLINE=1`` skips the probe."""
+    from huggingface_hub import constants
+
+    offline = bool(datasets.config.HF_HUB_OFFLINE or constants.HF_HUB_OFFLINE)
+    if offline:
+        why = "offline mode is on (HF_HUB_OFFLINE)"
+    elif not Path(path).expanduser().exists() and not _hub_reachable(constants.ENDPOINT):
+        why, offline = f"the Hugging Face hub ({constants.ENDPOINT}) cannot be reached", True
     try:
-        return datasets.load_dataset(path, name, split=split)
-    except Exception as error:  # datasets raises several types (ConnectionError, FileNotFoundError, ...)
-        offline = os.environ.get("HF_DATASETS_OFFLINE") == "1" or os.environ.get("HF_HUB_OFFLINE") == "1"
-        raise RuntimeError(
-            f"could not load the Hugging Face dataset path={path!r}, name={name!r}, split={split!r}"
-            f"{' (offline mode is on and it is not in the local cache)' if offline else ''}: {error}. "
-            f"Download it once with network access, or point data.path at a local copy (data=text_files)."
-        ) from error
+        with _hub_offline(offline):
+            return datasets.load_dataset(path, name, split=split)
+    except Exception as error:  # noqa: BLE001 (datasets raises several types: ConnectionError, FileNotFoundError, ...)
+        where = f"data.path={path!r}" + (f", data.name={name!r}" if name else "") + f", data.split={split!r}"
+        if offline:
+            raise ConfigError(
+                f"data.path={path!r}: {why} and the dataset is not in the local cache; download it once with network "
+                f"access (it is cached then), or point data.path at a local copy (a directory, or data=text_files)"
+            ) from None
+        detail = " ".join(str(error).split())  # one line
+        raise ConfigError(
+            f"could not load the Hugging Face dataset {where}: {type(error).__name__}: {detail}"
+        ) from None
+
+
+def _hub_reachable(endpoint: str, timeout: float = 3.0) -> bool:
+    """Whether ``endpoint`` answers one HEAD request within ``timeout`` seconds (any HTTP status counts)."""
+    import urllib.error
+    import urllib.request
+
+    try:
+        urllib.request.urlopen(urllib.request.Request(endpoint, method="HEAD"), timeout=timeout).close()
+    except urllib.error.HTTPError:
+        return True  # it answered
+    except (OSError, ValueError):  # URLError, a refused connection, an unknown host, a timeout, a malformed URL
+        return False
+    return True
+
+
+@contextmanager
+def _hub_offline(offline: bool) -> Iterator[None]:
+    """``datasets`` and ``huggingface_hub`` in offline mode (read from the cache only) inside the block, if
+    ``offline``; the flags are restored after it."""
+    from huggingface_hub import constants
+
+    if not offline:
+        yield
+        return
+    saved = datasets.config.HF_HUB_OFFLINE, constants.HF_HUB_OFFLINE
+    datasets.config.HF_HUB_OFFLINE = constants.HF_HUB_OFFLINE = True
+    try:
+        yield
+    finally:
+        datasets.config.HF_HUB_OFFLINE, constants.HF_HUB_OFFLINE = saved
 
 
 # ----------------------------------------------------------------------------------------------------------

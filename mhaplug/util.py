@@ -1,6 +1,7 @@
 """Small helpers the modules share, importing the standard library only (no torch, datasets or Lightning), so
 that config validation can use them without loading the heavy modules:
 
+- :class:`ConfigError`, a setting that cannot train;
 - the settings with a fixed set of values (:class:`Choice` and its subclasses), typed in the structured configs so
   that OmegaConf checks them when a config is composed, and checked by the library with :func:`check_choice`;
 - the tokenizer's special tokens;
@@ -28,6 +29,7 @@ __all__ = [
     "SOURCES",
     "Batching",
     "Choice",
+    "ConfigError",
     "Layout",
     "OnInvalid",
     "PaddingSide",
@@ -38,6 +40,11 @@ __all__ = [
     "round_up",
     "write_atomic",
 ]
+
+
+class ConfigError(ValueError):
+    """A setting, or a combination of settings, that cannot train correctly: train.py prints its message as one
+    line and exits 2 (also importable from :mod:`mhaplug.config`)."""
 
 
 class Choice(str, Enum):

@@ -210,6 +210,31 @@ def test_an_unknown_option_of_a_group_is_one_line_before_hydra_runs(tmp_path: Pa
     assert list(tmp_path.iterdir()) == []  # no run folder
 
 
+def test_a_hub_dataset_without_a_hub_is_one_line_exit_2(tmp_path: Path) -> None:
+    """data=hf with a hub name and no hub to reach (HF_ENDPOINT refuses connections: offline on any machine): one
+    line naming data.path, exit 2, no run folder; not Hydra's chained traceback after minutes of retries."""
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "train.py"), "data=hf", "data.path=no-such-user/no-such-dataset", "model=tiny"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, "HF_ENDPOINT": "http://127.0.0.1:9", "MHAPLUG_CACHE": str(tmp_path / "cache")},
+        check=False,
+    )
+    assert result.returncode == 2, result.stderr[-3000:]
+    assert result.stderr.splitlines() == [
+        (
+            "train.py: error: data.path='no-such-user/no-such-dataset': the Hugging Face hub (http://127.0.0.1:9) "
+            "cannot be reached and the dataset is not in the local cache; download it once with network access (it "
+            "is cached then), or point data.path at a local copy (a directory, or data=text_files)"
+        )
+    ]
+    assert not (tmp_path / "outputs" / "train" / "runs").exists() or not list(
+        (tmp_path / "outputs/train/runs").iterdir()
+    )
+
+
 INVALID = [
     (
         ["attention=torch_mha", "data.layout=padded", "data.padding_side=left"],
