@@ -363,17 +363,17 @@ def _load_hf(path: str, name: str | None, split: str) -> datasets.Dataset:
     each request five times (about 23 s) before ``datasets`` raises. ``HF_HUB_OFFLINE=1`` skips the probe."""
     from huggingface_hub import constants
 
-    offline = bool(datasets.config.HF_HUB_OFFLINE or constants.HF_HUB_OFFLINE)
-    if offline:
+    local, why = Path(path).expanduser().exists(), None  # why: the reason the hub is not asked
+    if datasets.config.HF_HUB_OFFLINE or constants.HF_HUB_OFFLINE:
         why = "offline mode is on (HF_HUB_OFFLINE)"
-    elif not Path(path).expanduser().exists() and not _hub_reachable(constants.ENDPOINT):
-        why, offline = f"the Hugging Face hub ({constants.ENDPOINT}) cannot be reached", True
+    elif not local and not _hub_reachable(constants.ENDPOINT):
+        why = f"the Hugging Face hub ({constants.ENDPOINT}) cannot be reached"
     try:
-        with _hub_offline(offline):
+        with _hub_offline(local or why is not None):
             return datasets.load_dataset(path, name, split=split)
     except Exception as error:  # noqa: BLE001 (datasets raises several types: ConnectionError, FileNotFoundError, ...)
         where = f"data.path={path!r}" + (f", data.name={name!r}" if name else "") + f", data.split={split!r}"
-        if offline:
+        if why is not None and not local:
             raise ConfigError(
                 f"data.path={path!r}: {why} and the dataset is not in the local cache; download it once with network "
                 f"access (it is cached then), or point data.path at a local copy (a directory, or data=text_files)"
