@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import pytorch_lightning as pl
 import torch
 from hydra import compose, initialize_config_dir
 from hydra.errors import ConfigCompositionException, MissingConfigException
@@ -646,10 +647,26 @@ def logged_batches(path: Path) -> list[tuple[int, str]]:
     return [(r["step"], r["input_ids"]) for r in map(json.loads, lines)]
 
 
+class PauseAfterCheckpoint(pl.Callback):
+    """For a child process the test kills: at the first batch after the checkpoint of ``step`` was saved, write
+    ``marker`` atomically (``os.replace``: the test never reads part of it) and wait to be killed. The test then
+    kills a process that writes nothing, so ``last.ckpt`` is whole (Lightning writes it in place, not atomically)."""
+
+    def __init__(self, step: int, marker: str) -> None:
+        self.step, self.marker = step, Path(marker)
+
+    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, idx: int) -> None:
+        if trainer.global_step >= self.step:
+            tmp = self.marker.with_name(self.marker.name + ".tmp")
+            tmp.write_text(str(trainer.global_step))
+            os.replace(tmp, self.marker)
+            time.sleep(600)  # until SIGKILL
+
+
 @pytest.mark.slow
 def test_sigkill_then_sigterm_mid_epoch_and_resume_match_an_uninterrupted_run(tmp_path: Path) -> None:
-    """One run, three attempts: SIGKILL after the checkpoint of step 20 or 30, resumed; SIGTERM a few steps after the
-    resume (exit 143, checkpoint at that very step, summary "interrupted"), resumed again to step 50. Every resume
+    """One run, three attempts: SIGKILL after the checkpoint of step 20 (while the process waits, so that no file is
+    half-written), resumed; SIGTERM a few steps after the resume (exit 143, checkpoint at that very step, summary "interrupted"), resumed again to step 50. Every resume
     writes on in the run's folder (no hydra.run.dir given), to a new logger version; together the attempts train
     exactly the batches of an uninterrupted run, log every step once (as compare reads them), keep tracking the
     best checkpoint, and end with its loss."""
@@ -670,6 +687,7 @@ def test_sigkill_then_sigterm_mid_epoch_and_resume_match_an_uninterrupted_run(tm
 
     run_dir = tmp_path / "run"
     last = run_dir / "checkpoints" / "last.ckpt"
+    marker = tmp_path / "paused_at_step"
     killed = subprocess.Popen(
         [
             sys.executable,
@@ -677,16 +695,19 @@ def test_sigkill_then_sigterm_mid_epoch_and_resume_match_an_uninterrupted_run(tm
             *common,
             f"hydra.run.dir={run_dir}",
             f"+callbacks.batch_log.path={tmp_path / 'killed.jsonl'}",
+            "+callbacks.pause._target_=tests.test_train.PauseAfterCheckpoint",  # importable from the repository root
+            "+callbacks.pause.step=20",
+            f"+callbacks.pause.marker={marker}",
         ],
         cwd=ROOT,
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )
-    wait_for(lambda: last.exists() and torch.load(last, weights_only=False)["global_step"] >= 20, "step 20")
+    wait_for(marker.exists, "the checkpoint of step 20")  # written atomically, after last.ckpt was saved
     killed.send_signal(signal.SIGKILL)
     killed.wait()
     killed_at = torch.load(last, weights_only=False)["global_step"]
-    assert killed_at in (20, 30), killed_at  # the checkpoint of a validation, mid-epoch (an epoch is 46 batches)
+    assert marker.read_text() == "20" and killed_at == 20  # a validation's checkpoint, mid-epoch (46 batches)
 
     def resume(name: str) -> subprocess.Popen[str]:
         return subprocess.Popen(
@@ -723,6 +744,7 @@ def test_sigkill_then_sigterm_mid_epoch_and_resume_match_an_uninterrupted_run(tm
         "full",
         "full.jsonl",
         "killed.jsonl",
+        "paused_at_step",
         "run",
         "terminated.jsonl",
     ]  # no other run folder
@@ -756,7 +778,8 @@ def test_sigkill_then_sigterm_mid_epoch_and_resume_match_an_uninterrupted_run(tm
         check=False,
     )
     assert report.returncode == 0, report.stdout + report.stderr
-    assert report.stdout.count("ok (2 equivalent runs)") == 2  # the resumed run is one run, equal to the full one
+    # the resumed run is one run, equal to the full one
+    assert "equivalence: 1 group(s), 2 valid runs, all within 0.001\n" in report.stdout
 
 
 @pytest.mark.slow
