@@ -51,10 +51,12 @@ __all__ = [
     "additive_from_keep",
     "attention_mask_from_is_pad",
     "causal_keep",
+    "causal_mask_mod",
     "causal_row_has_key",
     "check_causal_hint",
     "check_mask",
     "document_causal_keep",
+    "document_causal_mask_mod",
     "guard_empty_rows",
     "has_pad_before_real_token",
     "host_read_is_free",
@@ -67,6 +69,9 @@ __all__ = [
     "keep_mask_mod",
     "lengths_from_is_pad",
     "merge_masks",
+    "not_pad_mask_mod",
+    "padded_causal_mask_mod",
+    "same_document_mask_mod",
     "token_index_from_is_pad",
 ]
 
@@ -464,14 +469,57 @@ def causal_row_has_key(mask: Tensor | None, tgt_len: int, src_len: int, *, devic
 
 
 # ----------------------------------------------------------------------------------------------------------
-# FlexAttention predicates (attention-gym style: tiny pure functions of (b, h, q_idx, kv_idx))
+# FlexAttention mask_mods: (b, h, q_idx, kv_idx) -> bool, True = may attend
 # ----------------------------------------------------------------------------------------------------------
 
 MaskMod = Callable[[Tensor, Tensor, Tensor, Tensor], Tensor]
 
 
+def causal_mask_mod(b: Tensor, h: Tensor, q_idx: Tensor, kv_idx: Tensor) -> Tensor:
+    """Causal (top-left aligned, as SDPA's): a query sees the keys at and before its own position."""
+    return kv_idx <= q_idx
+
+
+def not_pad_mask_mod(is_pad: Tensor) -> MaskMod:
+    """Never onto a padding key: ``is_pad`` (B, S), True = pad (``key_padding_mask``). Reads two entries per
+    (query, key) pair, so it costs the B * S of ``is_pad`` and no (L, S) tensor."""
+
+    def mask_mod(b: Tensor, h: Tensor, q_idx: Tensor, kv_idx: Tensor) -> Tensor:
+        return ~is_pad[b, kv_idx]
+
+    return mask_mod
+
+
+def same_document_mask_mod(document_ids: Tensor) -> MaskMod:
+    """Within one document of a packed row, never onto padding: ``document_ids`` (B, L), -1 on padding (as
+    :class:`mhaplug.PackCollator` emits them). Costs the B * L of ``document_ids`` and no (L, L) tensor."""
+
+    def mask_mod(b: Tensor, h: Tensor, q_idx: Tensor, kv_idx: Tensor) -> Tensor:
+        key_document = document_ids[b, kv_idx]
+        return (document_ids[b, q_idx] == key_document) & (key_document >= 0)
+
+    return mask_mod
+
+
+def document_causal_mask_mod(document_ids: Tensor) -> MaskMod:
+    """:func:`document_causal_keep` as a predicate: causal and within one document (``and_masks`` of the two),
+    evaluated per block by FlexAttention instead of read from a (B, 1, L, L) tensor."""
+    from torch.nn.attention.flex_attention import and_masks
+
+    return and_masks(causal_mask_mod, same_document_mask_mod(document_ids))
+
+
+def padded_causal_mask_mod(is_pad: Tensor) -> MaskMod:
+    """Causal and never onto padding, for padded rows: ``and_masks`` of :func:`causal_mask_mod` and
+    :func:`not_pad_mask_mod`."""
+    from torch.nn.attention.flex_attention import and_masks
+
+    return and_masks(causal_mask_mod, not_pad_mask_mod(is_pad))
+
+
 def keep_mask_mod(keep: Tensor | None, *, is_causal: bool) -> MaskMod:
-    """FlexAttention ``mask_mod`` (True = may attend) from a keep mask broadcastable to (B, H, L, S).
+    """A ``mask_mod`` that looks a dense keep mask up (True = may attend), broadcastable to (B, H, L, S), for masks
+    that are not a predicate (a caller's ``attn_mask``); causal too with ``is_causal``.
 
     Size-1 dimensions of ``keep`` are indexed at 0, so a (B, 1, 1, S) padding mask costs B*S bytes.
     """

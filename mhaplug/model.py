@@ -12,7 +12,9 @@ One forward builds the masks once for all layers, on the batch's device:
 - packed rows: a document-causal keep mask (B, 1, L, L) from ``document_ids`` (causal, within a document, never
   onto padding), handed to every layer as one broadcast ``attn_mask``; under ``auto`` on the CPU, each document
   becomes a row of its own instead, served by the causal kernel with a padding vector (:mod:`mhaplug.unpad`);
-- ``flex``: one FlexAttention ``BlockMask`` per batch (padding or documents, and causality), shared by the layers.
+- ``flex``: one FlexAttention ``BlockMask`` per batch, shared by the layers, from predicates on the batch's
+  ``document_ids`` or ``key_padding_mask`` combined with ``and_masks`` (:func:`mhaplug.masks.document_causal_mask_mod`,
+  :func:`mhaplug.masks.padded_causal_mask_mod`): no dense mask.
 
 On the CPU, padded rows are also split into length buckets for attention (:mod:`mhaplug.unpad`). Pass
 ``token_index`` (all B * L positions) to compute every position in the batch's own layout, as
@@ -215,23 +217,24 @@ class DecoderLM(nn.Module):
                     f"packed rows need a document mask; strategy={strategy!r} would let documents attend each "
                     f"other. Use one of {', '.join(PACKED_STRATEGIES)}"
                 )
+            if strategy == "flex":  # predicates on document_ids: no (B, 1, L, L) tensor
+                mask_mod = masks.document_causal_mask_mod(document_ids)
+                return None, _block_mask(mask_mod, batch, length, document_ids.device), False
             keep = masks.document_causal_keep(document_ids)  # (B, 1, L, L), True = may attend
-            if strategy == "flex":
-                return None, _block_mask(keep, batch, length), False
             return None, masks.is_masked_from_keep(keep), False  # MHA polarity, broadcast over heads
         if strategy == "causal_only":
             return None, None, True  # ignores padding by definition (valid with right padding only)
         if strategy == "flex" and key_padding_mask is not None:
-            keep = masks.keep_from_is_masked(key_padding_mask)[:, None, None, :]  # (B, 1, 1, L)
-            return None, _block_mask(keep, batch, length, is_causal=True), False
+            mask_mod = masks.padded_causal_mask_mod(key_padding_mask)
+            return None, _block_mask(mask_mod, batch, length, key_padding_mask.device), False
         return key_padding_mask, None, True
 
 
-def _block_mask(keep: Tensor, batch: int, length: int, *, is_causal: bool = False) -> object:
+def _block_mask(mask_mod: masks.MaskMod, batch: int, length: int, device: torch.device) -> object:
+    """One FlexAttention ``BlockMask`` (B, 1, L, L) for every layer: the predicate evaluated per block."""
     from torch.nn.attention.flex_attention import create_block_mask
 
-    mask_mod = masks.keep_mask_mod(keep, is_causal=is_causal)
-    return create_block_mask(mask_mod, batch, None, length, length, device=keep.device)
+    return create_block_mask(mask_mod, batch, None, length, length, device=device)
 
 
 def lm_loss_sum(logits: Tensor, labels: Tensor, *, ignore_index: int = IGNORE_INDEX) -> Tensor:

@@ -205,3 +205,24 @@ def test_merge_path_never_reads_tensor_values() -> None:
             assert safe.shape == (2, 1, 7, 7) and has_key.shape == (2, 1, 7, 1) and rows.shape == (2, 1, 7, 1)
     finally:
         masks.causal_keep.cache_clear()  # never leave a fake tensor in the cache
+
+
+def test_flex_mask_mods_are_the_dense_masks_as_predicates() -> None:
+    """The predicates FlexAttention evaluates per block (combined with and_masks) allow exactly what the dense keep
+    masks allow: document-causal from document_ids, causal and not-pad from key_padding_mask."""
+    from torch.nn.attention.flex_attention import create_mask
+
+    document_ids = torch.tensor([[0, 0, 1, 1, -1], [0, 1, 1, 1, 2]])  # (B, L), -1 on padding
+    got = create_mask(masks.document_causal_mask_mod(document_ids), 2, 1, 5, 5, device="cpu")  # (B, 1, L, L)
+    assert torch.equal(got, masks.document_causal_keep(document_ids))
+    assert got[0, 0].int().tolist() == [  # the literal picture of document_causal_keep's docstring
+        [1, 0, 0, 0, 0],
+        [1, 1, 0, 0, 0],
+        [0, 0, 1, 0, 0],
+        [0, 0, 1, 1, 0],
+        [0, 0, 0, 0, 0],
+    ]
+    is_pad = torch.tensor([[F, F, F, T], [T, F, F, F]])  # right and left padding
+    got = create_mask(masks.padded_causal_mask_mod(is_pad), 2, 1, 4, 4, device="cpu")
+    assert torch.equal(got, masks.causal_keep(4, 4) & ~is_pad[:, None, None, :])
+    assert got[1, 0].int().tolist() == [[0, 0, 0, 0], [0, 1, 0, 0], [0, 1, 1, 0], [0, 1, 1, 1]]

@@ -105,6 +105,29 @@ def test_auto_takes_packed_documents_as_rows_and_merged_bool_uses_one_document_m
     assert seen["auto"] == [[(len(LENGTHS), max(LENGTHS)), False, True]]  # 8 documents as rows, causal kernel
 
 
+@pytest.mark.filterwarnings("ignore:flex_attention called without torch.compile:UserWarning")
+@pytest.mark.parametrize("layout", ["right", "left", "packed"])
+def test_flex_forward_builds_its_block_mask_from_predicates_and_equals_reference(
+    layout: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """flex (forward only on the CPU): the BlockMask comes from and_masks of predicates on document_ids or
+    key_padding_mask, never from a dense (B, 1, L, L) keep tensor, and the real logits equal reference's."""
+    from mhaplug import masks
+
+    batch = batch_for(layout)
+
+    def logits_of(decoder: DecoderLM) -> Tensor:
+        with torch.no_grad():
+            return decoder(batch["input_ids"], key_padding_mask=batch["key_padding_mask"],
+                           position_ids=batch["position_ids"], document_ids=batch.get("document_ids"))  # fmt: skip
+
+    logits = {"reference": logits_of(model("reference"))}
+    monkeypatch.setattr(masks, "document_causal_keep", None)  # calling it would raise: flex must not build it
+    logits["flex"] = logits_of(model("flex"))
+    real = ~batch["key_padding_mask"]
+    torch.testing.assert_close(logits["flex"][real], logits["reference"][real], rtol=1e-10, atol=1e-10)
+
+
 def test_token_index_given_computes_exactly_those_positions() -> None:
     """What mhaplug.audit does: every position computed, pads included, with the same real logits."""
     decoder, batch = model("auto"), batch_for("right")
