@@ -5,8 +5,8 @@ Sources (``source=``):
 - ``stdlib_docs`` (default): the documentation strings of the Python standard library, real English text
   present on every Python install. Collected by parsing (never importing) every ``.py`` file under
   ``sysconfig.get_paths()["stdlib"]`` in sorted order and taking ``ast.get_docstring`` of each module, class
-  and function, skipping ``site-packages`` and the test suites. On CPython 3.11: 562 files, 6,858 docstrings,
-  1.5 M characters. Cached as JSON per Python version.
+  and function, skipping ``site-packages`` and the test suites (some thousands of docstrings, over a million
+  characters). Cached as JSON per Python version.
 - ``synthetic``: seeded sentences from a small grammar, with lengths from 1 to ``synthetic_max_words`` words;
   tiny and fast, for tests.
 - ``text_files``: local ``.txt`` (a document per line), ``.jsonl`` / ``.json`` or ``.parquet`` files (``path`` may be a
@@ -360,7 +360,7 @@ def _load_hf(path: str, name: str | None, split: str) -> datasets.Dataset:
 
     A local path loads offline. For a hub name, a hub that cannot be reached is found with one request of a few
     seconds (no retries), and the dataset is then loaded from the local cache only: ``huggingface_hub`` would retry
-    each request five times (about 23 s) before ``datasets`` raises. ``HF_HUB_OFFLINE=1`` skips the probe."""
+    each request five times, backing off 1 + 2 + 4 + 8 + 8 s, before ``datasets`` raises. ``HF_HUB_OFFLINE=1`` skips the probe."""
     from huggingface_hub import constants
 
     local, why = Path(path).expanduser().exists(), None  # why: the reason the hub is not asked
@@ -540,7 +540,11 @@ class TextDataModule(pl.LightningDataModule):
         )
 
     def prepare_data(self) -> None:
-        """Collect text, train or load the tokenizer, tokenise: all cached on disk (rank 0 only under DDP)."""
+        """Collect text, train or load the tokenizer, tokenise: all cached on disk, so a later call (another process,
+        another run) reads the cache. Lightning calls it on one process per node; train.py calls it in every process,
+        before the Trainer. With Lightning's own DDP launcher the first process builds the cache before it starts
+        the others (from ``trainer.fit``); processes started together (torchrun, SLURM) may build an entry at the
+        same time, which is safe: each writes a temporary file and renames it into place, so none reads part of one."""
         if not self.splits:
             self._build()
 

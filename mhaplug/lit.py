@@ -178,7 +178,7 @@ class LitDecoderLM(pl.LightningModule):
             [{"params": decay, "weight_decay": hp.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
             lr=hp.lr,
             betas=tuple(hp.betas),
-            fused=self._fused_adamw(),  # one kernel for all parameters: about 6% of a small model's step
+            fused=self._fused_adamw(),  # one kernel for all parameters instead of a loop of small ones
         )
         total = self._total_steps()
         warmup = min(hp.warmup_steps, max(total - 1, 0))

@@ -31,8 +31,9 @@ from mhaplug import masks
 
 __all__ = ["BUCKET_COST", "TokenLayout", "add_token_index", "plan_tokens"]
 
-# Attention-call overhead in units of (query, key) pairs: about what one more SDPA call per layer costs (forward
-# and backward, scatter and gather) on a CPU, so a bucket is split off only when it saves more than that.
+# Attention-call overhead in units of (query, key) pairs: roughly what one more SDPA call per layer costs (forward
+# and backward, scatter and gather) on a CPU, where buckets are used, so a bucket is split off only when it saves
+# more than that (benchmarks/train_throughput.py measures the effect on a machine).
 BUCKET_COST = 8192
 
 
