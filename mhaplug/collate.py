@@ -24,7 +24,7 @@ Batch keys (B rows, L = padded length)::
                                       packed: restart at 0 on every document
     lengths            int64 (B,)     real tokens per row
     num_targets        int            labels that take a loss after the next-token shift
-                                      (``labels[:, 1:] != label_pad_id``), the loss's normaliser
+                                      (``labels[:, 1:] != ignore_index``), the loss's normaliser
     num_real_tokens    int            real tokens in the batch (``lengths.sum()``)
     num_padded_tokens  int            B * L, the tokens the model computes on (pads included)
 
@@ -103,10 +103,10 @@ _INT64 = np.iinfo(np.int64)
 IGNORE_INDEX = -100
 
 
-def add_token_counts(batch: dict[str, Any], *, label_pad_id: int = IGNORE_INDEX) -> dict[str, Any]:
+def add_token_counts(batch: dict[str, Any], *, ignore_index: int = IGNORE_INDEX) -> dict[str, Any]:
     """Add the token counts of a collated batch, as Python ints, to ``batch`` (in place) and return it.
 
-    ``num_targets``: labels that take a loss after the next-token shift (``labels[:, 1:] != label_pad_id``: nothing
+    ``num_targets``: labels that take a loss after the next-token shift (``labels[:, 1:] != ignore_index``: nothing
     predicts position 0); ``num_real_tokens``: real tokens (``lengths`` summed, or the non-pad positions of
     ``key_padding_mask`` when the batch has no ``lengths``); ``num_padded_tokens``: B * L.
 
@@ -125,7 +125,7 @@ def add_token_counts(batch: dict[str, Any], *, label_pad_id: int = IGNORE_INDEX)
         raise KeyError(
             f"batch has neither 'lengths' nor 'key_padding_mask' to count real tokens; its keys are {sorted(batch)}"
         )
-    batch["num_targets"] = int((labels[:, 1:] != label_pad_id).sum())
+    batch["num_targets"] = int((labels[:, 1:] != ignore_index).sum())
     batch["num_real_tokens"] = real
     batch["num_padded_tokens"] = labels.numel()
     return batch
@@ -257,13 +257,13 @@ def _unstackable(key: str, values: list[Any], error: Exception) -> Exception:
 class _Collator:
     pad_token_id: int = 0
     pad_to_multiple_of: int | None = None
-    label_pad_id: int = IGNORE_INDEX
+    ignore_index: int = IGNORE_INDEX
     vocab_size: int | None = None
     passthrough_keys: tuple[str, ...] = field(default_factory=tuple)
 
     def __post_init__(self) -> None:
         self.pad_token_id = _check_int("pad_token_id", self.pad_token_id, "the id written on padding")
-        self.label_pad_id = _check_int("label_pad_id", self.label_pad_id, "the label where no loss is taken")
+        self.ignore_index = _check_int("ignore_index", self.ignore_index, "the label where no loss is taken")
         self.pad_to_multiple_of = check_int("pad_to_multiple_of", self.pad_to_multiple_of, optional=True)
         self.vocab_size = check_int("vocab_size", self.vocab_size, optional=True)
         keys = self.passthrough_keys
@@ -296,13 +296,13 @@ class _Collator:
         """
         batch = {
             "input_ids": input_ids,
-            "labels": input_ids.masked_fill(position_ids == 0, self.label_pad_id),  # padding and first tokens
+            "labels": input_ids.masked_fill(position_ids == 0, self.ignore_index),  # padding and first tokens
             "key_padding_mask": is_pad,
         }
         if attention_mask:
             batch["attention_mask"] = masks.attention_mask_from_is_pad(is_pad)
         batch = {**batch, "position_ids": position_ids, "lengths": lengths}
-        return add_token_counts(batch, label_pad_id=self.label_pad_id)
+        return add_token_counts(batch, ignore_index=self.ignore_index)
 
     def _passthrough(self, rows: Sequence[Row]) -> dict[str, Any]:
         extra = {}
@@ -323,12 +323,13 @@ class PadCollator(_Collator):
     """Pads rows to the longest (or ``max_length``), rounded up to ``pad_to_multiple_of``.
 
     Args:
-        pad_token_id: id written on padding (labels there are ``label_pad_id`` whatever this is).
+        pad_token_id: id written on padding (labels there are ``ignore_index`` whatever this is).
         padding_side: ``"right"`` (real tokens first) or ``"left"`` (real tokens last, for generation).
         pad_to_multiple_of: round L up to a multiple (8 or 64 keep kernels and ``torch.compile`` shapes stable).
         max_length: the longest row allowed; longer rows follow ``overflow``.
         overflow: ``"error"`` (default) raises naming the row; ``"truncate"`` keeps the first ``max_length`` tokens.
-        label_pad_id: label where no loss is taken.
+        ignore_index: the label where no loss is taken (:data:`IGNORE_INDEX`, what ``torch.nn.functional.cross_entropy``
+            and Hugging Face skip by default).
         vocab_size: if given, ids outside [0, vocab_size) raise naming the row.
         passthrough_keys: extra row keys to stack into the batch with ``default_collate`` (none of
             :data:`COMPUTED_KEYS`; a value of another type or shape in some rows raises naming those rows).
@@ -430,20 +431,20 @@ def _flat_segment_bounds(position_ids: Tensor) -> Tensor:
     return torch.cat([starts, starts.new_tensor([flat.numel()])]).to(torch.int32)
 
 
-def first_fit_pack(lengths: Sequence[int] | np.ndarray | Tensor, capacity: int) -> list[list[int]]:
+def first_fit_pack(lengths: Sequence[int] | np.ndarray | Tensor, max_length: int) -> list[list[int]]:
     """Indices of documents per row, first-fit decreasing: longest first, each into the first row with room.
 
-    Whole documents only; every length must be in [1, ``capacity``]. Deterministic: ties keep input order.
+    Whole documents only; every length must be in [1, ``max_length``]. Deterministic: ties keep input order.
     Rows come out in order of creation, so the fullest rows come first.
 
     O(n log n) for n documents (a few million pack in seconds), where scanning the rows for each document was
     O(n x rows): a max-tree over the rows' free room finds the lowest-index row with room in one descent. Its
-    leaves for rows not yet opened hold the whole capacity, so the same descent finds the next new row. Sorted,
+    leaves for rows not yet opened have all of max_length free, so the same descent finds the next new row. Sorted,
     documents of equal length come in runs: the row found takes as many of the run as fit (first-fit would put
     them there one by one, since no row before it has room), and a run reaching the first unopened row fills
     the new rows it needs at once. Each descent places at least one document.
     """
-    capacity = check_int("capacity", capacity)
+    max_length = check_int("max_length", max_length)
     sizes = lengths.tolist() if isinstance(lengths, (np.ndarray, Tensor)) else list(lengths)
     if not all(type(size) is int for size in sizes):  # numpy ints, or not ints: checked one by one
         sizes = [_document_length(size, i) for i, size in enumerate(sizes)]
@@ -452,15 +453,15 @@ def first_fit_pack(lengths: Sequence[int] | np.ndarray | Tensor, capacity: int) 
     if min(sizes) < 1:
         i = next(i for i, size in enumerate(sizes) if size < 1)
         raise ValueError(f"document {i} has {sizes[i]} tokens; every length must be >= 1 (drop empty documents)")
-    if max(sizes) > capacity:
+    if max(sizes) > max_length:
         i = sizes.index(max(sizes))  # the first of the longest: the first document the packing meets
-        raise ValueError(f"document {i} has {sizes[i]} tokens, more than the row capacity {capacity}")
+        raise ValueError(f"document {i} has {sizes[i]} tokens, more than max_length={max_length}")
     count = len(sizes)
     order = sorted(range(count), key=sizes.__getitem__, reverse=True)  # longest first; reverse keeps ties in order
     # First-fit leaves at most one row at most half full (a document in a later row did not fit in an earlier
-    # one), so rows <= 2 * tokens / capacity + 1: the tree's leaves.
-    leaves = 1 << (min(count, 2 * sum(sizes) // capacity + 1) - 1).bit_length()
-    room = [capacity] * (2 * leaves)  # room[node]: the most free room among the rows under node; row r: leaves + r
+    # one), so rows <= 2 * tokens / max_length + 1: the tree's leaves.
+    leaves = 1 << (min(count, 2 * sum(sizes) // max_length + 1) - 1).bit_length()
+    room = [max_length] * (2 * leaves)  # room[node]: the most free room among the rows under node; row r: leaves + r
     rows: list[list[int]] = []
     stop = 0
     while stop < count:
@@ -474,12 +475,12 @@ def first_fit_pack(lengths: Sequence[int] | np.ndarray | Tensor, capacity: int) 
                 node = 2 * node if room[2 * node] >= size else 2 * node + 1
             row = node - leaves
             if row == len(rows):  # the first unopened row; every row after it is empty too
-                per_row = capacity // size
+                per_row = max_length // size
                 if stop - pos > per_row:  # the rest of the run fills several new rows: open them all at once
                     rows.extend(order[p : min(p + per_row, stop)] for p in range(pos, stop, per_row))
                     first, last = node, leaves + len(rows) - 1  # the new rows' leaves
-                    room[first:last] = [capacity - per_row * size] * (last - first)
-                    room[last] = capacity - (stop - pos - (last - first) * per_row) * size
+                    room[first:last] = [max_length - per_row * size] * (last - first)
+                    room[last] = max_length - (stop - pos - (last - first) * per_row) * size
                     first, last = first // 2, last // 2
                     while first:  # update their ancestors, level by level
                         for parent in range(first, last + 1):
@@ -520,8 +521,9 @@ class PackCollator(_Collator):
     ``use_cache=True`` creates, it ignores ``position_ids`` and attends across documents).
 
     Args:
-        max_length: row length (positions restart per document, so it bounds the position table too).
-        long_documents: a document longer than ``max_length``: ``"split"`` (default) into ``max_length``
+        max_length: the longest row in tokens (positions restart per document, so it bounds the position table
+            too).
+        overflow: a document longer than ``max_length``: ``"split"`` (default) into ``max_length``
             chunks, each a document of its own; ``"error"`` raises naming the row; ``"truncate"`` keeps the first
             ``max_length`` tokens.
         return_flash_attn_kwargs: also emit transformers' flash-attention varlen keys ``cu_seq_lens_q``,
@@ -541,14 +543,13 @@ class PackCollator(_Collator):
     """
 
     max_length: int = 0
-    long_documents: Literal["split", "error", "truncate"] = "split"
+    overflow: Literal["split", "error", "truncate"] = "split"
     return_flash_attn_kwargs: bool = False
 
     def __post_init__(self) -> None:
         super().__post_init__()
         self.max_length = check_int("max_length", self.max_length)
-        long_documents = check_choice("long_documents", self.long_documents, ("split", "error", "truncate"))
-        self.long_documents = long_documents  # type: ignore[assignment]
+        self.overflow = check_choice("overflow", self.overflow, ("split", "error", "truncate"))  # type: ignore[assignment]
         if not isinstance(self.return_flash_attn_kwargs, bool):
             raise TypeError(f"return_flash_attn_kwargs must be a bool, got {self.return_flash_attn_kwargs!r}")
         if self.passthrough_keys:
@@ -617,11 +618,11 @@ class PackCollator(_Collator):
     def _fit(self, ids: Tensor, index: int) -> list[Tensor]:
         if len(ids) <= self.max_length:
             return [ids]
-        if self.long_documents == "error":
+        if self.overflow == "error":
             raise ValueError(
                 f"row {index} has {len(ids)} tokens, more than max_length={self.max_length}; raise max_length or "
-                f"pass long_documents='split' (chunks of max_length) or 'truncate'"
+                f"pass overflow='split' (chunks of max_length) or 'truncate'"
             )
-        if self.long_documents == "truncate":
+        if self.overflow == "truncate":
             return [ids[: self.max_length]]
         return list(ids.split(self.max_length))

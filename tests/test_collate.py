@@ -66,21 +66,21 @@ COUNTS = ("num_targets", "num_real_tokens", "num_padded_tokens")
     ("collator", "rows", "input_ids", "labels", "counts"),
     [
         (
-            PadCollator(label_pad_id=-1),
+            PadCollator(ignore_index=-1),
             [[5, 6, 7], [8, 9]],
             [[5, 6, 7], [8, 9, 0]],
             [[-1, 6, 7], [-1, 9, -1]],
             (3, 5, 6),
         ),
         (
-            PadCollator(padding_side="left", pad_to_multiple_of=4, label_pad_id=-1),
+            PadCollator(padding_side="left", pad_to_multiple_of=4, ignore_index=-1),
             [[5, 6, 7], [8, 9]],
             [[0, 5, 6, 7], [0, 0, 8, 9]],
             [[-1, -1, 6, 7], [-1, -1, -1, 9]],
             (3, 5, 8),
         ),
         (
-            PackCollator(max_length=4, label_pad_id=-1),
+            PackCollator(max_length=4, ignore_index=-1),
             [[5, 6, 7], [8, 9], [4]],  # first-fit: [5 6 7] + [4]; [8 9]
             [[5, 6, 7, 4], [8, 9, 0, 0]],
             [[-1, 6, 7, -1], [-1, 9, -1, -1]],
@@ -89,7 +89,7 @@ COUNTS = ("num_targets", "num_real_tokens", "num_padded_tokens")
     ],
     ids=["right", "left", "packed"],
 )
-def test_counts_literal_with_a_label_pad_id_of_its_own(
+def test_counts_literal_with_an_ignore_index_of_its_own(
     collator,
     rows: list,
     input_ids: list,
@@ -97,7 +97,7 @@ def test_counts_literal_with_a_label_pad_id_of_its_own(
     counts: tuple[int, int, int],
 ) -> None:
     """(num_targets, num_real_tokens, num_padded_tokens): targets are the labels other than the collator's
-    label_pad_id after the next-token shift."""
+    ignore_index after the next-token shift."""
     batch = collator(rows)
     assert batch["input_ids"].tolist() == input_ids and batch["labels"].tolist() == labels
     assert tuple(batch[k] for k in COUNTS) == counts
@@ -111,7 +111,7 @@ def test_add_token_counts_counts_a_batch_from_another_collator() -> None:
     assert add_token_counts(theirs) is theirs
     assert {k: theirs[k] for k in COUNTS} == {k: batch[k] for k in COUNTS} == dict(zip(COUNTS, (2, 4, 6)))
     assert (
-        add_token_counts({"labels": torch.tensor([[1, 2, -7]]), "lengths": torch.tensor([3])}, label_pad_id=-7)[
+        add_token_counts({"labels": torch.tensor([[1, 2, -7]]), "lengths": torch.tensor([3])}, ignore_index=-7)[
             "num_targets"
         ]
         == 1
@@ -351,11 +351,11 @@ def test_bad_settings() -> None:
         ),
         ({"pad_token_id": 2**63}, ValueError, r"pad_token_id must fit int64, got 9223372036854775808"),
         (
-            {"label_pad_id": None},
+            {"ignore_index": None},
             TypeError,
-            r"label_pad_id must be an int \(the label where no loss is taken\), got None",
+            r"ignore_index must be an int \(the label where no loss is taken\), got None",
         ),
-        ({"label_pad_id": -100.0}, TypeError, r"label_pad_id must be an int .*got float -100.0"),
+        ({"ignore_index": -100.0}, TypeError, r"ignore_index must be an int .*got float -100.0"),
     ],
 )
 def test_bad_pad_ids(cls: type, kwargs: dict, error: type[Exception], message: str) -> None:
@@ -365,7 +365,7 @@ def test_bad_pad_ids(cls: type, kwargs: dict, error: type[Exception], message: s
 
 
 def test_numpy_integer_pad_ids_are_ints() -> None:
-    batch = PadCollator(pad_token_id=np.int64(7), label_pad_id=np.int32(-1))([[5, 6], [8]])
+    batch = PadCollator(pad_token_id=np.int64(7), ignore_index=np.int32(-1))([[5, 6], [8]])
     assert batch["input_ids"].tolist() == [[5, 6], [8, 7]] and batch["labels"].tolist() == [[-1, 6], [-1, -1]]
 
 
@@ -440,14 +440,14 @@ def test_first_fit_pack_literal() -> None:
 
 
 def test_first_fit_pack_errors() -> None:
-    with pytest.raises(ValueError, match="document 0 has 9 tokens, more than the row capacity 8"):
+    with pytest.raises(ValueError, match="document 0 has 9 tokens, more than max_length=8"):
         first_fit_pack([9], 8)
-    with pytest.raises(ValueError, match="document 1 has 9 tokens, more than the row capacity 8"):  # the first longest
+    with pytest.raises(ValueError, match="document 1 has 9 tokens, more than max_length=8"):  # the first longest
         first_fit_pack([3, 9, 9], 8)
     for capacity in (0, -3):
-        with pytest.raises(ValueError, match=f"capacity must be an int >= 1, got {capacity}"):
+        with pytest.raises(ValueError, match=f"max_length must be an int >= 1, got {capacity}"):
             first_fit_pack([1, 2], capacity)
-    with pytest.raises(TypeError, match=r"capacity must be an int >= 1, got True \(bool\)"):
+    with pytest.raises(TypeError, match=r"max_length must be an int >= 1, got True \(bool\)"):
         first_fit_pack([1], True)  # type: ignore[arg-type]
     with pytest.raises(
         ValueError, match=r"document 2 has 0 tokens; every length must be >= 1 \(drop empty documents\)"
@@ -546,13 +546,13 @@ def test_pack_boundaries_open_new_rows() -> None:
     assert keep[1, 0].int().tolist() == [[1, 0, 0, 0], [1, 1, 0, 0], [0, 0, 1, 0], [0, 0, 1, 1]]
 
 
-def test_pack_long_documents_split_error_truncate() -> None:
+def test_pack_overflow_split_error_truncate() -> None:
     split = PackCollator(max_length=3)([[1, 2, 3, 4, 5, 6, 7]])
     assert split["input_ids"].tolist() == [[1, 2, 3], [4, 5, 6], [7, 0, 0]]
     assert split["position_ids"].tolist() == [[0, 1, 2], [0, 1, 2], [0, 0, 0]]
-    with pytest.raises(ValueError, match=r"row 0 has 7 tokens, more than max_length=3; .*long_documents='split'"):
-        PackCollator(max_length=3, long_documents="error")([[1, 2, 3, 4, 5, 6, 7]])
-    assert PackCollator(max_length=3, long_documents="truncate")([[1, 2, 3, 4]])["input_ids"].tolist() == [[1, 2, 3]]
+    with pytest.raises(ValueError, match=r"row 0 has 7 tokens, more than max_length=3; .*overflow='split'"):
+        PackCollator(max_length=3, overflow="error")([[1, 2, 3, 4, 5, 6, 7]])
+    assert PackCollator(max_length=3, overflow="truncate")([[1, 2, 3, 4]])["input_ids"].tolist() == [[1, 2, 3]]
 
 
 def test_pack_prepacked_rows_keep_their_documents() -> None:
