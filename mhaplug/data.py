@@ -556,7 +556,8 @@ class TextDataModule(pl.LightningDataModule):
         hp = self.hparams
         texts = self._texts()
         total = len(texts)
-        texts = texts.filter(lambda batch: [bool(t and t.strip()) for t in batch["text"]], batched=True)
+        with _quiet_progress(len(texts)):
+            texts = texts.filter(lambda batch: [bool(t and t.strip()) for t in batch["text"]], batched=True)
         if hp.max_documents:
             texts = texts.select(range(min(hp.max_documents, len(texts))))
         self.stats = {"documents": len(texts), "empty_documents_dropped": total - len(texts)}
@@ -636,14 +637,15 @@ class TextDataModule(pl.LightningDataModule):
             return {"input_ids": ids, "length": lengths}
 
         def build(tmp: Path) -> None:
-            texts.map(
-                encode,
-                batched=True,
-                remove_columns=texts.column_names,
-                cache_file_name=str(tmp),
-                load_from_cache_file=False,
-                desc="tokenising",
-            )
+            with _quiet_progress(len(texts)):
+                texts.map(
+                    encode,
+                    batched=True,
+                    remove_columns=texts.column_names,
+                    cache_file_name=str(tmp),
+                    load_from_cache_file=False,
+                    desc="tokenising",
+                )
 
         def read(path: Path) -> datasets.Dataset:
             rows = datasets.Dataset.from_file(str(path))
@@ -737,6 +739,31 @@ class TextDataModule(pl.LightningDataModule):
         """Checkpoints written before the train loader held the state keep it here (``train_sampler``, counted by the
         sampler: exact with ``num_workers=0``); the next train loader starts from it. This module saves no state."""
         self._legacy_sampler_state = state_dict.get("train_sampler")
+
+
+# Rows below which a datasets step (filtering out empty documents, tokenising) runs without its progress bar.
+# Over a corpus this size a step takes about a second or less, so its bar would flash by and only clutter the
+# run's log; a larger corpus keeps its bars, which then say how far a long step is.
+QUIET_PROGRESS_ROWS = 100_000
+
+
+@contextmanager
+def _quiet_progress(rows: int) -> Iterator[None]:
+    """datasets' progress bars off inside the block when ``rows`` is small (:data:`QUIET_PROGRESS_ROWS`).
+
+    Safe, though the switch is global: the block runs in the process that builds the data, where nothing else
+    shows a datasets bar meanwhile; the previous state is restored after it; and a user's explicit
+    ``HF_DATASETS_DISABLE_PROGRESS_BARS`` (0 or 1) is left to decide, as datasets itself lets it."""
+    if rows >= QUIET_PROGRESS_ROWS or datasets.config.HF_DATASETS_DISABLE_PROGRESS_BARS is not None:
+        yield
+        return
+    was_enabled = datasets.is_progress_bar_enabled()
+    datasets.disable_progress_bars()
+    try:
+        yield
+    finally:
+        if was_enabled:
+            datasets.enable_progress_bars()
 
 
 def _check_tokenised(rows: datasets.Dataset, *, documents: int, vocab_size: int, max_length: int, eos: int) -> None:

@@ -500,3 +500,21 @@ def test_public_names_are_importable_from_mhaplug() -> None:
 
     assert mhaplug.LitDecoderLM is LitDecoderLM and mhaplug.DecoderLM is DecoderLM
     assert mhaplug.PadCollator is PadCollator and mhaplug.PackCollator is PackCollator
+
+
+def test_small_datasets_steps_show_no_progress_bar_and_large_ones_do(
+    tmp_path: Path, capfd: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Filtering and tokenising a small corpus (under QUIET_PROGRESS_ROWS rows) print no datasets bar, and the global
+    switch is as it was after; over a large corpus (here: the threshold lowered) the bars are shown."""
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_DISABLE_PROGRESS_BARS", None)  # no user choice in the way
+    settings = {"source": "synthetic", "vocab_size": 300, "max_length": 32, "synthetic_documents": 64}
+    TextDataModule(**settings, cache_dir=str(tmp_path / "small")).setup("fit")
+    err = capfd.readouterr().err
+    assert "Filter:" not in err and "tokenising:" not in err
+    assert datasets.is_progress_bar_enabled()
+
+    monkeypatch.setattr(data_module, "QUIET_PROGRESS_ROWS", 10)
+    TextDataModule(**settings, cache_dir=str(tmp_path / "large")).setup("fit")
+    err = capfd.readouterr().err
+    assert "Filter: 100%" in err and "tokenising: 100%" in err
