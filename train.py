@@ -5,8 +5,8 @@
 ``train(cfg)`` is a pure function of the config (tests call it); ``main`` is the thin Hydra entry point.
 
 Exit codes of ``python train.py``: 0 finished (or skipped on purpose: skipped.txt), 1 crashed (Hydra prints the
-traceback), 2 a setting that cannot train (one line on stderr, no run folder left), 3 diverged (NaN or inf
-train/loss), 143 interrupted by SIGTERM (checkpoint saved, resume with ``ckpt_path``). A sweep (``-m``) runs every job
+traceback), 2 a setting that cannot train, an unknown option of a group or value of a choice on the command line,
+or data that cannot be loaded (one line on stderr, no run folder left), 3 diverged (NaN or inf train/loss), 143 interrupted by SIGTERM (checkpoint saved, resume with ``ckpt_path``). A sweep (``-m``) runs every job
 and exits with the largest code of its jobs; SIGTERM stops it at once with 143.
 """
 
