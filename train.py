@@ -6,8 +6,9 @@
 
 Exit codes of ``python train.py``: 0 finished (or skipped on purpose: skipped.txt), 1 crashed (Hydra prints the
 traceback), 2 a setting that cannot train, an unknown option of a group or value of a choice on the command line,
-or data that cannot be loaded (one line on stderr, no run folder left), 3 diverged (NaN or inf train/loss), 143 interrupted by SIGTERM (checkpoint saved, resume with ``ckpt_path``). A sweep (``-m``) runs every job
-and exits with the largest code of its jobs; SIGTERM stops it at once with 143.
+or data that cannot be loaded (one line on stderr, no run folder left), 3 diverged (NaN or inf train/loss), 143
+interrupted by SIGTERM (checkpoint saved, resume with ``ckpt_path``). A sweep (``-m``) runs every job and exits with
+the largest code of its jobs; SIGTERM stops it at once with 143.
 """
 
 from __future__ import annotations

@@ -384,8 +384,8 @@ def _flex(call: _Call) -> tuple[Tensor, str]:
 def _flex_attention(device_type: str) -> Callable[..., Tensor]:
     from torch.nn.attention.flex_attention import flex_attention
 
-    # The fused kernel only exists compiled (the first call compiles it, which takes a while). On CPU flex is forward-only and for
-    # checking, so the uncompiled path (which materialises the scores) serves there.
+    # The fused kernel only exists compiled (the first call compiles it, which takes a while). On CPU flex is
+    # forward-only and for checking, so the uncompiled path (which materialises the scores) serves there.
     return flex_attention if device_type == "cpu" else torch.compile(flex_attention, dynamic=False)
 
 

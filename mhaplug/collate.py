@@ -549,7 +549,8 @@ class PackCollator(_Collator):
     def __post_init__(self) -> None:
         super().__post_init__()
         self.max_length = check_int("max_length", self.max_length)
-        self.overflow = check_choice("overflow", self.overflow, ("split", "error", "truncate"))  # type: ignore[assignment]
+        overflow = check_choice("overflow", self.overflow, ("split", "error", "truncate"))
+        self.overflow = overflow  # type: ignore[assignment]
         if not isinstance(self.return_flash_attn_kwargs, bool):
             raise TypeError(f"return_flash_attn_kwargs must be a bool, got {self.return_flash_attn_kwargs!r}")
         if self.passthrough_keys:

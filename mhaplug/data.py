@@ -120,7 +120,7 @@ _T = TypeVar("_T")
 
 def _cached(path: Path, *, read: Callable[[Path], _T], build: Callable[[Path], None]) -> _T:
     """The cache entry at ``path``. ``read`` loads and validates an entry, raising if it is bad; ``build`` writes a
-    new one to the path it is given (see :func:`mhaplug.util.atomic_path`). A bad entry (truncated, corrupted, or not what
+    new one to the path it is given (:func:`mhaplug.util.atomic_path`). A bad entry (truncated, corrupted, or not what
     this version writes) is logged as a WARNING with its path, and rebuilt."""
     if path.exists():
         try:
@@ -360,7 +360,8 @@ def _load_hf(path: str, name: str | None, split: str) -> datasets.Dataset:
 
     A local path loads offline. For a hub name, a hub that cannot be reached is found with one request of a few
     seconds (no retries), and the dataset is then loaded from the local cache only: ``huggingface_hub`` would retry
-    each request five times, backing off 1 + 2 + 4 + 8 + 8 s, before ``datasets`` raises. ``HF_HUB_OFFLINE=1`` skips the probe."""
+    each request five times, backing off 1 + 2 + 4 + 8 + 8 s, before ``datasets`` raises. ``HF_HUB_OFFLINE=1`` skips
+    the probe."""
     from huggingface_hub import constants
 
     local, why = Path(path).expanduser().exists(), None  # why: the reason the hub is not asked

@@ -666,10 +666,10 @@ class PauseAfterCheckpoint(pl.Callback):
 @pytest.mark.slow
 def test_sigkill_then_sigterm_mid_epoch_and_resume_match_an_uninterrupted_run(tmp_path: Path) -> None:
     """One run, three attempts: SIGKILL after the checkpoint of step 20 (while the process waits, so that no file is
-    half-written), resumed; SIGTERM a few steps after the resume (exit 143, checkpoint at that very step, summary "interrupted"), resumed again to step 50. Every resume
-    writes on in the run's folder (no hydra.run.dir given), to a new logger version; together the attempts train
-    exactly the batches of an uninterrupted run, log every step once (as compare reads them), keep tracking the
-    best checkpoint, and end with its loss."""
+    half-written), resumed; SIGTERM a few steps after the resume (exit 143, checkpoint at that very step, summary
+    "interrupted"), resumed again to step 50. Every resume writes on in the run's folder (no hydra.run.dir given), to
+    a new logger version; together the attempts train exactly the batches of an uninterrupted run, log every step
+    once (as compare reads them), keep tracking the best checkpoint, and end with its loss."""
     common = [
         *FAST,
         "data.synthetic_documents=400",
