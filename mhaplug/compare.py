@@ -26,9 +26,10 @@ below it gives each number's run name (a sweep job's overrides) with the best va
 notes under the legend give in full the audit and check cells the table shortens. ``--plot`` and ``--html`` (one
 self-contained file: the tables and the plot) come from :mod:`mhaplug.report`.
 
-The ``audit`` column is the run's step-0 mask audit (:mod:`mhaplug.audit`, in ``summary.json``): ``pass``, or the
-checks that failed. A valid run that failed it has a mask bug (exit code 1); invalid runs are expected to fail it
-(``exp. FAIL`` in the table). Exit codes: 0 fine, 1 mismatch, a valid run that failed the audit or diverged, 2 bad input.
+The ``audit`` column is the run's step-0 mask audit (:mod:`mhaplug.audit`, in ``summary.json``): ``pass``, or
+``FAIL`` (the notes list the checks that failed). A valid run that failed it has a mask bug (exit code 1); invalid
+runs are expected to fail it (``exp. FAIL``). Exit codes: 0 fine, 1 mismatch, a valid run that failed the audit or
+diverged, 2 bad input.
 """
 
 from __future__ import annotations

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import base64
 import html
+import io
 import math
 import os
 import tempfile
@@ -90,6 +91,9 @@ LINE_STYLES: dict[tuple[str, str], str] = {
 OTHER_LINE_STYLE = (0, (1, 1))  # densely dotted
 LAYOUT_ORDER = ("padded", "packed")  # throughput groups, top to bottom; other layouts follow by name
 INVALID_HATCH, UNFINISHED_HATCH = "//", ".."
+LINE_WIDTH, THIN_LINE_WIDTH = 2.4, 1.2  # valid runs; teaching runs, drawn over them
+RAW_COLOR = "#c8c8c8"  # train loss before the moving average
+UNFINISHED_ALPHA = 0.45
 
 
 def strategy_color(strategy: str) -> str:
@@ -169,8 +173,6 @@ def figure_png(
     dpi: int = 100,
 ) -> bytes:
     """:func:`figure` as PNG bytes."""
-    import io
-
     buffer = io.BytesIO()
     figure(runs, title=title, baseline=baseline, names=names).savefig(buffer, format="png", dpi=dpi)
     return buffer.getvalue()
@@ -195,9 +197,9 @@ def _unfinished(run: Run) -> bool:
 def _loss_panels(runs: Sequence[Run], train_ax: Axes, val_ax: Axes) -> int:
     """Draw train and val loss per run; returns the moving average's largest half window (0: none)."""
     # Runs of one equivalence_key compute the same losses: their curves coincide, and the last one drawn shows.
-    # Teaching runs (their X markers show through where they coincide), then valid runs with the ground truth
-    # (reference) last, then unfinished runs.
-    ordered = sorted(runs, key=lambda r: (_unfinished(r), r.valid, r.strategy == "reference", r.name))
+    # Valid runs first, the ground truth (reference) last of them; then the teaching runs, thinner, so that one that
+    # coincides shows as a thin line inside a thick one; then unfinished runs.
+    ordered = sorted(runs, key=lambda r: (_unfinished(r), not r.valid, r.strategy == "reference", r.name))
     smoothing, drawn = 0, {"train/loss": 0, "val/loss": 0}
     for r in ordered:
         if r.metrics_csv is None or not r.metrics_csv.is_file():
@@ -205,19 +207,19 @@ def _loss_panels(runs: Sequence[Run], train_ax: Axes, val_ax: Axes) -> int:
                 warnings.warn(f"{r.name}: no metrics.csv at {r.metrics_csv or r.path}; no loss curve", stacklevel=3)
             continue
         style = {
-            "linewidth": 1.8,
+            "linewidth": LINE_WIDTH if r.valid else THIN_LINE_WIDTH,
             "color": strategy_color(r.strategy),
             "linestyle": line_style(r.layout, r.padding_side),
-            "alpha": 0.45 if _unfinished(r) else 1.0,
+            "alpha": UNFINISHED_ALPHA if _unfinished(r) else 1.0,
         }
         invalid = {"marker": "X", "markersize": 7, "markeredgewidth": 0} if not r.valid else {}
         train = read_curve(r.metrics_csvs or r.metrics_csv, "train/loss")
         if train:
             steps, losses = zip(*train)
-            half = len(train) // 30  # about a 15th of the run: smooths step noise, keeps the shape
+            half = len(train) // 20  # a tenth of the run: smooths the batches' noise, keeps the shape
             smoothing = max(smoothing, half)
-            if half:
-                train_ax.plot(steps, losses, color=style["color"], linewidth=0.6, alpha=0.25 * style["alpha"])
+            if half:  # grey: the raw values of coinciding runs stack into one grey line, not a mix of colours
+                train_ax.plot(steps, losses, color=RAW_COLOR, linewidth=0.6, zorder=1)
             every = max(1, len(train) // 6)
             train_ax.plot(steps, moving_average(losses, half), markevery=every, **style, **invalid)
             drawn["train/loss"] += 1
@@ -226,7 +228,7 @@ def _loss_panels(runs: Sequence[Run], train_ax: Axes, val_ax: Axes) -> int:
             steps, losses = zip(*val)
             val_ax.plot(steps, losses, **style, **(invalid or {"marker": "o", "markersize": 3}))
             drawn["val/loss"] += 1
-    train_ax.set(ylabel="train loss", title="train loss (equivalent runs coincide: reference on top)")
+    train_ax.set(ylabel="train loss", title="train loss (equivalent runs coincide; teaching runs thin, on top)")
     val_ax.set(xlabel="step", ylabel="val loss", title="validation loss")
     for ax, column in ((train_ax, "train/loss"), (val_ax, "val/loss")):
         ax.grid(alpha=0.3)
@@ -299,29 +301,34 @@ def _legend(
     pairs = {(r.layout, r.padding_side) for r in runs if r.layout}
     section("layout, padding (line)")
     for layout, side in [p for p in LINE_STYLES if p in pairs] + sorted(pairs - set(LINE_STYLES)):
-        handles.append(Line2D([], [], color="#444444", linestyle=line_style(layout, side), linewidth=1.8))
+        handles.append(Line2D([], [], color="#444444", linestyle=line_style(layout, side), linewidth=LINE_WIDTH))
         labels.append(f"{layout}, {side}")
     section("runs")
     if any(not r.valid for r in runs):
         marker = Line2D([], [], color="#444444", marker="X", markersize=8, linestyle="none")
-        hatched = Patch(facecolor="#bbbbbb", hatch=INVALID_HATCH, edgecolor="white", linewidth=0)
+        hatched = Patch(facecolor="#888888", hatch=INVALID_HATCH, edgecolor="white", linewidth=0)
         handles.append((marker, hatched))
         labels.append("invalid, kept to teach\n(valid: false)")
     if any(_unfinished(r) for r in runs):
-        faded = Line2D([], [], color="#444444", alpha=0.45, linewidth=1.8)
-        dotted = Patch(facecolor="#bbbbbb", hatch=UNFINISHED_HATCH, edgecolor="white", linewidth=0)
+        faded = Line2D([], [], color="#444444", alpha=UNFINISHED_ALPHA, linewidth=LINE_WIDTH)
+        dotted = Patch(facecolor="#888888", hatch=UNFINISHED_HATCH, edgecolor="white", linewidth=0)
         handles.append((faded, dotted))
         labels.append("not finished (interrupted,\ndiverged, incomplete)")
     if smoothing:
         handles.append(
-            (Line2D([], [], color="#444444", linewidth=0.6, alpha=0.25), Line2D([], [], color="#444444", linewidth=1.8))
+            (Line2D([], [], color=RAW_COLOR, linewidth=0.6), Line2D([], [], color="#444444", linewidth=LINE_WIDTH))
         )
         labels.append(f"train loss: raw, and mean\nof {2 * smoothing + 1} logged steps")
     if baseline is not None:
         handles.append(Line2D([], [], color="#555555", linestyle=":", linewidth=1))
         labels.append(f"speed-up 1.00x: run {names.get(baseline.name, baseline.name)}")
     legend = fig.legend(
-        handles, labels, loc="outside right upper", handler_map={tuple: HandlerTuple(ndivide=None)}, frameon=False
+        handles,
+        labels,
+        loc="outside right upper",
+        handler_map={tuple: HandlerTuple(ndivide=None)},
+        handlelength=3.2,  # long enough to tell a dash-dot line from a dashed one
+        frameon=False,
     )
     for i, text in enumerate(legend.get_texts()):
         if i in headers:

@@ -129,7 +129,7 @@ def test_plot_legend_sits_outside_the_axes_and_keys_colours_lines_and_hatching(t
     box = legend.get_window_extent()
     assert [box.overlaps(ax.get_window_extent()) for ax in fig.axes] == [False, False, False]
     assert [ax.get_title() for ax in fig.axes] == [
-        "train loss (equivalent runs coincide: reference on top)",
+        "train loss (equivalent runs coincide; teaching runs thin, on top)",
         "validation loss",
         "throughput, by layout, fastest first",
     ]
