@@ -38,6 +38,7 @@ from pytorch_lightning.utilities.exceptions import SIGTERMException
 
 from mhaplug.callbacks import CheckpointOnSigterm, DivergedError, MaskAudit, ThroughputMonitor
 from mhaplug.config import ConfigError, SkipRun, choice_of, register_configs, validate
+from mhaplug.quiet import silence_known_noise
 from mhaplug.util import write_atomic
 
 log = logging.getLogger("mhaplug.train")
@@ -90,7 +91,9 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     datamodule = instantiate(cfg.data, _convert_="all")  # seeded by data.seed, not the global generators
     datamodule.prepare_data()
     datamodule.setup("fit")
-    pl.seed_everything(cfg.seed, workers=True)  # after the data, so that data refused by its checks logs nothing
+    pl.seed_everything(
+        cfg.seed, workers=True, verbose=False
+    )  # after the data, so that data refused by its checks logs nothing
     model = instantiate(cfg.model, _convert_="all")  # vocab, positions and strategy: configs/model/small.yaml
     callbacks = [instantiate(c) for c in (cfg.callbacks or {}).values() if c is not None]
     for callback in callbacks:
@@ -259,6 +262,8 @@ def _audit_line(audit: dict[str, Any] | None, *, valid: bool) -> str:
 
 
 register_configs()
+# At import, not in main(): DDP's children re-run or import this file, and each must be as quiet as rank 0.
+silence_known_noise()
 
 CONFIGS = Path(__file__).resolve().parent / "configs"
 _OWN_CONFIGS = ("-cn", "--config-name", "-cp", "--config-path", "-cd", "--config-dir")  # another config tree

@@ -108,7 +108,8 @@ class MaskAudit(pl.Callback):
         metrics = {f"audit/{c.name}": float(c.moved) if c.max_change is None else c.max_change for c in report.checks}
         pl_module.log_dict({"audit/passed": float(passed), **metrics}, on_step=True, on_epoch=False)
         if passed and self.expected_failure is None:
-            log.info("%s", report)
+            if trainer.is_global_zero:  # once per run, not once per rank
+                log.info("%s", report)
         elif passed:
             log.warning("%s; expected to fail (invalid on purpose: %s)", report, self.expected_failure)
         elif self.expected_failure is not None:
