@@ -136,6 +136,31 @@ def test_the_model_takes_vocabulary_positions_and_strategy_from_the_config(tmp_p
     assert (model["d_model"], model["lr"]) == (32, 3e-3)  # tiny's own, and DecoderConfig's / LitDecoderLM's default
 
 
+@pytest.mark.parametrize("base", [[], ["experiment=mask_ablation"]], ids=["defaults", "mask_ablation"])
+def test_the_equivalence_key_ignores_strategy_and_padding_side_but_not_the_computation(
+    tmp_path: Path, base: list[str]
+) -> None:
+    """mhaplug.compare checks that runs with the same equivalence_key reach the same loss. An interpolated key
+    (model.strategy: ${attention.strategy}) once gave every job of a sweep its own key: nothing to compare."""
+    keys = {
+        train_script.equivalence_key(
+            config(
+                tmp_path / strategy / side,
+                *base,
+                "data.layout=padded",
+                f"attention={strategy}",
+                f"data.padding_side={side}",
+            )
+        )
+        for strategy in STRATEGIES
+        for side in ("right", "left")
+    }
+    assert len(keys) == 1, keys
+    (key,) = keys
+    for change in ("seed=1", "model.d_model=64", "data.layout=packed", "trainer.max_steps=7"):
+        assert train_script.equivalence_key(config(tmp_path, *base, "data.layout=padded", change)) != key, change
+
+
 def test_a_misspelt_key_fails_when_the_config_is_composed(tmp_path: Path) -> None:
     with pytest.raises(ConfigCompositionException, match="batchsize"):
         config(tmp_path, "data.batchsize=8")
