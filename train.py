@@ -1,6 +1,6 @@
 """Train the decoder LM: ``python train.py`` (defaults), ``python train.py attention=merged_bool data.layout=packed``,
-``python train.py -m experiment=mask_ablation`` (the whole ablation), ``python train.py ckpt_path=<run>/checkpoints/last.ckpt``
-(resume: writes on in ``<run>``).
+``python train.py -m experiment=mask_ablation`` (the whole ablation),
+``python train.py ckpt_path=<run>/checkpoints/last.ckpt`` (resume: writes on in ``<run>``).
 
 ``train(cfg)`` is a pure function of the config (tests call it); ``main`` is the thin Hydra entry point.
 
@@ -209,7 +209,8 @@ def _print_summary(summary: dict[str, Any], output_dir: Path, *, compare_dir: Pa
             f"train/loss {fmt(summary['final_train_loss'], '.4f')}"
         ),
         (
-            f"  real tokens/s {fmt(summary['real_tokens_per_sec'], ',.0f')}, pad fraction {fmt(summary['pad_fraction'], '.1%')}, "
+            f"  real tokens/s {fmt(summary['real_tokens_per_sec'], ',.0f')}, "
+            f"pad fraction {fmt(summary['pad_fraction'], '.1%')}, "
             f"peak memory {fmt(summary['peak_memory_mb'], ',.0f')} MB"
         ),
         f"  {_audit_line(summary['audit'], valid=summary['valid'])}",

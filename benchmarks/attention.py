@@ -407,11 +407,11 @@ def main(argv: list[str] | None = None) -> None:
         ),
         "- `vs torch` = torch's ms / row ms in the same call pattern (higher is faster; >= 1.00x: at least as fast)",
         (
-            "- mask bytes reaching kernel: storage of the largest `attn_mask`/`attn_bias` of an aten SDPA kernel op, or "
-            "bias of `aten.baddbmm`, in one forward (torch turns a bool SDPA mask into float before its CPU kernel); "
-            "`reference` and the `need_weights=True` path apply their mask with `masked_fill`, not counted. Passed to "
-            "F.sdpa: the mask before that conversion; for flex, the BlockMask's tensors (eager Flex on CPU still "
-            "materialises the scores)"
+            "- mask bytes reaching kernel: storage of the largest `attn_mask`/`attn_bias` of an aten SDPA kernel op, "
+            "or bias of `aten.baddbmm`, in one forward (torch turns a bool SDPA mask into float before its CPU "
+            "kernel); `reference` and the `need_weights=True` path apply their mask with `masked_fill`, not counted. "
+            "Passed to F.sdpa: the mask before that conversion; for flex, the BlockMask's tensors (eager Flex on CPU "
+            "still materialises the scores)"
         ),
     ]
     print("\n".join(sections), flush=True)

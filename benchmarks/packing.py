@@ -279,9 +279,9 @@ def main(argv: list[str] | None = None) -> None:
     sections += [
         "",
         (
-            f"- machine load (1-min average) {load_before[0]:.2f} before, {load_after[0]:.2f} after (this run adds 1 to "
-            "it): the 2 cores are shared, and another process on them slows every timing here; ratios are taken within "
-            "the same run, so they move less than the seconds"
+            f"- machine load (1-min average) {load_before[0]:.2f} before, {load_after[0]:.2f} after (this run adds 1 "
+            "to it): the 2 cores are shared, and another process on them slows every timing here; ratios are taken "
+            "within the same run, so they move less than the seconds"
         ),
     ]
     print(sections[-1])

@@ -509,8 +509,8 @@ def report(results: list[dict[str, Any]], mm: float, args: argparse.Namespace) -
             f"MFU = achieved model GFLOP/s / ceiling. Model FLOPs per real token = 6 x {GEMM_PARAMS:,} (the linear "
             f"layers' weights, the tied {E}x{VOCAB} output layer included) = {6 * GEMM_PARAMS / 1e6:.2f} MFLOP; not "
             f"counted: padding, and attention scores (causal: 6 x n_layer x d_model x T_eff = "
-            f"{6 * MODEL['num_layers'] * E * t_eff / 1e6:.2f} MFLOP at the best mhaplug row's T_eff = sum(n^2) / sum(n) "
-            f"= {t_eff:.0f})"
+            f"{6 * MODEL['num_layers'] * E * t_eff / 1e6:.2f} MFLOP at the best mhaplug row's T_eff = sum(n^2) / "
+            f"sum(n) = {t_eff:.0f})"
         ),
         (
             f"ceilings, float32, measured in this run: `torch.mm` {args.matmul}^3 {mm:.1f} GFLOP/s (best of 5, before "

@@ -349,14 +349,16 @@ def summary(
             f"{args.ceilings}) = **{achieved / gflops:.1%}**. FLOPs per real "
             "token = 6 N + 12 n_layers d_model T_eff (PaLM appendix B, nanoGPT `estimate_mfu`; attention counted "
             f"non-causal): N = {n_flop:,}, all parameters but the position table ({n_flop - n_params['tok']:,} "
-            f"non-embedding + {n_params['tok']:,} in the tied token table, i.e. the LM-head matmul); T_eff = sum(n^2) / "
-            f"sum(n) over the documents trained on (packed: per document, not per row) = {best['seq_eff']:.1f}; so "
-            f"{flop_token / 1e6:.2f} MFLOP per real token. FLOPs spent on padding or across documents are not counted"
+            f"non-embedding + {n_params['tok']:,} in the tied token table, i.e. the LM-head matmul); T_eff = "
+            f"sum(n^2) / sum(n) over the documents trained on (packed: per document, not per row) = "
+            f"{best['seq_eff']:.1f}; so {flop_token / 1e6:.2f} MFLOP per real token. FLOPs spent on padding or across "
+            "documents are not counted"
         ),
         "data time: share of the timed wall time spent in `next(train loader)` (sampling, collation; no workers)",
         (
-            "runs see different batches (random: ~930 real tokens per step; token_budget, packed: ~3,900-4,100) for the "
-            "same steps: losses compare only roughly. Val loss: the same padded val split for all (`eval()`, no_grad)"
+            "runs see different batches (random: ~930 real tokens per step; token_budget, packed: ~3,900-4,100) "
+            "for the same steps: losses compare only roughly. Val loss: the same padded val split for all "
+            "(`eval()`, no_grad)"
         ),
         (
             "skipped for time: `reference`, `torch_mha` (baseline A runs torch's own MHA), `flex` (no Flex backward on "
@@ -396,8 +398,9 @@ def main(argv: list[str] | None = None) -> None:
         "`torch.cuda.max_memory_allocated` (MiB)"
         if device.type == "cuda"
         else (
-            "growth of the process peak RSS during the run, `ru_maxrss` after minus before (MiB), with the peak mark reset "
-            "before each run (`malloc_trim`, `/proc/self/clear_refs` 5): activations, gradients, optimizer state and data"
+            "growth of the process peak RSS during the run, `ru_maxrss` after minus before (MiB), with the peak "
+            "mark reset before each run (`malloc_trim`, `/proc/self/clear_refs` 5): activations, gradients, "
+            "optimizer state and data"
         )
     )
     sections = [
@@ -415,8 +418,8 @@ def main(argv: list[str] | None = None) -> None:
         ),
         (
             f"- data: `TextDataModule(batching=..., layout=..., batch_size={BATCH_SIZE}, max_length={MAX_LENGTH}, "
-            f"max_tokens={BATCH_SIZE * MAX_LENGTH}, seed={SEED})` (stdlib_docs); {args.steps} timed optimizer steps after "
-            f"{args.warmup} untimed ones, data loading included; real tokens = `lengths.sum()`, "
+            f"max_tokens={BATCH_SIZE * MAX_LENGTH}, seed={SEED})` (stdlib_docs); {args.steps} timed optimizer steps "
+            f"after {args.warmup} untimed ones, data loading included; real tokens = `lengths.sum()`, "
             "padded = `input_ids.numel()`"
         ),
         f"- AdamW lr {LR} constant, betas (0.9, 0.95), weight decay 0.1 on matrices, gradient norm clipped to 1.0",

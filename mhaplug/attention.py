@@ -520,7 +520,10 @@ class MultiheadAttention(nn.MultiheadAttention):
         self._strategy = check_choice("strategy", value, STRATEGIES)
 
     def extra_repr(self) -> str:
-        return f"embed_dim={self.embed_dim}, num_heads={self.num_heads}, batch_first={self.batch_first}, strategy={self.strategy!r}"
+        return (
+            f"embed_dim={self.embed_dim}, num_heads={self.num_heads}, batch_first={self.batch_first}, "
+            f"strategy={self.strategy!r}"
+        )
 
     def __prepare_scriptable__(self) -> nn.Module:
         raise NotImplementedError(
@@ -804,7 +807,8 @@ def _check_inputs(
     for name, tensor in (("key", key), ("value", value)):
         if tensor.dim() != query.dim():
             raise ValueError(
-                f"{name} must be {query.dim()}-D like query (shape {tuple(query.shape)}), got shape {tuple(tensor.shape)}"
+                f"{name} must be {query.dim()}-D like query (shape {tuple(query.shape)}), "
+                f"got shape {tuple(tensor.shape)}"
             )
     seq_dim = 1 if (is_batched and mha.batch_first) else 0
     layout = "(B, L, E)" if seq_dim == 1 else "(L, B, E)" if is_batched else "(L, E)"

@@ -336,8 +336,11 @@ class PadCollator(_Collator):
 
     Example, ``padding_side="left"``, ``pad_to_multiple_of=4``, rows [5, 6, 7] and [8]::
 
-        input_ids        [[0 5 6 7]   key_padding_mask [[T F F F]   position_ids [[0 0 1 2]   labels [[-100 -100 6 7]
-                          [0 0 0 8]]                    [T T T F]]                [0 0 0 0]]          [-100 -100 -100 -100]]
+        input_ids     [[0 5 6 7]    key_padding_mask [[T F F F]
+                       [0 0 0 8]]                     [T T T F]]
+
+        position_ids  [[0 0 1 2]    labels           [[-100 -100 6 7]
+                       [0 0 0 0]]                     [-100 -100 -100 -100]]
     """
 
     padding_side: Literal["right", "left"] = "right"

@@ -184,10 +184,10 @@ def claim_run_dir(parent: str | os.PathLike[str], *, now: datetime | None = None
 
 def claim_job_subdir(sweep_dir: str | os.PathLike[str], num: int, name: str) -> str:
     """Create ``<sweep_dir>/<name>`` for job ``num`` of a sweep and return ``<name>`` (what ``hydra.sweep.subdir``
-    holds). ``name`` is the job's overrides (``hydra.job.override_dirname``: ``attention=merged_bool,data.layout=padded``),
-    without path separators and at most ``_MAX_NAME`` characters; should two jobs have the same (the keys that differ
-    are in ``hydra.job.config.override_dirname.exclude_keys``, or there are none), the later one is
-    ``<name>_job<num>``."""
+    holds). ``name`` is the job's overrides (``hydra.job.override_dirname``:
+    ``attention=merged_bool,data.layout=padded``), without path separators and at most ``_MAX_NAME`` characters;
+    should two jobs have the same (the keys that differ are in ``hydra.job.config.override_dirname.exclude_keys``, or
+    there are none), the later one is ``<name>_job<num>``."""
     base = _folder_name(name) if name else f"job{num}"
     candidates = itertools.chain([base], (f"{base}_job{num}" + (f"-{n}" if n > 1 else "") for n in itertools.count(1)))
     return Path(_claim(sweep_dir, candidates)).name
@@ -265,7 +265,8 @@ def invalid_combination(cfg: DictConfig) -> tuple[str, bool] | None:
             (
                 f"attention={strategy} ignores the padding mask, which is only correct with right padding; with "
                 f"data.padding_side=left real tokens would attend the pads before them. Use attention="
-                f"{' or attention='.join(_usable(cfg, left_padding=True, needs_is_causal=True))}, or data.padding_side=right"
+                f"{' or attention='.join(_usable(cfg, left_padding=True, needs_is_causal=True))}"
+                ", or data.padding_side=right"
             ),
             True,
         )
@@ -333,8 +334,8 @@ def _check_values(cfg: DictConfig) -> None:
     data, model, trainer = cfg.data, cfg.model, cfg.trainer
     if data.max_length < 2:
         raise ConfigError(
-            f"data.max_length={data.max_length} cannot train: a row of L tokens has L-1 next-token targets (1 trains on "
-            f"nothing and reports loss 0); use data.max_length >= 2, e.g. data.max_length=256"
+            f"data.max_length={data.max_length} cannot train: a row of L tokens has L-1 next-token targets (1 trains "
+            "on nothing and reports loss 0); use data.max_length >= 2, e.g. data.max_length=256"
         )
     if not data.tokenizer_path and data.vocab_size < min_vocab_size():
         raise ConfigError(
@@ -392,8 +393,8 @@ def validate(cfg: DictConfig) -> str | None:
         )
     if cfg.trainer.get("accumulate_grad_batches", 1) != 1:
         raise ConfigError(
-            "trainer.accumulate_grad_batches must stay 1: the model accumulates itself to normalise the loss by "
-            f"the real tokens of the whole step; set model.accumulate_grad_batches={cfg.trainer.accumulate_grad_batches}"
+            "trainer.accumulate_grad_batches must stay 1: the model accumulates itself to normalise the loss by the "
+            f"real tokens of the whole step; set model.accumulate_grad_batches={cfg.trainer.accumulate_grad_batches}"
         )
     found = invalid_combination(cfg)
     if found is None:

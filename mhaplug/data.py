@@ -336,7 +336,8 @@ def _read_parquet(file: Path, text_column: str) -> list[str | None]:
         raise ValueError(f"data file {str(file)!r} is not a readable parquet file ({error})") from None
     if text_column not in schema.names:
         raise ValueError(
-            f"data file {str(file)!r}: text_column={text_column!r} is not in the file; its columns are {schema.names}; set data.text_column"
+            f"data file {str(file)!r}: text_column={text_column!r} is not in the file; its columns are "
+            f"{schema.names}; set data.text_column"
         )
     kind = schema.field(text_column).type
     if not (pa.types.is_string(kind) or pa.types.is_large_string(kind) or pa.types.is_string_view(kind)):
@@ -503,7 +504,8 @@ class TextDataModule(pl.LightningDataModule):
         batching = check_choice("batching", batching, BATCHINGS)
         if source in ("text_files", "hf") and not path:
             raise ValueError(
-                f"source={source!r} needs path= (a file, glob or list for text_files; a dataset name or directory for hf)"
+                f"source={source!r} needs path= (a file, glob or list for text_files; "
+                "a dataset name or directory for hf)"
             )
         if batching == "token_budget" and not max_tokens:
             raise ValueError(
@@ -711,7 +713,8 @@ class TextDataModule(pl.LightningDataModule):
         return cls(lengths, hp.batch_size, shuffle=shuffle, seed=hp.seed, drop_last=False)
 
     def on_before_batch_transfer(self, batch: dict[str, Any], dataloader_idx: int) -> dict[str, Any]:
-        """Off the CPU, the real tokens' positions are found here, before the transfer (:func:`mhaplug.unpad.add_token_index`)."""
+        """Off the CPU, the real tokens' positions are found here, before the transfer
+        (:func:`mhaplug.unpad.add_token_index`)."""
         device = self.trainer.strategy.root_device if self.trainer is not None else "cpu"
         return unpad.add_token_index(batch, device)
 

@@ -55,7 +55,8 @@ def linear_cross_entropy(
     """
     if hidden.dim() != 2 or weight.dim() != 2 or hidden.shape[1] != weight.shape[1]:
         raise ValueError(
-            f"hidden must be (N, E) and weight (V, E) with the same E; got {tuple(hidden.shape)} and {tuple(weight.shape)}"
+            "hidden must be (N, E) and weight (V, E) with the same E; "
+            f"got {tuple(hidden.shape)} and {tuple(weight.shape)}"
         )
     if targets.shape != hidden.shape[:1]:
         raise ValueError(

@@ -160,7 +160,8 @@ class BaseBatchSampler(Sampler[list[int]]):
 
     @property
     def start_batch(self) -> int:
-        """The batch of the current epoch that the next ``__iter__`` starts at: 0, or where ``load_state_dict`` left it."""
+        """The batch of the current epoch that the next ``__iter__`` starts at: 0, or where ``load_state_dict``
+        left it."""
         return self._resume_from
 
     @property

@@ -319,13 +319,14 @@ def choose_documents(
             return padded, packed
     raise ValueError(
         f"--rows {rows} --columns {columns}: the data has no batch with {rows} documents of 2 to {columns} tokens "
-        f"(or not enough documents of at most {columns // 2} tokens to pack {rows} rows); raise --columns or lower --rows"
+        f"(or not enough documents of at most {columns // 2} tokens to pack {rows} rows); "
+        "raise --columns or lower --rows"
     )
 
 
 def make_batches(
-    documents: Sequence[Sequence[int]], lengths: Sequence[int], batches: Iterator[Sequence[int]], *, rows: int, columns: int,
-    pad_token_id: int = 0, pad_to_multiple_of: int | None = None,
+    documents: Sequence[Sequence[int]], lengths: Sequence[int], batches: Iterator[Sequence[int]], *,
+    rows: int, columns: int, pad_token_id: int = 0, pad_to_multiple_of: int | None = None,
 ) -> dict[str, dict[str, Any]]:  # fmt: skip
     """{"left", "right", "packed"}: the collators' batches of the documents :func:`choose_documents` picks."""
     padded, packed = choose_documents(lengths, batches, rows=rows, columns=columns)

@@ -545,12 +545,18 @@ def test_flex_takes_a_prebuilt_block_mask() -> None:
 def test_constructor_errors() -> None:
     with pytest.raises(
         ValueError,
-        match=r"num_heads must divide embed_dim, got embed_dim=10 and num_heads=4; pick num_heads among \[1, 2, 5, 10\]",
+        match=(
+            r"num_heads must divide embed_dim, got embed_dim=10 and num_heads=4; "
+            r"pick num_heads among \[1, 2, 5, 10\]"
+        ),
     ):
         MultiheadAttention(10, 4)
     with pytest.raises(
         ValueError,
-        match="strategy must be one of auto, reference, torch_mha, merged_bool, merged_additive, causal_kpm, causal_only, flex; got 'fast'",
+        match=(
+            "strategy must be one of auto, reference, torch_mha, merged_bool, merged_additive, causal_kpm, "
+            "causal_only, flex; got 'fast'"
+        ),
     ):
         MultiheadAttention(E, H, strategy="fast")
     with pytest.raises(ValueError, match=r"dropout must be in \[0, 1\), got 1.5"):
@@ -580,7 +586,10 @@ BAD_CALLS = [
     (
         {"attn_mask": torch.zeros(2, 5, 5, dtype=torch.bool)},
         ValueError,
-        r"attn_mask must have shape \(5, 5\) \(L, S\) or \(8, 5, 5\) \(B\*H, L, S\), or \(mhaplug only\) \(2, 1, 5, 5\) / \(2, 4, 5, 5\) \(B, 1\|H, L, S\); got \(2, 5, 5\)",
+        (
+            r"attn_mask must have shape \(5, 5\) \(L, S\) or \(8, 5, 5\) \(B\*H, L, S\), "
+            r"or \(mhaplug only\) \(2, 1, 5, 5\) / \(2, 4, 5, 5\) \(B, 1\|H, L, S\); got \(2, 5, 5\)"
+        ),
     ),
     (
         {"attn_mask": [[0.0]]},

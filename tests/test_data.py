@@ -324,7 +324,10 @@ def test_text_files_do_not_write_into_the_hugging_face_cache(tmp_path: Path, mon
         (
             "missing.jsonl",
             b'{"text": "one"}\n{"body": "two", "id": 2}\n',
-            r"data file '.*missing.jsonl', line 2: text_column='text' is not in the row; its fields are \['body', 'id'\]; set data.text_column",
+            (
+                r"data file '.*missing.jsonl', line 2: text_column='text' is not in the row; "
+                r"its fields are \['body', 'id'\]; set data.text_column"
+            ),
         ),
         (
             "number.json",
@@ -355,7 +358,10 @@ def test_a_parquet_text_column_of_numbers_or_a_missing_one_is_named(tmp_path: Pa
         text_files(tmp_path, str(tmp_path / "numbers.parquet"))
     with pytest.raises(
         ValueError,
-        match=r"data file '.*numbers.parquet': text_column='content' is not in the file; its columns are \['text', 'body'\]",
+        match=(
+            r"data file '.*numbers.parquet': text_column='content' is not in the file; "
+            r"its columns are \['text', 'body'\]"
+        ),
     ):
         text_files(tmp_path, str(tmp_path / "numbers.parquet"), text_column="content")
     (tmp_path / "broken.parquet").write_bytes(b"PAR1 not really parquet")

@@ -1,6 +1,6 @@
-"""What a run logs besides the CSV log that mhaplug.compare reads: ``logger=tensorboard`` writes TensorBoard's event file
-alongside it, and HParamsSummary puts each run's settings and results there for TensorBoard's HParams view. Event
-files are read back as TensorBoard reads them and compared with the run's CSV log, checkpoint and summary.json."""
+"""What a run logs besides the CSV log that mhaplug.compare reads: ``logger=tensorboard`` writes TensorBoard's event
+file alongside it, and HParamsSummary puts each run's settings and results there for TensorBoard's HParams view.
+Event files are read back as TensorBoard reads them and compared with the run's CSV log, checkpoint and summary.json."""
 
 from __future__ import annotations
 

@@ -844,8 +844,8 @@ def test_runs_started_together_get_their_own_folders_and_exit_codes_say_what_hap
     assert refused.returncode == 2
     assert refused.stderr.splitlines() == [
         (
-            "train.py: error: data.max_length=1 cannot train: a row of L tokens has L-1 next-token targets (1 trains on "
-            "nothing and reports loss 0); use data.max_length >= 2, e.g. data.max_length=256"
+            "train.py: error: data.max_length=1 cannot train: a row of L tokens has L-1 next-token targets (1 trains "
+            "on nothing and reports loss 0); use data.max_length >= 2, e.g. data.max_length=256"
         )
     ]
     assert sorted((tmp_path / "outputs" / "train" / "runs").iterdir()) == runs  # no folder left behind
@@ -862,8 +862,8 @@ def test_runs_started_together_get_their_own_folders_and_exit_codes_say_what_hap
     assert sweep.returncode == 3, sweep.stderr[-3000:]
     assert [line for line in sweep.stderr.splitlines() if "error" in line] == [
         (
-            "train.py: error: job 1 (data=synthetic,debug=fast,model.lr=-1,model=tiny): model.lr=-1.0 cannot train: use a "
-            "learning rate > 0, e.g. model.lr=3e-3"
+            "train.py: error: job 1 (data=synthetic,debug=fast,model.lr=-1,model=tiny): model.lr=-1.0 cannot train: "
+            "use a learning rate > 0, e.g. model.lr=3e-3"
         )
     ]
     (sweep_dir,) = (tmp_path / "outputs" / "train" / "multiruns").iterdir()
