@@ -47,6 +47,8 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal
 
+from mhaplug.util import write_atomic
+
 __all__ = [
     "Finding",
     "Run",
@@ -754,7 +756,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             title = f"mhaplug runs: {args.runs_dir}"
             png = report.figure_png(runs, title=title, baseline=baseline, names=names)
             if args.plot:
-                print(f"plot: {report.write_atomic(args.plot, png)}")
+                print(f"plot: {write_atomic(args.plot, png)}")
             if args.html:
                 page = report.html_report(
                     runs,
@@ -767,7 +769,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                     summary=summary,
                     png=png,
                 )
-                print(f"html: {report.write_atomic(args.html, page.encode())}")
+                print(f"html: {write_atomic(args.html, page)}")
     except (OSError, ValueError) as err:
         print(f"mhaplug.compare: error: {err}", file=sys.stderr)
         return 2

@@ -28,7 +28,6 @@ import html
 import io
 import math
 import os
-import tempfile
 import warnings
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -47,6 +46,7 @@ from mhaplug.compare import (
     short_names,
     table_rows,
 )
+from mhaplug.util import write_atomic
 
 if TYPE_CHECKING:
     from matplotlib.axes import Axes
@@ -64,7 +64,6 @@ __all__ = [
     "plot",
     "strategy_color",
     "throughput_groups",
-    "write_atomic",
 ]
 
 # One colour per strategy (mhaplug.attention.STRATEGIES; a test keeps them in step), fixed so that a strategy looks
@@ -420,20 +419,3 @@ def _cell(tag: str, value: str, numeric: bool) -> str:
 
 def _list(lines: Sequence[str]) -> str:
     return "<ul>\n" + "\n".join(f"<li>{html.escape(line)}</li>" for line in lines) + "\n</ul>" if lines else ""
-
-
-def write_atomic(path: str | os.PathLike[str], data: bytes) -> Path:
-    """Write ``data`` to ``path`` through a temporary file in the same folder and ``os.replace``: a reader (a CI
-    artefact upload, an image viewer, a browser) never sees half a file. Returns the path written."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.chmod(tmp, 0o644)  # mkstemp makes it 0600
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
-    return path

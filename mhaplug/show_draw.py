@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import math
 import os
-import tempfile
 import textwrap
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -19,6 +18,8 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor
+
+from mhaplug.util import atomic_path
 
 if TYPE_CHECKING:
     from matplotlib.axes import Axes
@@ -321,13 +322,6 @@ def write_png(figure: Figure, out: str | os.PathLike[str]) -> Path:
     # RGBA one with no visible change.
     image = Image.fromarray(np.asarray(figure.canvas.buffer_rgba())).convert("RGB")
     image = image.quantize(colors=64, method=Image.Quantize.FASTOCTREE, dither=Image.Dither.NONE)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as file:
-            image.save(file, format="PNG", optimize=True)
-        os.chmod(tmp, 0o644)  # mkstemp makes it 0600
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
+    with atomic_path(path) as tmp:
+        image.save(tmp, format="PNG", optimize=True)
     return path
