@@ -2,7 +2,7 @@
 literally hold, on a fake clock that makes step times exact. CheckpointOnSigterm with a real SIGTERM: the stop waits
 for the optimizer step and the validation in progress, and the checkpoint resumes exactly (ResumeMarker: the logs of
 both attempts read as one). (MaskAudit: tests/test_audit.py; StopOnNonFiniteLoss: tests/test_train.py;
-HParamsSummary: tests/test_logging.py.)"""
+mhaplug.hparams.HParamsSummary: tests/test_logging.py.)"""
 
 from __future__ import annotations
 

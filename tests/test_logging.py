@@ -21,8 +21,9 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from tensorboard.plugins.hparams import metadata, plugin_data_pb2
 
 import train as train_script
-from mhaplug.callbacks import DivergedError, HParamsSummary, StopOnNonFiniteLoss, ThroughputMonitor, run_results
+from mhaplug.callbacks import DivergedError, StopOnNonFiniteLoss, ThroughputMonitor
 from mhaplug.data import TextDataModule
+from mhaplug.hparams import HParamsSummary, run_results
 from mhaplug.lit import LitDecoderLM
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
