@@ -37,8 +37,9 @@ from _report import device_slug, markdown_table, write_report  # benchmarks/_rep
 
 import mhaplug
 from mhaplug import collate
-from mhaplug.collate import PackCollator, first_fit_pack
+from mhaplug.collate import PackCollator
 from mhaplug.data import TextDataModule
+from mhaplug.packing import first_fit_pack
 
 CAPACITY, SEED, BATCH_DOCUMENTS = 256, 0, 16
 Pack = Callable[[Sequence[int], int], list[list[int]]]

@@ -54,7 +54,8 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from torch.utils.data import DataLoader, Dataset
 
 from mhaplug import sampling, unpad
-from mhaplug.collate import PackCollator, PadCollator, first_fit_pack
+from mhaplug.collate import PackCollator, PadCollator
+from mhaplug.packing import first_fit_pack
 from mhaplug.util import (  # the choices live there, where config validation imports them without datasets
     BATCHINGS,
     EOS_TOKEN,

@@ -301,7 +301,7 @@ def choose_documents(
     lengths, longest first. Packed: the first documents of 2..``columns // 2`` tokens, as many as first-fit needs to
     fill ``rows`` rows of ``columns`` tokens (one more would open another row).
     """
-    from mhaplug.collate import first_fit_pack
+    from mhaplug.packing import first_fit_pack
 
     padded: list[int] | None = None
     short: list[int] = []
