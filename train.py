@@ -32,12 +32,13 @@ from hydra.core.override_parser.types import ValueType
 from hydra.types import RunMode
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
-from pytorch_lightning.callbacks import LearningRateMonitor
+from pytorch_lightning.callbacks import LearningRateMonitor, ProgressBar
 from pytorch_lightning.loggers import CSVLogger
 from pytorch_lightning.utilities.exceptions import SIGTERMException
 
-from mhaplug.callbacks import CheckpointOnSigterm, DivergedError, MaskAudit, ThroughputMonitor
+from mhaplug.callbacks import CheckpointOnSigterm, DivergedError, MaskAudit
 from mhaplug.config import ConfigError, SkipRun, choice_of, register_configs, validate
+from mhaplug.hparams import run_results
 from mhaplug.quiet import silence_known_noise
 from mhaplug.util import write_atomic
 
@@ -103,6 +104,8 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     loggers = [instantiate(c) for c in (cfg.logger or {}).values() if c is not None]
     if not loggers:  # Lightning's LearningRateMonitor refuses a Trainer without a logger; it has nowhere to write
         callbacks = [c for c in callbacks if not isinstance(c, LearningRateMonitor)]
+    if not cfg.trainer.get("enable_progress_bar", True):  # Lightning refuses a progress bar callback then
+        callbacks = [c for c in callbacks if not isinstance(c, ProgressBar)]
     trainer: pl.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
 
     start = time.perf_counter()
@@ -137,9 +140,7 @@ def _summary(
     """What the run did. ``status``: ``finished``, ``interrupted`` (SIGTERM: ``steps`` is where it stopped and
     ``resume_ckpt_path`` the checkpoint saved there) or ``diverged`` (``diverged_at_step``: the first step whose
     train/loss was NaN or inf)."""
-    metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
     checkpoint = next((c for c in trainer.checkpoint_callbacks), None)
-    best = getattr(checkpoint, "best_model_score", None)
     csv_logger = next((lg for lg in trainer.loggers if isinstance(lg, CSVLogger)), None)  # what compare reads
     metrics_csv = None
     if csv_logger is not None:
@@ -160,27 +161,15 @@ def _summary(
         "valid": invalid is None,
         "invalid_reason": invalid,
         "equivalence_key": equivalence_key(cfg),
-        "final_val_loss": metrics.get("val/loss"),
-        "best_val_loss": float(best) if best is not None else metrics.get("val/loss"),
-        "final_train_loss": metrics.get("train/loss"),
-        **_throughput(trainer),  # real_tokens_per_sec, padded_tokens_per_sec, pad_fraction
-        "peak_memory_mb": metrics.get("train/peak_memory_mb"),
+        # final/best val loss, final train loss, tokens/s, pad fraction, peak memory, steps: one definition, which
+        # HParamsSummary logs for TensorBoard too
+        **run_results(trainer),
         "wall_time_s": wall,
-        "steps": trainer.global_step,
         "metrics_csv": metrics_csv,
         "checkpoint_dir": str(Path(checkpoint.dirpath)) if checkpoint is not None and checkpoint.dirpath else None,
         "data": dict(datamodule.stats),
         "audit": _audit(trainer),
     }
-
-
-def _throughput(trainer: pl.Trainer) -> dict[str, float | None]:
-    """The run's throughput from the ThroughputMonitor callback's totals (the whole run, across resumes), or None
-    without the callback."""
-    monitor = next((c for c in trainer.callbacks if isinstance(c, ThroughputMonitor)), None)
-    if monitor is None:
-        return {"real_tokens_per_sec": None, "padded_tokens_per_sec": None, "pad_fraction": None}
-    return monitor.rates()
 
 
 def _audit(trainer: pl.Trainer) -> dict[str, Any] | None:
