@@ -6,10 +6,20 @@ from pathlib import Path
 import pytest
 import torch
 
+from mhaplug.quiet import silence_known_noise
+
 
 @pytest.fixture(autouse=True)
 def _seed() -> None:
     torch.manual_seed(0)
+
+
+@pytest.fixture(autouse=True)
+def _known_noise_silenced() -> None:
+    """The tests' fits as quiet as train.py's: pytest resets the warning filters for each test, so
+    mhaplug.quiet's exact filters are installed again inside it (tests/test_quiet.py removes them to see both
+    sides). Every other warning stays visible."""
+    silence_known_noise()
 
 
 def pytest_configure(config: pytest.Config) -> None:
