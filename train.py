@@ -2,7 +2,9 @@
 ``python train.py -m experiment=mask_ablation`` (the whole ablation),
 ``python train.py ckpt_path=<run>/checkpoints/last.ckpt`` (resume: writes on in ``<run>``).
 
-``train(cfg)`` is a pure function of the config (tests call it); ``main`` is the thin Hydra entry point.
+``train(cfg)`` does one whole run from its config, the part tests call: it validates the config, builds the data,
+model and Trainer, fits, and writes the run's summary.json into its folder. ``main`` is the thin Hydra entry point
+around it (exit codes, refusals in one line, sweeps).
 
 Exit codes of ``python train.py``: 0 finished (or skipped on purpose: skipped.txt), 1 crashed (Hydra prints the
 traceback), 2 a setting that cannot train, an unknown option of a group or value of a choice on the command line,
@@ -36,11 +38,13 @@ from pytorch_lightning.callbacks import LearningRateMonitor, ProgressBar
 from pytorch_lightning.loggers import CSVLogger
 from pytorch_lightning.utilities.exceptions import SIGTERMException
 
-from mhaplug.callbacks import CheckpointOnSigterm, DivergedError, MaskAudit
-from mhaplug.config import ConfigError, SkipRun, choice_of, register_configs, validate
-from mhaplug.hparams import run_results
-from mhaplug.quiet import silence_known_noise
-from mhaplug.util import write_atomic
+from mhaplug.common import ConfigError, write_atomic
+from mhaplug.reporting.runs import SKIPPED_FILE, SUMMARY_FILE
+from mhaplug.training.callbacks import MaskAudit
+from mhaplug.training.config import SkipRun, choice_of, register_configs, validate
+from mhaplug.training.hparams import run_results
+from mhaplug.training.lifecycle import CheckpointOnSigterm, DivergedError
+from mhaplug.training.quiet import silence_known_noise
 
 log = logging.getLogger("mhaplug.train")
 
@@ -121,7 +125,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
 
     summary = _summary(cfg, trainer, datamodule, wall, invalid_reason, outcome)
     if trainer.is_global_zero:
-        write_atomic(output_dir / "summary.json", json.dumps(summary, indent=2))  # never a half-written summary
+        write_atomic(output_dir / SUMMARY_FILE, json.dumps(summary, indent=2))  # never a half-written summary
         _print_summary(summary, output_dir, compare_dir=_compare_dir(output_dir))
     return summary
 
@@ -262,7 +266,7 @@ _NOT_CHECKED = {"hydra"}  # Hydra's own groups (hydra/launcher=...) live in its 
 
 def check_overrides(args: list[str], configs: Path = CONFIGS) -> list[str]:
     """The command line's overrides checked before Hydra runs: a ``group=option`` against ``configs/<group>/*.yaml``,
-    a ``key=value`` of a choice (``data.layout``, typed by :class:`mhaplug.util.Choice` in the schema) against its
+    a ``key=value`` of a choice (``data.layout``, typed by :class:`mhaplug.common.Choice` in the schema) against its
     values. A bad one (also one value of a sweep, ``attention=auto,fast``) raises :class:`ConfigError` naming the key,
     the value and what is allowed: Hydra would print a multi-line error and exit 1. Returns ``args``, with
     ``group=null`` (drop the group, as ``logger=null`` reads) written as Hydra spells it, ``~group``. Left to Hydra:
@@ -339,7 +343,7 @@ def main(cfg: DictConfig) -> float | None:
     except SkipRun as skipped:
         log.warning("skipped (%s): %s", skipped.why, skipped)
         output_dir.mkdir(parents=True, exist_ok=True)
-        write_atomic(output_dir / "skipped.txt", f"{_run_name()}: {skipped}\n")
+        write_atomic(output_dir / SKIPPED_FILE, f"{_run_name()}: {skipped}\n")
         return None
     except ConfigError as err:
         # One line, no traceback: Hydra would print one for an exception that reaches it, and exit 1.

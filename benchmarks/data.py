@@ -4,7 +4,7 @@ Both tables use the default data: ``mhaplug.data.TextDataModule()`` (the standar
 vocabulary 4096, documents split into chunks of at most ``max_length=256`` tokens), its train split.
 
 1. Collators on the same rows: ``--batches`` batches of 16 rows (``input_ids`` as Python lists), drawn in a
-   seeded random order (successive permutations of the train split), collated by ``mhaplug.collate.PadCollator``,
+   seeded random order (successive permutations of the train split), collated by ``mhaplug.data.collate.PadCollator``,
    by ``transformers.DataCollatorWithPadding(return_tensors="pt")`` and, for information, by
    ``PackCollator(max_length=256)``. Median over ``--repeats`` full passes, collators timed in turn within each
    repeat. Skipped with a note when ``transformers`` is not importable (it is not a dependency of mhaplug).
@@ -37,8 +37,9 @@ import torch
 from _report import device_slug, markdown_table, write_report  # benchmarks/_report.py
 
 import mhaplug
-from mhaplug.collate import PackCollator, PadCollator
-from mhaplug.data import PAD_TOKEN, TextDataModule
+from mhaplug.common import PAD_TOKEN
+from mhaplug.data import TextDataModule
+from mhaplug.data.collate import PackCollator, PadCollator
 
 BATCH_SIZE, MAX_LENGTH, SEED, TARGET_SPEEDUP = 16, 256, 0, 5.0
 Rows = list[dict[str, list[int]]]

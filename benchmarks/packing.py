@@ -5,9 +5,9 @@ train split: the standard library's docstrings in chunks of at most 256 tokens (
 28, mean about 58, about 5% exactly 256, the chunk size). They are packed into rows of 256 tokens, as
 ``TextDataModule(layout="packed")`` packs its split, and ``PackCollator(max_length=256)`` each batch.
 
-1. The quadratic first-fit (``quadratic_first_fit_pack`` below: ``first_fit_pack`` as it was before issue 10, the
-   reference the tests also keep) against ``first_fit_pack``, on the same lengths, at 12.5k, 25k and 50k
-   documents, and per batch of 16 documents (what ``PackCollator`` packs on every call): median seconds over
+1. The quadratic first-fit (``mhaplug.data.packing.first_fit_pack_reference``: ``first_fit_pack`` as it was before
+   issue 10, the reference the tests compare with) against ``first_fit_pack``, on the same lengths, at 12.5k, 25k and
+   50k documents, and per batch of 16 documents (what ``PackCollator`` packs on every call): median seconds over
    ``--repeats`` runs, the two timed in turn within each repeat, and the outputs checked identical.
 2. ``first_fit_pack`` alone (the quadratic one would take hours) at 1M and 3M documents, and at 1M documents of
    uniform lengths 1..65536 into rows of 65536 (about 15 documents per distinct length, so the tree places
@@ -36,32 +36,12 @@ import torch
 from _report import device_slug, markdown_table, write_report  # benchmarks/_report.py
 
 import mhaplug
-from mhaplug import collate
-from mhaplug.collate import PackCollator
-from mhaplug.data import TextDataModule
-from mhaplug.packing import first_fit_pack
+from mhaplug.data import TextDataModule, collate
+from mhaplug.data.collate import PackCollator
+from mhaplug.data.packing import first_fit_pack, first_fit_pack_reference
 
 CAPACITY, SEED, BATCH_DOCUMENTS = 256, 0, 16
 Pack = Callable[[Sequence[int], int], list[list[int]]]
-
-
-def quadratic_first_fit_pack(lengths: Sequence[int], capacity: int) -> list[list[int]]:
-    """``first_fit_pack`` before issue 10 (commit a250882): each document, longest first, scans the rows for room."""
-    order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
-    rows: list[list[int]] = []
-    room: list[int] = []
-    for i in order:
-        if lengths[i] > capacity:
-            raise ValueError(f"document {i} has {lengths[i]} tokens, more than the row capacity {capacity}")
-        for r, free in enumerate(room):
-            if lengths[i] <= free:
-                rows[r].append(i)
-                room[r] -= lengths[i]
-                break
-        else:
-            rows.append([i])
-            room.append(capacity - lengths[i])
-    return rows
 
 
 def timed(pack: Pack, lengths: list[int], capacity: int) -> tuple[float, list[list[int]]]:
@@ -89,7 +69,7 @@ def against_quadratic(doc_lengths: np.ndarray, args: argparse.Namespace) -> tupl
         lengths = rng.choice(doc_lengths, count).tolist()
         old_times, new_times, same = [], [], True
         for _ in range(args.repeats):
-            seconds, old_rows = timed(quadratic_first_fit_pack, lengths, CAPACITY)
+            seconds, old_rows = timed(first_fit_pack_reference, lengths, CAPACITY)
             old_times.append(seconds)
             seconds, new_rows = timed(first_fit_pack, lengths, CAPACITY)
             new_times.append(seconds)
@@ -110,9 +90,9 @@ def against_quadratic(doc_lengths: np.ndarray, args: argparse.Namespace) -> tupl
     # One batch, as PackCollator packs it on every call: many small calls, timed together.
     batches = [rng.choice(doc_lengths, BATCH_DOCUMENTS).tolist() for _ in range(args.batches)]
     old_times, new_times = [], []
-    same = all(first_fit_pack(b, CAPACITY) == quadratic_first_fit_pack(b, CAPACITY) for b in batches)
+    same = all(first_fit_pack(b, CAPACITY) == first_fit_pack_reference(b, CAPACITY) for b in batches)
     for _ in range(args.repeats):
-        for pack, times in ((quadratic_first_fit_pack, old_times), (first_fit_pack, new_times)):
+        for pack, times in ((first_fit_pack_reference, old_times), (first_fit_pack, new_times)):
             start = time.perf_counter()
             for lengths in batches:
                 pack(lengths, CAPACITY)
@@ -135,7 +115,7 @@ def against_quadratic(doc_lengths: np.ndarray, args: argparse.Namespace) -> tupl
     collator = PackCollator(max_length=CAPACITY)
     old_times, new_times = [], []
     for _ in range(args.repeats):
-        for pack, times in ((quadratic_first_fit_pack, old_times), (first_fit_pack, new_times)):
+        for pack, times in ((first_fit_pack_reference, old_times), (first_fit_pack, new_times)):
             collate.first_fit_pack = pack  # type: ignore[assignment]
             start = time.perf_counter()
             for rows_in in documents:

@@ -70,11 +70,13 @@ from transformers.data.data_collator import DataCollatorForLanguageModeling, Dat
 from transformers.trainer_pt_utils import LengthGroupedSampler
 
 import mhaplug
-from mhaplug.collate import PadCollator
-from mhaplug.config import register_configs
-from mhaplug.data import EOS_TOKEN, PAD_TOKEN, TextDataModule
-from mhaplug.model import DecoderConfig, DecoderLM, lm_loss_sum
-from mhaplug.sampling import RandomBatchSampler
+from mhaplug.common import EOS_TOKEN, PAD_TOKEN
+from mhaplug.data import TextDataModule
+from mhaplug.data.collate import PadCollator
+from mhaplug.data.sampling import RandomBatchSampler
+from mhaplug.decoder import DecoderConfig, DecoderLM
+from mhaplug.loss import lm_loss_sum
+from mhaplug.training.config import register_configs
 
 SEED, BATCH_SIZE, MAX_LENGTH, VOCAB, THREADS = 0, 16, 256, 4096, 2
 LR, BETAS, WEIGHT_DECAY, CLIP = 3e-3, (0.9, 0.95), 0.1, 1.0

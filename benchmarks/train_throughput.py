@@ -3,12 +3,12 @@
 One decoder (configs/model/small.yaml: d_model 128, 4 heads, 2 layers, d_ff 512, GELU, pre-norm, tied head; vocab
 4096, max_length 256) is trained in one process, once per configuration, for the same number of AdamW steps from the
 same initial weights, by a plain PyTorch loop (no Lightning Trainer) over the real ``TextDataModule`` train loader
-(stdlib docstrings), with mhaplug.lit's loss (sum over real targets / their count: ``DecoderLM.loss_sum``, real
+(stdlib docstrings), with mhaplug.training.lit's loss (sum over real targets / their count: ``DecoderLM.loss_sum``, real
 tokens only with the fused output layer + cross-entropy; baseline A ``lm_loss_sum`` of its logits):
 
 - baseline A, what users write today: ``nn.TransformerEncoderLayer(norm_first=True)`` blocks (``nn.MultiheadAttention``)
   given ``src_key_padding_mask`` and a float causal ``src_mask``; random batching, right padding;
-- baseline B: ``mhaplug.model.DecoderLM``, strategy ``merged_bool``, random batching, right padding;
+- baseline B: ``mhaplug.decoder.DecoderLM``, strategy ``merged_bool``, random batching, right padding;
 - mhaplug: ``merged_bool``, ``merged_additive``, ``causal_kpm``, ``causal_only`` with ``length_grouped`` and
   ``token_budget`` batching; the strategies valid for packed rows with ``layout=packed``.
 
@@ -40,8 +40,10 @@ from _report import device_slug, markdown_table, write_report  # benchmarks/_rep
 from torch import Tensor, nn
 
 import mhaplug
+from mhaplug.attention import PACKED_STRATEGIES
 from mhaplug.data import TextDataModule
-from mhaplug.model import PACKED_STRATEGIES, DecoderConfig, DecoderLM, lm_loss_sum
+from mhaplug.decoder import DecoderConfig, DecoderLM
+from mhaplug.loss import lm_loss_sum
 
 SEED, BATCH_SIZE, MAX_LENGTH, LR = 0, 16, 256, 3e-3
 MODEL = {"d_model": 128, "num_heads": 4, "num_layers": 2, "d_ff": 512}  # configs/model/small.yaml

@@ -1,4 +1,5 @@
-"""Next-token cross-entropy of a linear output layer, without the (N, V) logits tensor.
+"""Next-token cross-entropy of a language model: :func:`lm_loss_sum` of whole logits, the reference, and
+:func:`linear_cross_entropy`, the same loss of a linear output layer without the (N, V) logits tensor.
 
 A language model's last matmul and its loss are most of a small model's step: for N positions and a vocabulary
 of V, ``F.cross_entropy(hidden @ weight.T, targets)`` keeps the (N, V) logits, their log-softmax and, in the
@@ -18,11 +19,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from mhaplug import masks
-from mhaplug.collate import IGNORE_INDEX  # the collators write it; the loss skips it
-from mhaplug.util import check_int
+from mhaplug.attention import masks
+from mhaplug.common import IGNORE_INDEX, check_int
 
-__all__ = ["IGNORE_INDEX", "linear_cross_entropy", "next_token_targets"]
+__all__ = ["linear_cross_entropy", "lm_loss_sum", "next_token_targets"]
 
 DEFAULT_CHUNK_ELEMENTS = 2**21  # logits per chunk (8 MiB in float32): large GEMMs, little live memory
 
@@ -145,3 +145,14 @@ def _zero_rows_without_target(grad_logits: Tensor, has_target: Tensor) -> None:
             grad_logits.index_fill_(0, rows, 0.0)
     else:
         grad_logits.mul_(has_target[:, None])
+
+
+def lm_loss_sum(logits: Tensor, labels: Tensor, *, ignore_index: int = IGNORE_INDEX) -> Tensor:
+    """Sum of next-token cross-entropies of logits (B, L, V): logits at t predict ``labels`` at t + 1;
+    ``ignore_index`` labels take no loss. (The labels are shifted, not the logits: no copy of the logits.)"""
+    return F.cross_entropy(
+        logits.flatten(0, 1),  # (B * L, V)
+        next_token_targets(labels, ignore_index=ignore_index).flatten(),  # (B * L,)
+        ignore_index=ignore_index,
+        reduction="sum",
+    )

@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from mhaplug.quiet import silence_known_noise
+from mhaplug.training.quiet import silence_known_noise
 
 
 @pytest.fixture(autouse=True)
@@ -17,7 +17,7 @@ def _seed() -> None:
 @pytest.fixture(autouse=True)
 def _known_noise_silenced() -> None:
     """The tests' fits as quiet as train.py's: pytest resets the warning filters for each test, so
-    mhaplug.quiet's exact filters are installed again inside it (tests/test_quiet.py removes them to see both
+    mhaplug.training.quiet's exact filters are installed again inside it (tests/test_quiet.py removes them to see both
     sides). Every other warning stays visible."""
     silence_known_noise()
 

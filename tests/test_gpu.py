@@ -8,7 +8,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from mhaplug import MultiheadAttention, masks
+from mhaplug import MultiheadAttention
+from mhaplug.attention import masks
 
 pytestmark = [
     pytest.mark.gpu,
@@ -100,9 +101,9 @@ def test_causal_hint_is_checked_on_the_device_without_a_sync(strategy: str) -> N
 
 
 def test_audit_passes_on_cuda_in_bfloat16() -> None:
-    from mhaplug.audit import audit
-    from mhaplug.collate import PadCollator
-    from mhaplug.model import DecoderConfig, DecoderLM
+    from mhaplug.data.collate import PadCollator
+    from mhaplug.decoder import DecoderConfig, DecoderLM
+    from mhaplug.training.audit import audit
 
     rows = [list(range(3, 3 + n)) for n in (40, 7, 25, 1, 60, 12)]
     batch_ = {
@@ -117,8 +118,9 @@ def test_audit_passes_on_cuda_in_bfloat16() -> None:
 @pytest.mark.parametrize("packed", [False, True], ids=["padded", "packed"])
 def test_decoder_trains_with_flex_like_merged_bool(packed: bool) -> None:
     """FlexAttention training (one BlockMask per batch, shared by the layers) = merged_bool, loss and grads."""
-    from mhaplug.collate import PackCollator, PadCollator
-    from mhaplug.model import DecoderConfig, DecoderLM, lm_loss_sum
+    from mhaplug.data.collate import PackCollator, PadCollator
+    from mhaplug.decoder import DecoderConfig, DecoderLM
+    from mhaplug.loss import lm_loss_sum
 
     rows = [list(range(3, 3 + n)) for n in (40, 7, 25, 1, 60, 12)]
     batch = (PackCollator(max_length=64) if packed else PadCollator())(rows)
@@ -144,9 +146,9 @@ def test_decoder_trains_with_flex_like_merged_bool(packed: bool) -> None:
 def test_decoder_step_with_a_cpu_token_index_never_syncs(packed: bool) -> None:
     """LitDecoderLM's path on CUDA: token_index built on the CPU, then loss_sum (real tokens, fused loss) and
     backward with no host-device sync; equal to the CPU model."""
-    from mhaplug import masks
-    from mhaplug.collate import PackCollator, PadCollator
-    from mhaplug.model import DecoderConfig, DecoderLM
+    from mhaplug.attention import masks
+    from mhaplug.data.collate import PackCollator, PadCollator
+    from mhaplug.decoder import DecoderConfig, DecoderLM
 
     rows = [list(range(3, 3 + n)) for n in (40, 7, 25, 1, 60, 12)]
     batch = (PackCollator(max_length=64) if packed else PadCollator(padding_side="left"))(rows)

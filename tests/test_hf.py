@@ -21,8 +21,8 @@ from torch import Tensor
 from torch.utils.data import DataLoader
 from transformers import AttentionInterface, GPT2Config, GPT2LMHeadModel, masking_utils
 
-from mhaplug import masks
-from mhaplug.collate import PackCollator, PadCollator
+from mhaplug.attention import masks
+from mhaplug.data.collate import PackCollator, PadCollator
 
 VOCAB = 64
 LENGTHS = [9, 3, 6, 1, 5, 7, 2, 4, 8]  # a one-token document has no target but still gets logits

@@ -7,7 +7,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from mhaplug.loss import IGNORE_INDEX, linear_cross_entropy, next_token_targets
+from mhaplug.common import IGNORE_INDEX
+from mhaplug.loss import linear_cross_entropy, next_token_targets
 
 N, E, V = 37, 8, 23
 

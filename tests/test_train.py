@@ -26,22 +26,14 @@ from hydra.errors import ConfigCompositionException, MissingConfigException
 from omegaconf import DictConfig, OmegaConf
 
 import train as train_script
-from mhaplug import compare
 from mhaplug.attention import CAPABILITIES, STRATEGIES
-from mhaplug.config import (
-    ConfigError,
-    DataConfig,
-    ModelConfig,
-    SkipRun,
-    checkpoint_run_dir,
-    claim_job_subdir,
-    claim_run_dir,
-    validate,
-)
+from mhaplug.common import Choice, ConfigError
 from mhaplug.data import TextDataModule
-from mhaplug.lit import LitDecoderLM
-from mhaplug.model import DecoderConfig
-from mhaplug.util import Choice
+from mhaplug.decoder import DecoderConfig
+from mhaplug.reporting.runs import read_curve
+from mhaplug.training.config import DataSchema, ModelSchema, SkipRun, validate
+from mhaplug.training.lit import LitDecoderLM
+from mhaplug.training.run_dirs import checkpoint_run_dir, claim_job_subdir, claim_run_dir
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = ROOT / "configs"
@@ -86,7 +78,9 @@ def test_every_config_option_composes_and_validates(tmp_path: Path, group: str, 
     if group == "attention" and not (CAPABILITIES[option].document_masks and CAPABILITIES[option].empty_rows_zero):
         extra.append("data.layout=padded")  # the default layout is packed, which these strategies cannot train
     cfg = config(tmp_path, f"{group}={option}", *extra)
-    assert cfg.data._target_ == "mhaplug.data.TextDataModule" and cfg.model._target_ == "mhaplug.lit.LitDecoderLM"
+    assert (
+        cfg.data._target_ == "mhaplug.data.TextDataModule" and cfg.model._target_ == "mhaplug.training.lit.LitDecoderLM"
+    )
     if (group, option) == ("attention", "flex") and not torch.cuda.is_available():
         with pytest.raises(ConfigError, match="attention=flex trains on CUDA only"):
             validate(cfg)
@@ -101,7 +95,7 @@ def _defaults(parameters: dict[str, Any]) -> dict[str, Any]:
 
 
 def test_the_schema_is_the_settings_of_the_classes_it_instantiates() -> None:
-    """One definition: DataConfig is TextDataModule's parameters, ModelConfig is DecoderConfig's fields and then
+    """One definition: DataSchema is TextDataModule's parameters, ModelSchema is DecoderConfig's fields and then
     LitDecoderLM's own, with the same names, order and defaults; the YAML files set only what differs."""
 
     def schema(cls: type) -> dict[str, Any]:
@@ -112,9 +106,9 @@ def test_the_schema_is_the_settings_of_the_classes_it_instantiates() -> None:
         params = inspect.signature(fn).parameters.values()
         return {p.name: p.default for p in params if p.kind == p.KEYWORD_ONLY}
 
-    assert _defaults(schema(DataConfig)) == signature(TextDataModule.__init__)
+    assert _defaults(schema(DataSchema)) == signature(TextDataModule.__init__)
     decoder = {f.name: f.default for f in dataclasses.fields(DecoderConfig)}
-    model = _defaults(schema(ModelConfig))
+    model = _defaults(schema(ModelSchema))
     assert decoder.pop("vocab_size") is dataclasses.MISSING and model.pop("vocab_size") == "???"  # from the data
     lit = signature(LitDecoderLM.__init__)
     assert model == {**decoder, **lit, "betas": list(lit["betas"])}  # a ListConfig holds the tuple as a list
@@ -169,7 +163,7 @@ def test_a_misspelt_key_fails_when_the_config_is_composed(tmp_path: Path) -> Non
 
 
 def test_a_bad_choice_fails_when_the_config_is_composed_listing_the_allowed_values(tmp_path: Path) -> None:
-    """Choices are typed in the schema (mhaplug.util.Choice): OmegaConf refuses another value at composition, from
+    """Choices are typed in the schema (mhaplug.common.Choice): OmegaConf refuses another value at composition, from
     an override or a file, naming the allowed ones; train.py's pre-flight says the same in one line (exit 2)."""
     allowed = ", ".join(STRATEGIES)  # the one list of strategies (mhaplug.attention), in its order
     with pytest.raises(ConfigCompositionException, match="attention.strategy=fast") as failed:
@@ -702,7 +696,7 @@ def test_sigkill_then_sigterm_mid_epoch_and_resume_match_an_uninterrupted_run(tm
         "trainer.val_check_interval=10",
         "trainer.log_every_n_steps=1",
         f"data.cache_dir={tmp_path / 'cache'}",
-        "+callbacks.batch_log._target_=mhaplug.callbacks.BatchLog",
+        "+callbacks.batch_log._target_=mhaplug.training.callbacks.BatchLog",
     ]
     full = run_train(
         *common, f"hydra.run.dir={tmp_path / 'full'}", f"+callbacks.batch_log.path={tmp_path / 'full.jsonl'}"
@@ -786,11 +780,11 @@ def test_sigkill_then_sigterm_mid_epoch_and_resume_match_an_uninterrupted_run(tm
     # Each attempt logged to its own version, none overwritten; read together they are the full run's log.
     attempts = sorted((run_dir / "csv").glob("version_*/metrics.csv"))
     assert [p.parent.name for p in attempts] == ["version_0", "version_1", "version_2"]
-    assert min(s for s, _ in compare.read_curve(attempts[0], "train/loss")) == 0  # the first attempt's steps are kept
+    assert min(s for s, _ in read_curve(attempts[0], "train/loss")) == 0  # the first attempt's steps are kept
     for name in ("train/loss", "val/loss"):
         got, want = (
-            compare.read_curve(attempts, name),
-            compare.read_curve(tmp_path / "full" / "csv" / "version_0" / "metrics.csv", name),
+            read_curve(attempts, name),
+            read_curve(tmp_path / "full" / "csv" / "version_0" / "metrics.csv", name),
         )
         assert [s for s, _ in got] == [s for s, _ in want] and len(want) >= 5, name
         assert [v for _, v in got] == pytest.approx([v for _, v in want], abs=1e-6), name

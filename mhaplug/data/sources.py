@@ -1,0 +1,335 @@
+"""Where text comes from: every source yields the documents as strings, in a fixed order.
+
+Sources (``source=``):
+
+- ``stdlib_docs`` (default): the documentation strings of the Python standard library, real English text
+  present on every Python install. Collected by parsing (never importing) every ``.py`` file under
+  ``sysconfig.get_paths()["stdlib"]`` in sorted order and taking ``ast.get_docstring`` of each module, class
+  and function, skipping ``site-packages`` and the test suites (some thousands of docstrings, over a million
+  characters). Cached as JSON per Python version.
+- ``synthetic``: seeded sentences from a small grammar, with lengths from 1 to ``synthetic_max_words`` words;
+  tiny and fast, for tests.
+- ``text_files``: local ``.txt`` (a document per line), ``.jsonl`` / ``.json`` or ``.parquet`` files (``path`` may be a
+  file, a glob or a list), each read by its own extension into memory (:func:`read_text_files`): nothing is
+  written to the Hugging Face cache, and a bad file raises naming the file and line.
+- ``hf``: any ``datasets.load_dataset(path, name, split=split)``: a hub name, or a local path (loaded offline). When
+  the hub cannot be reached (or ``HF_HUB_OFFLINE=1``) a hub name loads from the local cache only, and fails at once
+  with one line (:class:`mhaplug.common.ConfigError`) when it is not there.
+"""
+
+from __future__ import annotations
+
+import ast
+import codecs
+import glob
+import json
+import os
+import random
+import reprlib
+import sys
+import sysconfig
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import datasets
+
+from mhaplug.common import ConfigError
+from mhaplug.data.cache import cache_key, cached, default_cache_dir
+
+__all__ = ["load_hf", "read_text_files", "stdlib_docstrings", "synthetic_texts"]
+
+_STDLIB_SKIP = {
+    "site-packages",
+    "test",
+    "tests",
+    "idlelib",
+    "lib2to3",
+    "tkinter",
+    "turtledemo",
+    "ensurepip",
+    "__pycache__",
+}
+
+
+def stdlib_docstrings(*, cache_dir: Path | None = None) -> list[str]:
+    """Docstrings of the standard library's modules, classes and functions, in a fixed order (see module doc)."""
+    root = Path(sysconfig.get_paths()["stdlib"])
+    cache = (cache_dir or default_cache_dir()) / "sources" / f"stdlib_docs-{cache_key(sys.version, str(root))}.json"
+
+    def build(tmp: Path) -> None:
+        docs = []
+        for path in sorted(root.rglob("*.py")):
+            if _STDLIB_SKIP & set(path.relative_to(root).parts):
+                continue
+            try:
+                tree = ast.parse(path.read_bytes())
+            except (SyntaxError, ValueError):  # a few deliberately broken files (e.g. bad encodings in fixtures)
+                continue
+            for node in ast.walk(tree):
+                if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)):
+                    doc = ast.get_docstring(node)
+                    if doc is not None:
+                        docs.append(doc)
+        tmp.write_bytes(json.dumps(docs).encode())
+
+    return cached(cache, read=_read_docstrings, build=build)
+
+
+def _read_docstrings(path: Path) -> list[str]:
+    docs = json.loads(path.read_bytes())
+    if not isinstance(docs, list) or not all(isinstance(doc, str) for doc in docs):
+        raise ValueError(f"expected a JSON list of strings, got a {type(docs).__name__} holding {reprlib.repr(docs)}")
+    return docs
+
+
+_SUBJECTS = [
+    "the parser",
+    "a thread",
+    "this module",
+    "the socket",
+    "each worker",
+    "the buffer",
+    "a process",
+    "the queue",
+]
+
+
+_VERBS = ["returns", "reads", "writes", "closes", "opens", "sends", "waits for", "raises"]
+
+
+_OBJECTS = [
+    "a list of strings",
+    "the next line",
+    "an error",
+    "the result",
+    "all pending data",
+    "a new file",
+    "the lock",
+]
+
+
+def synthetic_texts(num_documents: int = 512, *, max_words: int = 64, seed: int = 0) -> list[str]:
+    """Seeded sentences from a tiny grammar: learnable structure, varied lengths (1..max_words words)."""
+    rng = random.Random(seed)
+    texts = []
+    for _ in range(num_documents):
+        words: list[str] = []
+        target = max(1, min(max_words, int(rng.lognormvariate(2.5, 0.8))))
+        while len(words) < target:
+            sentence = f"{rng.choice(_SUBJECTS)} {rng.choice(_VERBS)} {rng.choice(_OBJECTS)}."
+            words += sentence.capitalize().split()
+        texts.append(" ".join(words[:target]))
+    return texts
+
+
+def read_text_files(path: str | Sequence[str], *, text_column: str = "text") -> list[str | None]:
+    """The documents of local files, in order: ``path`` is a file, a glob or a list of them, and each file is read
+    by its own extension:
+
+    - ``.txt``: a document per line (``\\n``, ``\\r\\n`` or ``\\r``); ``text_column`` does not apply.
+    - ``.jsonl``: an object per line, its ``text_column`` field the document; blank lines are skipped.
+    - ``.json``: a JSON array of such objects, or (not starting with ``[``) an object per line as ``.jsonl``.
+    - ``.parquet``: the ``text_column`` column.
+
+    Files are read into memory, so nothing is written anywhere (``datasets.load_dataset`` would keep a copy in the
+    Hugging Face cache). A null text is an empty document (dropped and counted later). Every bad input raises,
+    naming the file and, where it applies, the line: a missing file, an unknown extension, an empty file, bytes
+    that are not UTF-8, a line that is not JSON, a missing text field or one that is not a string.
+    """
+    files = _data_files(path)
+    return [text for file in files for text in _READERS[file.suffix.lower()](file, text_column)]
+
+
+def _data_files(path: str | Sequence[str]) -> list[Path]:
+    files: list[Path] = []
+    for pattern in [path] if isinstance(path, str) else list(path):
+        pattern = os.path.expanduser(str(pattern))
+        if any(char in pattern for char in "*?["):
+            matches = sorted(Path(m) for m in glob.glob(pattern, recursive=True))
+            if not matches:
+                raise FileNotFoundError(f"data path {pattern!r} matches no file; check data.path")
+            files += [m for m in matches if not m.is_dir()]
+        else:
+            files.append(Path(pattern))
+    for file in files:
+        if file.is_dir():
+            raise ValueError(
+                f"data path {str(file)!r} is a directory: give files or a glob, e.g. {str(file / '*.txt')!r}"
+            )
+        if file.suffix.lower() not in _READERS:
+            raise ValueError(
+                f"data path {str(file)!r}: unsupported extension {file.suffix.lower()!r}; use {', '.join(_READERS)}"
+            )
+    for file in files:
+        if not file.exists():
+            raise FileNotFoundError(f"data file {str(file)!r} does not exist; check data.path")
+    return files
+
+
+def _read_text(file: Path) -> str:
+    data = file.read_bytes()
+    start = len(codecs.BOM_UTF8) if data.startswith(codecs.BOM_UTF8) else 0  # a byte-order mark is not text
+    try:
+        text = data[start:].decode("utf-8")
+    except UnicodeDecodeError as error:
+        offset = start + error.start
+        line = data.count(b"\n", 0, offset) + 1
+        raise ValueError(
+            f"data file {str(file)!r}, line {line}: not UTF-8 (byte 0x{data[offset]:02x} at "
+            f"byte offset {offset}); convert the file to UTF-8, e.g. iconv -f latin1 -t utf-8"
+        ) from None
+    if not text.strip():
+        raise ValueError(f"data file {str(file)!r} is empty: remove it from data.path, or give it text")
+    return text
+
+
+def _read_txt(file: Path, text_column: str) -> list[str | None]:
+    lines = _read_text(file).replace("\r\n", "\n").replace("\r", "\n").split("\n")
+    return lines[:-1] if lines[-1] == "" else lines  # a final newline ends the last line; it starts no document
+
+
+def _json_kind(value: Any) -> str:
+    return {dict: "object", list: "array", str: "string", bool: "boolean", type(None): "null"}.get(
+        type(value), "number"
+    )
+
+
+def _document(row: Any, text_column: str, where: str) -> str | None:
+    # ValueError: a file's content is a bad value, not a programming error
+    if not isinstance(row, dict):
+        raise ValueError(f"{where}: a JSON {_json_kind(row)}, not an object with a {text_column!r} field")  # noqa: TRY004
+    if text_column not in row:
+        raise ValueError(
+            f"{where}: text_column={text_column!r} is not in the row; its fields are {list(row)}; set data.text_column"
+        )
+    text = row[text_column]
+    if text is not None and not isinstance(text, str):
+        raise ValueError(
+            f"{where}: text_column={text_column!r} holds {reprlib.repr(text)} ({type(text).__name__}), not a string"
+        )
+    return text
+
+
+def _read_jsonl(file: Path, text_column: str) -> list[str | None]:
+    texts = []
+    for number, line in enumerate(_read_text(file).split("\n"), start=1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as error:
+            raise ValueError(
+                f"data file {str(file)!r}, line {number}: not valid JSON ({error.msg} at column {error.colno}); "
+                f"{file.suffix} files hold one JSON object per line"
+                + (", or one JSON array" if file.suffix.lower() == ".json" else "")
+            ) from None
+        texts.append(_document(row, text_column, f"data file {str(file)!r}, line {number}"))
+    return texts
+
+
+def _read_json(file: Path, text_column: str) -> list[str | None]:
+    text = _read_text(file)
+    if not text.lstrip().startswith("["):
+        return _read_jsonl(file, text_column)  # JSON Lines in a .json file, as datasets' json reader accepts
+    try:
+        rows = json.loads(text)
+    except json.JSONDecodeError as error:
+        raise ValueError(
+            f"data file {str(file)!r}, line {error.lineno}: not valid JSON ({error.msg} at column {error.colno})"
+        ) from None
+    return [_document(row, text_column, f"data file {str(file)!r}, item [{i}]") for i, row in enumerate(rows)]
+
+
+def _read_parquet(file: Path, text_column: str) -> list[str | None]:
+    import pyarrow as pa  # datasets' own dependency
+    import pyarrow.parquet as pq
+
+    if file.stat().st_size == 0:
+        raise ValueError(f"data file {str(file)!r} is empty: remove it from data.path, or give it text")
+    try:
+        schema = pq.read_schema(file)
+    except (pa.ArrowException, OSError) as error:
+        raise ValueError(f"data file {str(file)!r} is not a readable parquet file ({error})") from None
+    if text_column not in schema.names:
+        raise ValueError(
+            f"data file {str(file)!r}: text_column={text_column!r} is not in the file; its columns are "
+            f"{schema.names}; set data.text_column"
+        )
+    kind = schema.field(text_column).type
+    if not (pa.types.is_string(kind) or pa.types.is_large_string(kind) or pa.types.is_string_view(kind)):
+        raise ValueError(f"data file {str(file)!r}: text_column={text_column!r} holds {kind}, not strings")
+    texts = pq.read_table(file, columns=[text_column]).column(text_column).to_pylist()
+    if not texts:
+        raise ValueError(f"data file {str(file)!r} is empty: remove it from data.path, or give it text")
+    return texts
+
+
+_READERS: dict[str, Callable[[Path, str], list[str | None]]] = {
+    ".txt": _read_txt,
+    ".jsonl": _read_jsonl,
+    ".json": _read_json,
+    ".parquet": _read_parquet,
+}
+
+
+def load_hf(path: str, name: str | None, split: str) -> datasets.Dataset:
+    """``datasets.load_dataset(path, name, split=split)``, failing at once with one line (:class:`ConfigError`).
+
+    A local path loads offline. For a hub name, a hub that cannot be reached is found with one request of a few
+    seconds (no retries), and the dataset is then loaded from the local cache only: ``huggingface_hub`` would retry
+    each request five times, backing off 1 + 2 + 4 + 8 + 8 s, before ``datasets`` raises. ``HF_HUB_OFFLINE=1`` skips
+    the probe."""
+    from huggingface_hub import constants
+
+    local, why = Path(path).expanduser().exists(), None  # why: the reason the hub is not asked
+    if datasets.config.HF_HUB_OFFLINE or constants.HF_HUB_OFFLINE:
+        why = "offline mode is on (HF_HUB_OFFLINE)"
+    elif not local and not _hub_reachable(constants.ENDPOINT):
+        why = f"the Hugging Face hub ({constants.ENDPOINT}) cannot be reached"
+    try:
+        with _hub_offline(local or why is not None):
+            return datasets.load_dataset(path, name, split=split)
+    except Exception as error:  # noqa: BLE001 (datasets raises several types: ConnectionError, FileNotFoundError, ...)
+        where = f"data.path={path!r}" + (f", data.name={name!r}" if name else "") + f", data.split={split!r}"
+        if why is not None and not local:
+            raise ConfigError(
+                f"data.path={path!r}: {why} and the dataset is not in the local cache; download it once with network "
+                f"access (it is cached then), or point data.path at a local copy (a directory, or data=text_files)"
+            ) from None
+        detail = " ".join(str(error).split())  # one line
+        raise ConfigError(
+            f"could not load the Hugging Face dataset {where}: {type(error).__name__}: {detail}"
+        ) from None
+
+
+def _hub_reachable(endpoint: str, timeout: float = 3.0) -> bool:
+    """Whether ``endpoint`` answers one HEAD request within ``timeout`` seconds (any HTTP status counts)."""
+    import urllib.error
+    import urllib.request
+
+    try:
+        urllib.request.urlopen(urllib.request.Request(endpoint, method="HEAD"), timeout=timeout).close()
+    except urllib.error.HTTPError:
+        return True  # it answered
+    except (OSError, ValueError):  # URLError, a refused connection, an unknown host, a timeout, a malformed URL
+        return False
+    return True
+
+
+@contextmanager
+def _hub_offline(offline: bool) -> Iterator[None]:
+    """``datasets`` and ``huggingface_hub`` in offline mode (read from the cache only) inside the block, if
+    ``offline``; the flags are restored after it."""
+    from huggingface_hub import constants
+
+    if not offline:
+        yield
+        return
+    saved = datasets.config.HF_HUB_OFFLINE, constants.HF_HUB_OFFLINE
+    datasets.config.HF_HUB_OFFLINE = constants.HF_HUB_OFFLINE = True
+    try:
+        yield
+    finally:
+        datasets.config.HF_HUB_OFFLINE, constants.HF_HUB_OFFLINE = saved
