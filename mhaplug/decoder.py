@@ -22,7 +22,9 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from mhaplug.attention import DEFAULT_STRATEGY, STRATEGIES, AttentionPlan, MultiheadAttention, plan_attention
+from mhaplug.attention.mha import MultiheadAttention
+from mhaplug.attention.plan import AttentionPlan, plan_attention
+from mhaplug.attention.strategies import DEFAULT_STRATEGY, STRATEGIES
 from mhaplug.common import IGNORE_INDEX, check_choice, check_int
 from mhaplug.loss import linear_cross_entropy, next_token_targets
 

@@ -25,7 +25,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from mhaplug.attention import CAPABILITIES
+from mhaplug.attention.strategies import CAPABILITIES
 from mhaplug.reporting.mask_figure import check_out, draw, write_png
 from mhaplug.reporting.mask_panels import LAYOUT_NAMES, make_batches, section, token_text
 

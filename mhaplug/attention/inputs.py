@@ -1,33 +1,31 @@
-"""What :class:`mhaplug.attention.MultiheadAttention` accepts: its inputs checked before any work, with errors that
-name the argument, the shape or dtype given and the one expected, where torch raises a bare assertion or misreads
-the input silently.
+"""What :class:`mhaplug.attention.MultiheadAttention` (a ``torch.nn.MultiheadAttention``) accepts: its inputs checked
+before any work, with errors that name the argument, the shape or dtype given and the one expected, where torch raises a
+bare assertion or misreads the input silently.
 
 Shapes: B batch, L target (query) length, S source (key) length, E embed dim, H heads.
 """
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
-from torch import Tensor
+from torch import Tensor, nn
 
 from mhaplug.attention import masks
-
-if TYPE_CHECKING:
-    from mhaplug.attention.mha import MultiheadAttention
 
 __all__ = ["check_inputs"]
 
 
 def check_inputs(
-    mha: MultiheadAttention,
+    mha: nn.MultiheadAttention,
     query: Tensor,
     key: Tensor,
     value: Tensor,
     key_padding_mask: Tensor | None,
     attn_mask: object,
+    *,
+    strategy: str,
 ) -> None:
-    """Raise ``TypeError`` / ``ValueError`` naming the argument for inputs ``mha.forward`` cannot serve as given."""
+    """Raise ``TypeError`` / ``ValueError`` naming the argument for inputs that ``mha``, a layer of ``strategy``,
+    cannot serve as given."""
     _check_query_key_value(mha, query, key, value)
     batched = query.dim() == 3
     seq_dim = 1 if (batched and mha.batch_first) else 0
@@ -36,10 +34,10 @@ def check_inputs(
     if batched and key.shape[1 - seq_dim] != batch_size:
         raise ValueError(f"key has batch size {key.shape[1 - seq_dim]} but query has {batch_size}")
     _check_key_padding_mask(key_padding_mask, batch_size, src_len, batched=batched)
-    _check_attn_mask(mha, attn_mask, key_padding_mask, batch_size, tgt_len, src_len, batched=batched)
+    _check_attn_mask(mha, attn_mask, key_padding_mask, batch_size, tgt_len, src_len, batched=batched, strategy=strategy)
 
 
-def _check_query_key_value(mha: MultiheadAttention, query: Tensor, key: Tensor, value: Tensor) -> None:
+def _check_query_key_value(mha: nn.MultiheadAttention, query: Tensor, key: Tensor, value: Tensor) -> None:
     for name, tensor in (("query", query), ("key", key), ("value", value)):
         if not isinstance(tensor, Tensor):
             raise TypeError(f"{name} must be a torch.Tensor, got {type(tensor).__name__}")
@@ -85,7 +83,7 @@ def _check_key_padding_mask(key_padding_mask: Tensor | None, batch_size: int, sr
 
 
 def _check_attn_mask(
-    mha: MultiheadAttention,
+    mha: nn.MultiheadAttention,
     attn_mask: object,
     key_padding_mask: Tensor | None,
     batch_size: int,
@@ -93,13 +91,14 @@ def _check_attn_mask(
     src_len: int,
     *,
     batched: bool,
+    strategy: str,
 ) -> None:
     if attn_mask is None:
         return
     if not isinstance(attn_mask, Tensor):
         from torch.nn.attention.flex_attention import BlockMask
 
-        if isinstance(attn_mask, BlockMask) and mha.strategy == "flex":
+        if isinstance(attn_mask, BlockMask) and strategy == "flex":
             if key_padding_mask is not None:
                 raise ValueError(
                     "with a BlockMask attn_mask, fold the padding into the BlockMask and pass key_padding_mask=None"

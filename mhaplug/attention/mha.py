@@ -172,7 +172,7 @@ class MultiheadAttention(nn.MultiheadAttention):
             ``(output, weights)``: output shaped like ``query`` with E features; weights (B, L, S') averaged
             or (B, H, L, S'), S' = S plus add_bias_kv / add_zero_attn columns, or None.
         """
-        check_inputs(self, query, key, value, key_padding_mask, attn_mask)
+        check_inputs(self, query, key, value, key_padding_mask, attn_mask, strategy=self.strategy)
         if self.strategy == "torch_mha":
             return self._forward_torch(
                 query, key, value, key_padding_mask, need_weights, attn_mask, average_attn_weights, is_causal

@@ -24,7 +24,7 @@ import pytorch_lightning as pl
 from tokenizers import Tokenizer
 from torch.utils.data import DataLoader, Dataset
 
-from mhaplug.attention import add_token_index
+from mhaplug.attention.unpad import add_token_index
 from mhaplug.common import EOS_TOKEN, PAD_TOKEN, Batching, Layout, PaddingSide, Source, check_choice
 from mhaplug.data import sampling
 from mhaplug.data.cache import cache_key, cached, default_cache_dir

@@ -22,8 +22,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from mhaplug.attention import CAPABILITIES, MultiheadAttention, masks, merge, strategies
-from mhaplug.data import PackCollator, PadCollator, first_fit_pack
+from mhaplug.attention import masks, merge, strategies
+from mhaplug.attention.mha import MultiheadAttention
+from mhaplug.attention.strategies import CAPABILITIES
+from mhaplug.data.collate import PackCollator, PadCollator
+from mhaplug.data.packing import first_fit_pack
 from mhaplug.reporting.mask_figure import KERNEL_PANELS, NAN, ZEROED, Grid, Section
 
 __all__ = [

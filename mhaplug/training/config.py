@@ -23,7 +23,7 @@ import torch
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig, OmegaConf
 
-from mhaplug.attention import CAPABILITIES, DEFAULT_STRATEGY, Strategy, strategies_where
+from mhaplug.attention.strategies import CAPABILITIES, DEFAULT_STRATEGY, Strategy, strategies_where
 from mhaplug.common import (
     EOS_TOKEN,
     PAD_TOKEN,
