@@ -14,6 +14,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -683,7 +684,9 @@ class PauseAfterCheckpoint(pl.Callback):
 
 
 @pytest.mark.slow
-def test_sigkill_then_sigterm_mid_epoch_and_resume_match_an_uninterrupted_run(tmp_path: Path) -> None:
+def test_sigkill_then_sigterm_mid_epoch_and_resume_match_an_uninterrupted_run(
+    run_compare: Callable[..., subprocess.CompletedProcess[str]], tmp_path: Path
+) -> None:
     """One run, three attempts: SIGKILL after the checkpoint of step 20 (while the process waits, so that no file is
     half-written), resumed; SIGTERM a few steps after the resume (exit 143, checkpoint at that very step, summary
     "interrupted"), resumed again to step 50. Every resume writes on in the run's folder (no hydra.run.dir given), to
@@ -788,14 +791,7 @@ def test_sigkill_then_sigterm_mid_epoch_and_resume_match_an_uninterrupted_run(tm
         )
         assert [s for s, _ in got] == [s for s, _ in want] and len(want) >= 5, name
         assert [v for _, v in got] == pytest.approx([v for _, v in want], abs=1e-6), name
-    report = subprocess.run(
-        [sys.executable, "-m", "mhaplug.compare", str(tmp_path)],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=False,
-    )
+    report = run_compare(tmp_path)
     assert report.returncode == 0, report.stdout + report.stderr
     # the resumed run is one run, equal to the full one
     assert "equivalence: 1 group(s), 2 valid runs, all within 0.001\n" in report.stdout
@@ -900,7 +896,9 @@ def test_ddp_on_two_cpu_processes_matches_one_process(tmp_path: Path) -> None:
 
 
 @pytest.mark.slow
-def test_quick_ablation_sweep_and_compare(tmp_path: Path) -> None:
+def test_quick_ablation_sweep_and_compare(
+    run_compare: Callable[..., subprocess.CompletedProcess[str]], tmp_path: Path
+) -> None:
     sweep_dir = tmp_path / "sweep"
     result = run_train(
         "-m",
@@ -924,14 +922,7 @@ def test_quick_ablation_sweep_and_compare(tmp_path: Path) -> None:
         for layout in ("padded", "packed")
         for side in ("right", "left")
     )
-    compare = subprocess.run(
-        [sys.executable, "-m", "mhaplug.compare", str(sweep_dir), "--plot", str(tmp_path / "ablation.png")],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=False,
-    )
+    compare = run_compare(sweep_dir, "--plot", str(tmp_path / "ablation.png"))
     assert compare.returncode == 0, compare.stdout + compare.stderr
     assert "expected divergence" in compare.stdout and "MISMATCH" not in compare.stdout
     assert result.stdout.count(f"compare runs: python -m mhaplug.compare {sweep_dir}\n") == len(summaries)

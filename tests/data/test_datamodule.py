@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import datasets
@@ -20,26 +21,25 @@ from mhaplug.data.collate import PackCollator, PadCollator
 CONFIGS = Path(__file__).resolve().parents[2] / "configs"
 
 
-def synthetic(tmp_path: Path, **kwargs: object) -> TextDataModule:
-    settings = {
-        "source": "synthetic",
-        "cache_dir": str(tmp_path),
-        "vocab_size": 300,
-        "max_length": 32,
-        "batch_size": 8,
-        "synthetic_documents": 200,
-    }
-    module = TextDataModule(**{**settings, **kwargs})  # type: ignore[arg-type]
-    module.prepare_data()
-    module.setup("fit")
-    return module
+@pytest.fixture
+def synthetic(tiny_data: Callable[..., TextDataModule], tmp_path: Path) -> Callable[..., TextDataModule]:
+    """``synthetic(cache=tmp_path, **settings)``: the shared tiny data (``tiny_data``), its cache in ``cache``, prepared
+    and set up."""
+
+    def make(cache: Path = tmp_path, **settings: object) -> TextDataModule:
+        module = tiny_data(cache_dir=str(cache), **settings)
+        module.prepare_data()
+        module.setup("fit")
+        return module
+
+    return make
 
 
 def one_epoch(loader: torch.utils.data.DataLoader) -> list[dict]:
     return list(loader)
 
 
-def test_synthetic_end_to_end(tmp_path: Path) -> None:
+def test_synthetic_end_to_end(synthetic: Callable[..., TextDataModule], tmp_path: Path) -> None:
     module = synthetic(tmp_path)
     assert module.stats["documents"] == 200 and module.stats["empty_documents_dropped"] == 0
     assert len(module.splits["train"]) + len(module.splits["val"]) >= 200  # long documents may become 2 chunks
@@ -56,7 +56,9 @@ def test_synthetic_end_to_end(tmp_path: Path) -> None:
     assert text is None or text in sources.synthetic_texts(200, seed=0)
 
 
-def test_tokenizer_and_tokens_are_cached_and_the_split_is_deterministic(tmp_path: Path) -> None:
+def test_tokenizer_and_tokens_are_cached_and_the_split_is_deterministic(
+    synthetic: Callable[..., TextDataModule], tmp_path: Path
+) -> None:
     first = synthetic(tmp_path)
     tokenizers = list((tmp_path / "tokenizers").glob("*.json"))
     assert len(tokenizers) == 1
@@ -73,7 +75,9 @@ def test_tokenizer_and_tokens_are_cached_and_the_split_is_deterministic(tmp_path
     ("layout", "batching", "limit"),
     [("padded", "length_grouped", 0.10), ("padded", "token_budget", 0.10), ("packed", "random", 0.02)],
 )
-def test_batching_cuts_padding(tmp_path: Path, layout: str, batching: str, limit: float) -> None:
+def test_batching_cuts_padding(
+    synthetic: Callable[..., TextDataModule], tmp_path: Path, layout: str, batching: str, limit: float
+) -> None:
     baseline = one_epoch(synthetic(tmp_path).train_dataloader())
     module = synthetic(tmp_path, layout=layout, batching=batching, max_tokens=8 * 32)
     batches = one_epoch(module.train_dataloader())
@@ -139,7 +143,11 @@ CORRUPTIONS = {
 @pytest.mark.parametrize("corruption", CORRUPTIONS)
 @pytest.mark.parametrize("entry", ["tokenizers/*.json", "tokenised/*-train.arrow", "tokenised/*-val.arrow"])
 def test_a_bad_cache_entry_is_logged_and_rebuilt(
-    tmp_path: Path, caplog: pytest.LogCaptureFixture, entry: str, corruption: str
+    synthetic: Callable[..., TextDataModule],
+    tmp_path: Path,
+    caplog: pytest.LogCaptureFixture,
+    entry: str,
+    corruption: str,
 ) -> None:
     module = synthetic(tmp_path)
     # copied out: the splits map the files, and a file truncated in place under them crashes this process (SIGBUS)
@@ -190,7 +198,9 @@ def test_a_bad_stdlib_sources_entry_is_logged_and_rebuilt(
     assert json.loads(path.read_text()) == ["Module a.", "Function f.", "Class B."]
 
 
-def test_a_cache_write_that_fails_half_way_leaves_no_entry(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_a_cache_write_that_fails_half_way_leaves_no_entry(
+    synthetic: Callable[..., TextDataModule], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """A full disk (or a killed process) in the middle of writing: no half entry under the final name, no
     temporary file; the next run builds the entry."""
     for method in ("write_bytes", "write_text"):
@@ -210,7 +220,7 @@ def test_a_cache_write_that_fails_half_way_leaves_no_entry(tmp_path: Path, monke
     assert len(list((tmp_path / "tokenizers").glob("*.json"))) == 1
 
 
-def test_a_bad_tokenizer_path_is_named_not_rebuilt(tmp_path: Path) -> None:
+def test_a_bad_tokenizer_path_is_named_not_rebuilt(synthetic: Callable[..., TextDataModule], tmp_path: Path) -> None:
     """A tokenizer the user gave is theirs: an error naming it, never a silent replacement."""
     synthetic(tmp_path)
     (cached,) = (tmp_path / "tokenizers").glob("*.json")
@@ -442,7 +452,9 @@ def test_bad_settings_name_the_argument(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize("num_workers", [0, 2])
-def test_loader_state_survives_a_checkpoint_round_trip(tmp_path: Path, num_workers: int) -> None:
+def test_loader_state_survives_a_checkpoint_round_trip(
+    synthetic: Callable[..., TextDataModule], tmp_path: Path, num_workers: int
+) -> None:
     """Workers prefetch batches ahead of the loop: the state counts the batches taken, not those prefetched."""
     loader = synthetic(tmp_path, num_workers=num_workers).train_dataloader()
     iterator = iter(loader)
@@ -458,7 +470,9 @@ def test_loader_state_survives_a_checkpoint_round_trip(tmp_path: Path, num_worke
     assert all(torch.equal(a, b) for a, b in zip(again, rest))
 
 
-def test_a_checkpoint_with_the_datamodules_old_sampler_state_still_resumes(tmp_path: Path) -> None:
+def test_a_checkpoint_with_the_datamodules_old_sampler_state_still_resumes(
+    synthetic: Callable[..., TextDataModule], tmp_path: Path
+) -> None:
     """Checkpoints written before the train loader held the state carry it as the DataModule's ``train_sampler``."""
     whole = [b["input_ids"] for b in synthetic(tmp_path).train_dataloader()]
     sampler = synthetic(tmp_path).train_dataloader().batch_sampler

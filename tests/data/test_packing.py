@@ -1,4 +1,5 @@
-"""first_fit_pack: literal packings, errors, and equality with the quadratic first-fit it replaced."""
+"""first_fit_pack: literal packings, errors, and equality with first_fit_pack_reference, the quadratic first-fit it
+replaced (whose own packings are checked as literals too)."""
 
 from __future__ import annotations
 
@@ -6,45 +7,31 @@ import numpy as np
 import pytest
 import torch
 
-from mhaplug.data.packing import first_fit_pack
+from mhaplug.data.packing import first_fit_pack, first_fit_pack_reference
 
 
-def quadratic_first_fit_pack(lengths: list[int], capacity: int) -> list[list[int]]:
-    """first_fit_pack as it was before issue 10, the reference: each document, longest first (ties in input order),
-    goes into the lowest-index row with room; O(documents x rows)."""
-    order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
-    rows: list[list[int]] = []
-    room: list[int] = []
-    for i in order:
-        if lengths[i] > capacity:
-            raise ValueError(f"document {i} has {lengths[i]} tokens, more than the row capacity {capacity}")
-        for r, free in enumerate(room):
-            if lengths[i] <= free:
-                rows[r].append(i)
-                room[r] -= lengths[i]
-                break
-        else:
-            rows.append([i])
-            room.append(capacity - lengths[i])
-    return rows
-
-
-def test_first_fit_pack_literal() -> None:
+@pytest.mark.parametrize("pack", [first_fit_pack, first_fit_pack_reference])
+def test_first_fit_pack_literal(pack) -> None:  # type: ignore[no-untyped-def]
     # Longest first: 5 -> row 0 (room 3); 4 -> row 1 (room 4); 3 -> row 0 (full); 2 -> row 1; 1 -> row 1.
-    assert first_fit_pack([2, 5, 3, 4, 1], 8) == [[1, 2], [3, 0, 4]]
+    assert pack([2, 5, 3, 4, 1], 8) == [[1, 2], [3, 0, 4]]
     # Equal lengths fill a row in input order before the next opens; a row with room takes a later, shorter run.
-    assert first_fit_pack([3, 3, 3, 3, 3, 2, 2, 1], 7) == [[0, 1, 7], [2, 3], [4, 5, 6]]
+    assert pack([3, 3, 3, 3, 3, 2, 2, 1], 7) == [[0, 1, 7], [2, 3], [4, 5, 6]]
     # A row that an earlier run left with room is found before the first empty row.
-    assert first_fit_pack([6, 6, 4, 2, 2, 2, 1, 1], 8) == [[0, 3], [1, 4], [2, 5, 6, 7]]
-    assert first_fit_pack([1, 1, 1], 1) == [[0], [1], [2]]  # capacity 1
-    assert first_fit_pack([4, 4, 4], 4) == [[0], [1], [2]]  # every document exactly the capacity
-    assert first_fit_pack([], 4) == []
+    assert pack([6, 6, 4, 2, 2, 2, 1, 1], 8) == [[0, 3], [1, 4], [2, 5, 6, 7]]
+    assert pack([1, 1, 1], 1) == [[0], [1], [2]]  # capacity 1
+    assert pack([4, 4, 4], 4) == [[0], [1], [2]]  # every document exactly the capacity
+    assert pack([], 4) == []
+
+
+def test_first_fit_pack_takes_arrays_and_tensors() -> None:
     assert first_fit_pack(np.array([2, 2], dtype=np.int32), 4) == first_fit_pack(torch.tensor([2, 2]), 4) == [[0, 1]]
     assert first_fit_pack([np.int64(3), 1], np.int64(4)) == [[0, 1]]
     assert type(first_fit_pack(np.array([2]), 4)[0][0]) is int
 
 
 def test_first_fit_pack_errors() -> None:
+    with pytest.raises(ValueError, match="^document 1 has 9 tokens, more than max_length=8$"):
+        first_fit_pack_reference([3, 9], 8)
     with pytest.raises(ValueError, match="document 0 has 9 tokens, more than max_length=8"):
         first_fit_pack([9], 8)
     with pytest.raises(ValueError, match="document 1 has 9 tokens, more than max_length=8"):  # the first longest
@@ -87,7 +74,7 @@ def test_first_fit_pack_equals_the_quadratic_reference(kind: str) -> None:
         capacity = int(rng.choice([1, 2, 3, 7, 8, 64, 256, 1000]))
         n = int(rng.integers(0, 120 if trial < 140 else 2000))
         lengths = random_lengths(rng, n, capacity, kind)
-        assert first_fit_pack(lengths, capacity) == quadratic_first_fit_pack(lengths, capacity), (
+        assert first_fit_pack(lengths, capacity) == first_fit_pack_reference(lengths, capacity), (
             kind,
             capacity,
             lengths,

@@ -2,12 +2,9 @@
 
 from __future__ import annotations
 
-import json
-import math
 import subprocess
-import sys
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
 import pytest
 
@@ -16,152 +13,6 @@ from mhaplug.reporting.runs import check_equivalence, choose_baseline, load_runs
 from mhaplug.reporting.tables import TABLE_WIDTH, format_legend, format_table, note_lines
 
 ROOT = Path(__file__).resolve().parents[2]
-CSV_HEADER = "epoch,step,train/loss,train/pad_fraction,train/real_tokens_per_sec,val/loss,val/ppl\n"
-
-
-def make_run(
-    runs_dir: Path,
-    rel: str,
-    *,
-    strategy: str = "merged_bool",
-    final: float = 5.0,
-    key: str = "k1",
-    valid: bool = True,
-    padding_side: str = "right",
-    tokens: float | None = 1000.0,
-    summary: bool = True,
-    hydra_overrides: list[str] | None = None,
-    audit_failed: list[str] | None = None,
-    **extra: Any,
-) -> Path:
-    """One run directory as training writes it: metrics.csv (train and val on separate rows, like Lightning's
-    CSVLogger) and, unless ``summary=False`` (a crashed run), summary.json, with a mask audit that passed (failed
-    ``audit_failed`` checks if given; ``audit=None`` in ``extra``: a run without one)."""
-    run_dir = runs_dir / rel
-    metrics = run_dir / "csv" / "version_0" / "metrics.csv"
-    metrics.parent.mkdir(parents=True)
-    metrics.write_text(
-        CSV_HEADER + f"0,49,6.1,0.4,{tokens},,\n0,49,,,,5.5,244.7\n"
-        f"0,99,5.2,0.4,{tokens},,\n0,99,,,,{final},{math.exp(final):.1f}\n"
-    )
-    if hydra_overrides is not None:
-        (run_dir / ".hydra").mkdir()
-        (run_dir / ".hydra" / "overrides.yaml").write_text("".join(f"- {o}\n" for o in hydra_overrides))
-    if summary:
-        data = {
-            "run_name": f"attention={strategy},data.padding_side={padding_side}",
-            "strategy": strategy,
-            "layout": "padded",
-            "padding_side": padding_side,
-            "batching": "random",
-            "valid": valid,
-            "equivalence_key": key,
-            "final_val_loss": final,
-            "best_val_loss": final - 0.01,
-            "final_train_loss": 5.2,
-            "real_tokens_per_sec": tokens,
-            "padded_tokens_per_sec": 2000.0,
-            "pad_fraction": 0.375,
-            "peak_memory_mb": 512.3,
-            "wall_time_s": 61.2,
-            "steps": 100,
-            "metrics_csv": "csv/version_0/metrics.csv",
-            "audit": audit_summary(audit_failed or []),
-            **extra,
-        }
-        (run_dir / "summary.json").write_text(json.dumps(data))
-    return run_dir
-
-
-def audit_summary(failed: list[str]) -> dict[str, Any]:
-    """The ``audit`` entry of summary.json as MaskAudit writes it (fewer checks)."""
-    checks = {
-        name: {
-            "passed": name not in failed,
-            "max_change": 0.5 if name in failed else 0.0,
-            "threshold": 1e-5,
-            "positions": 40,
-            "moved": 12 if name in failed else 0,
-            "detail": "pad ids",
-        }
-        for name in ("padding", "causality")
-    }
-    return {
-        "passed": not failed,
-        "failed": failed,
-        "checks": checks,
-        "skipped": {},
-        "call": "LitDecoderLM.model (DecoderLM)",
-        "tolerance": 1e-4,
-        "forwards": 3,
-        "seconds": 0.01,
-    }
-
-
-# The committed CPU ablation (benchmarks/results/ablation-cpu-2cores.md), as the first release laid it out: sweep job
-# folders numbered 0..27 (the skipped combinations among them), each run named by its overrides in summary.json.
-# (folder, strategy, layout, padding side, valid, final val loss, real tokens/s, failed audit checks)
-ABLATION = [
-    ("0", "auto", "padded", "right", True, 6.5312, 15443, []),
-    ("1", "auto", "packed", "right", True, 6.3225, 17319, []),
-    ("2", "auto", "padded", "left", True, 6.5312, 14264, []),
-    ("4", "reference", "padded", "right", True, 6.5312, 14404, []),
-    ("5", "reference", "packed", "right", True, 6.3225, 16788, []),
-    ("6", "reference", "padded", "left", True, 6.5312, 13887, []),
-    ("8", "torch_mha", "padded", "right", True, 6.5312, 12965, []),
-    (
-        "9",
-        "torch_mha",
-        "packed",
-        "right",
-        False,
-        6.3225,
-        16259,
-        ["finite", "padding", "loss", "causality", "documents"],
-    ),
-    ("10", "torch_mha", "padded", "left", False, 6.5312, 13115, ["finite", "padding", "loss", "causality"]),
-    ("12", "merged_bool", "padded", "right", True, 6.5312, 14399, []),
-    ("13", "merged_bool", "packed", "right", True, 6.3225, 17194, []),
-    ("14", "merged_bool", "padded", "left", True, 6.5312, 16215, []),
-    ("16", "merged_additive", "padded", "right", True, 6.5312, 14462, []),
-    ("17", "merged_additive", "packed", "right", True, 6.3225, 18781, []),
-    ("18", "merged_additive", "padded", "left", True, 6.5312, 14240, []),
-    ("20", "causal_kpm", "padded", "right", True, 6.5312, 14557, []),
-    ("22", "causal_kpm", "padded", "left", True, 6.5312, 14510, []),
-    ("24", "causal_only", "padded", "right", True, 6.5312, 14687, []),
-    ("26", "causal_only", "padded", "left", False, 6.5227, 17475, ["padding", "loss"]),
-]
-
-
-def make_ablation(runs_dir: Path) -> Path:
-    """The 19 runs of :data:`ABLATION` (and one skipped combination) with their real, long run names."""
-    for folder, strategy, layout, side, valid, final, tokens, failed in ABLATION:
-        make_run(
-            runs_dir,
-            folder,
-            strategy=strategy,
-            final=final,
-            key=layout,
-            valid=valid,
-            padding_side=side,
-            tokens=float(tokens),
-            audit_failed=failed,
-            run_name=f"attention={strategy},data.layout={layout},data.padding_side={side}",
-            layout=layout,
-            pad_fraction=0.001 if layout == "packed" else 0.736,
-        )
-    (runs_dir / "3").mkdir()
-    (runs_dir / "3" / "skipped.txt").write_text("attention=auto,data.layout=packed,data.padding_side=left: ...\n")
-    return runs_dir
-
-
-@pytest.fixture
-def equivalent(tmp_path: Path) -> Path:
-    """Three strategies, one computation, losses within 1e-3 of each other."""
-    make_run(tmp_path, "0", strategy="torch_mha", final=5.0, tokens=1000.0)
-    make_run(tmp_path, "1", strategy="merged_bool", final=5.0004, tokens=1500.0)
-    make_run(tmp_path, "2", strategy="causal_kpm", final=5.0008, tokens=2500.0, padding_side="left")
-    return tmp_path
 
 
 def test_table_has_every_run_and_value(equivalent: Path) -> None:
@@ -187,7 +38,7 @@ def test_table_has_every_run_and_value(equivalent: Path) -> None:
 
 
 def test_the_ablation_table_fits_120_columns_and_the_legend_names_every_run(
-    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    make_ablation: Callable[[Path], Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     """The 19 runs of the committed ablation, with their real run names (a sweep job's overrides): the table was
     over 200 columns wide with them."""
@@ -272,7 +123,9 @@ def test_equivalent_runs_within_tolerance_pass(equivalent: Path, capsys: pytest.
     assert compare.main([str(equivalent), "--tolerance", "5e-4"]) == 1
 
 
-def test_a_pair_differing_by_0_01_is_a_mask_bug(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_a_pair_differing_by_0_01_is_a_mask_bug(
+    make_run: Callable[..., Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     make_run(tmp_path, "a", strategy="reference", final=5.0)
     make_run(tmp_path, "b", strategy="flex", final=5.01)
     make_run(tmp_path, "c", strategy="merged_bool", final=5.5, key="other")  # alone in its group
@@ -296,13 +149,15 @@ def test_a_pair_differing_by_0_01_is_a_mask_bug(tmp_path: Path, capsys: pytest.C
     assert "1: MISMATCH vs 3 (+0.010)" in lines and "3: MISMATCH vs 1 (-0.010)" in lines
 
 
-def test_nan_loss_never_matches(tmp_path: Path) -> None:
+def test_nan_loss_never_matches(make_run: Callable[..., Path], tmp_path: Path) -> None:
     make_run(tmp_path, "a", strategy="torch_mha", final=5.0)
     make_run(tmp_path, "b", strategy="merged_bool", final=5.0, final_val_loss=float("nan"))
     assert [f.status for f in check_equivalence(load_runs(tmp_path))] == ["mismatch", "mismatch"]
 
 
-def test_invalid_run_diverges_without_failing(equivalent: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_invalid_run_diverges_without_failing(
+    make_run: Callable[..., Path], equivalent: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     make_run(equivalent, "3", strategy="causal_only", final=5.25, valid=False, padding_side="left")
     make_run(equivalent, "4", strategy="reference", final=5.0)  # preferred after the padding side
     make_run(equivalent, "5", strategy="reference", final=5.0, padding_side="left")
@@ -316,7 +171,7 @@ def test_invalid_run_diverges_without_failing(equivalent: Path, capsys: pytest.C
     assert out.count("ok (5 equivalent)") == 5
 
 
-def test_invalid_run_that_does_not_diverge_says_so(tmp_path: Path) -> None:
+def test_invalid_run_that_does_not_diverge_says_so(make_run: Callable[..., Path], tmp_path: Path) -> None:
     make_run(tmp_path, "a", strategy="causal_kpm", final=5.0)
     make_run(tmp_path, "b", strategy="causal_only", final=5.0002, valid=False)
     make_run(tmp_path, "c", strategy="causal_only", final=7.0, valid=False, key="lonely")
@@ -328,7 +183,9 @@ def test_invalid_run_that_does_not_diverge_says_so(tmp_path: Path) -> None:
     ]
 
 
-def test_incomplete_runs_are_listed(equivalent: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_incomplete_runs_are_listed(
+    make_run: Callable[..., Path], equivalent: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     make_run(equivalent, "3", summary=False, hydra_overrides=["attention=flex", "data.layout=packed"])
     make_run(equivalent, "4", summary=False)  # no .hydra either: found through its metrics.csv
     runs = load_runs(equivalent)
@@ -344,7 +201,7 @@ def test_incomplete_runs_are_listed(equivalent: Path, capsys: pytest.CaptureFixt
     assert "2 incomplete run(s) without summary.json: 1, 3" in lines  # 1: the folder "4"
 
 
-def test_duplicate_run_names_get_their_path(tmp_path: Path) -> None:
+def test_duplicate_run_names_get_their_path(make_run: Callable[..., Path], tmp_path: Path) -> None:
     make_run(tmp_path, "sweep1/0", final=5.0)
     make_run(tmp_path, "sweep2/0", final=5.0)
     names = [r.name for r in load_runs(tmp_path)]
@@ -430,14 +287,18 @@ def test_no_runs_found_says_what_it_looked_for(tmp_path: Path) -> None:
         ("[1, 2]", r"summary.json: expected a JSON object, got list"),
     ],
 )
-def test_malformed_summary_names_file_and_key(tmp_path: Path, text: str, message: str) -> None:
+def test_malformed_summary_names_file_and_key(
+    make_run: Callable[..., Path], tmp_path: Path, text: str, message: str
+) -> None:
     run_dir = make_run(tmp_path, "0")
     (run_dir / "summary.json").write_text(text)
     with pytest.raises(ValueError, match=rf"{tmp_path}/0/{message}"):
         load_runs(tmp_path)
 
 
-def test_wrongly_typed_summary_values(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_wrongly_typed_summary_values(
+    make_run: Callable[..., Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     make_run(tmp_path, "0", real_tokens_per_sec="fast")
     assert compare.main([str(tmp_path)]) == 2
     err = capsys.readouterr().err
@@ -455,17 +316,12 @@ def test_negative_tolerance_is_refused(equivalent: Path, capsys: pytest.CaptureF
     assert "tolerance must be a number >= 0, got -1.0" in capsys.readouterr().err
 
 
-def test_module_runs_as_a_command(tmp_path: Path) -> None:
+def test_module_runs_as_a_command(
+    make_run: Callable[..., Path], run_compare: Callable[..., subprocess.CompletedProcess[str]], tmp_path: Path
+) -> None:
     make_run(tmp_path, "0", strategy="torch_mha", final=5.0)
     make_run(tmp_path, "1", strategy="merged_bool", final=5.01)
-    result = subprocess.run(
-        [sys.executable, "-m", "mhaplug.compare", str(tmp_path)],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=False,
-    )
+    result = run_compare(tmp_path)
     assert result.returncode == 1, result.stderr
     assert result.stderr == ""
     lines = result.stdout.splitlines()
@@ -491,7 +347,7 @@ def test_module_runs_as_a_command(tmp_path: Path) -> None:
 
 
 def test_audit_column_shows_pass_expected_failures_and_runs_without_an_audit(
-    equivalent: Path, capsys: pytest.CaptureFixture[str]
+    make_run: Callable[..., Path], equivalent: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     make_run(
         equivalent,
@@ -521,7 +377,9 @@ def test_audit_column_shows_pass_expected_failures_and_runs_without_an_audit(
     assert "mask audit: 3 valid run(s) passed, 1 invalid run(s) failed as expected" in out
 
 
-def test_a_valid_run_that_failed_the_audit_is_a_mask_bug(equivalent: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_a_valid_run_that_failed_the_audit_is_a_mask_bug(
+    make_run: Callable[..., Path], equivalent: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     make_run(equivalent, "3", strategy="flex", final=5.0, audit_failed=["documents"])  # only the audit sees it
     assert compare.main([str(equivalent)]) == 1
     lines = capsys.readouterr().out.splitlines()
@@ -533,7 +391,7 @@ def test_a_valid_run_that_failed_the_audit_is_a_mask_bug(equivalent: Path, capsy
     )
 
 
-def test_malformed_audit_entry_names_file_and_key(tmp_path: Path) -> None:
+def test_malformed_audit_entry_names_file_and_key(make_run: Callable[..., Path], tmp_path: Path) -> None:
     make_run(tmp_path, "0", audit="passed")
     with pytest.raises(ValueError, match=r"0/summary.json: key 'audit' must be null or an object with 'passed'"):
         load_runs(tmp_path)
@@ -562,7 +420,9 @@ def write_attempt(
     return path
 
 
-def test_a_resumed_run_is_one_run_with_every_step(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_a_resumed_run_is_one_run_with_every_step(
+    make_run: Callable[..., Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     """Killed at step 27 after a checkpoint at 20, resumed there: version_0 holds steps 0-27 (20-27 trained again
     after the resume), version_1 steps 20-39. One run; its curve takes steps 0-19 from version_0, the rest from
     version_1 (offset 100 tells them apart)."""
@@ -593,7 +453,7 @@ def test_a_resumed_run_is_one_run_with_every_step(tmp_path: Path, capsys: pytest
 
 
 def test_interrupted_and_diverged_runs_are_reported_not_compared(
-    equivalent: Path, capsys: pytest.CaptureFixture[str]
+    make_run: Callable[..., Path], equivalent: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     ckpt = "/runs/a/checkpoints/last.ckpt"
     make_run(
@@ -638,7 +498,7 @@ def test_interrupted_and_diverged_runs_are_reported_not_compared(
     assert "1 interrupted run(s) (SIGTERM), not compared until resumed: 4" in lines
 
 
-def test_a_diverged_invalid_run_is_no_failure(equivalent: Path) -> None:
+def test_a_diverged_invalid_run_is_no_failure(make_run: Callable[..., Path], equivalent: Path) -> None:
     make_run(
         equivalent,
         "3",
@@ -652,7 +512,7 @@ def test_a_diverged_invalid_run_is_no_failure(equivalent: Path) -> None:
     assert compare.main([str(equivalent)]) == 0
 
 
-def test_an_unknown_status_names_file_and_key(tmp_path: Path) -> None:
+def test_an_unknown_status_names_file_and_key(make_run: Callable[..., Path], tmp_path: Path) -> None:
     run_dir = make_run(tmp_path, "a", status="paused")
     with pytest.raises(
         ValueError,

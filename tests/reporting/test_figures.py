@@ -6,11 +6,11 @@ from __future__ import annotations
 import base64
 import math
 import re
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 from matplotlib.colors import to_hex
-from test_compare import make_ablation, make_run
 
 from mhaplug import compare
 from mhaplug.attention import STRATEGIES
@@ -65,7 +65,9 @@ def test_moving_average() -> None:
         figures.moving_average([1.0], -1)
 
 
-def test_throughput_bars_are_grouped_by_layout_then_sorted(tmp_path: Path) -> None:
+def test_throughput_bars_are_grouped_by_layout_then_sorted(
+    make_run: Callable[..., Path], make_ablation: Callable[[Path], Path], tmp_path: Path
+) -> None:
     make_ablation(tmp_path)
     # Named to sort after the ablation's runs (20, 21, 22), which keep their numbers.
     make_run(tmp_path, "27", summary=False, hydra_overrides=["trainer.max_steps=5"])  # incomplete: no bar
@@ -107,7 +109,9 @@ def test_throughput_bars_are_grouped_by_layout_then_sorted(tmp_path: Path) -> No
     assert [to_hex(bar.get_facecolor()) for bar in bars[:3]] == ["#9467bd", "#ff7f0e", "#1f77b4"]  # by strategy
 
 
-def test_plot_legend_sits_outside_the_axes_and_keys_colours_lines_and_hatching(tmp_path: Path) -> None:
+def test_plot_legend_sits_outside_the_axes_and_keys_colours_lines_and_hatching(
+    make_ablation: Callable[[Path], Path], tmp_path: Path
+) -> None:
     runs = load_runs(make_ablation(tmp_path))
     fig = figures.figure(runs, baseline=choose_baseline(runs))
     fig.canvas.draw()
@@ -138,7 +142,7 @@ def test_plot_legend_sits_outside_the_axes_and_keys_colours_lines_and_hatching(t
     ]
 
 
-def test_plot_writes_a_png(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_plot_writes_a_png(make_run: Callable[..., Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     make_run(tmp_path, "0", strategy="torch_mha", final=5.0, tokens=1000.0)
     make_run(tmp_path, "1", strategy="causal_only", final=5.25, valid=False)
     make_run(tmp_path, "2", summary=False)
@@ -151,7 +155,7 @@ def test_plot_writes_a_png(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -
     assert [p.name for p in target.parent.iterdir()] == ["ablation.png"]  # no temp file left behind
 
 
-def test_a_finished_run_without_metrics_warns(tmp_path: Path) -> None:
+def test_a_finished_run_without_metrics_warns(make_run: Callable[..., Path], tmp_path: Path) -> None:
     run_dir = make_run(tmp_path, "0")
     (run_dir / "csv" / "version_0" / "metrics.csv").unlink()
     runs = load_runs(tmp_path)
@@ -159,7 +163,9 @@ def test_a_finished_run_without_metrics_warns(tmp_path: Path) -> None:
         figures.figure(runs)
 
 
-def test_html_report_is_one_small_self_contained_file(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_html_report_is_one_small_self_contained_file(
+    make_ablation: Callable[[Path], Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     runs_dir = make_ablation(tmp_path / "sweep")
     out = tmp_path / "out"
     png, page = out / "ablation.png", out / "ablation.html"

@@ -11,6 +11,7 @@ import json
 import os
 import signal
 import types
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -268,6 +269,8 @@ class ValidationBatches(pl.Callback):
 
 
 def fit_lm(
+    tiny_data: Callable[..., TextDataModule],
+    tiny_model: Callable[..., LitDecoderLM],
     tmp_path: Path,
     name: str,
     *,
@@ -278,24 +281,8 @@ def fit_lm(
     """8 optimizer steps of 2 micro-batches (batch 4 of synthetic documents); validation (3 batches) every 4 batches,
     between two steps."""
     pl.seed_everything(0, workers=True)
-    data = TextDataModule(
-        source="synthetic",
-        synthetic_documents=200,
-        vocab_size=300,
-        max_length=32,
-        batch_size=4,
-        cache_dir=str(tmp_path / "cache"),
-    )
-    model = LitDecoderLM(
-        vocab_size=300,
-        max_positions=32,
-        d_model=32,
-        num_heads=2,
-        num_layers=1,
-        d_ff=64,
-        warmup_steps=2,
-        accumulate_grad_batches=2,
-    )
+    data = tiny_data(batch_size=4, layout="padded")
+    model = tiny_model(warmup_steps=2, accumulate_grad_batches=2)
     on_sigterm = CheckpointOnSigterm(dirpath=str(tmp_path / name))
     logger = CSVLogger(save_dir=logger_dir, name="csv", version=None) if logger_dir else False
     trainer = pl.Trainer(
@@ -324,11 +311,11 @@ def batches(path: Path) -> list[tuple[int, str]]:
 
 @pytest.mark.parametrize("signal_at", ["first micro-batch of step 3", "validation after step 4"])
 def test_sigterm_stops_at_a_step_boundary_with_a_checkpoint_that_resumes_exactly(
-    tmp_path: Path, signal_at: str
+    tiny_data: Callable[..., TextDataModule], tiny_model: Callable[..., LitDecoderLM], tmp_path: Path, signal_at: str
 ) -> None:
     """Lightning alone stops after the micro-batch in progress (half of step 3 trained, and lost at the resume) or
     inside validation; CheckpointOnSigterm finishes the step, or the validation, and saves a checkpoint there."""
-    _, full_model, _ = fit_lm(tmp_path, "full", logger_dir=tmp_path / "full_logs")
+    _, full_model, _ = fit_lm(tiny_data, tiny_model, tmp_path, "full", logger_dir=tmp_path / "full_logs")
     expected = batches(tmp_path / "full.jsonl")
     assert [step for step, _ in expected] == [s for s in range(8) for _ in range(2)]
 
@@ -336,7 +323,7 @@ def test_sigterm_stops_at_a_step_boundary_with_a_checkpoint_that_resumes_exactly
     sigterm = SigtermAt(8 if in_validation else 5, in_validation=in_validation)
     validation = ValidationBatches()
     with pytest.raises(SIGTERMException):
-        fit_lm(tmp_path, "run", extra=[sigterm, validation], logger_dir=tmp_path / "run_logs")
+        fit_lm(tiny_data, tiny_model, tmp_path, "run", extra=[sigterm, validation], logger_dir=tmp_path / "run_logs")
     stop = 4 if in_validation else 3
     assert sigterm.sent
     if in_validation:
@@ -345,7 +332,9 @@ def test_sigterm_stops_at_a_step_boundary_with_a_checkpoint_that_resumes_exactly
     assert torch.load(checkpoint, weights_only=False)["global_step"] == stop
     assert batches(tmp_path / "run.jsonl") == [b for b in expected if b[0] < stop]  # nothing trained is lost
 
-    resumed, resumed_model, _ = fit_lm(tmp_path, "run", ckpt_path=checkpoint, logger_dir=tmp_path / "run_logs")
+    resumed, resumed_model, _ = fit_lm(
+        tiny_data, tiny_model, tmp_path, "run", ckpt_path=checkpoint, logger_dir=tmp_path / "run_logs"
+    )
     assert resumed.global_step == 8
     assert batches(tmp_path / "run.jsonl") == expected  # the resume trains exactly the batches not trained yet
     for (name, got), want in zip(resumed_model.state_dict().items(), full_model.state_dict().values(), strict=True):

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import csv
 import math
+from collections.abc import Callable
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -66,34 +67,22 @@ def read_tensorboard(log_dir: Path) -> tuple[dict[str, Any], list[str], dict[str
 
 
 def fit_logged(
-    tmp_path: Path, *, settings: list[str], tensorboard: bool = True, lr: float = 3e-3, max_steps: int = 4
+    tiny_data: Callable[..., TextDataModule],
+    tiny_model: Callable[..., LitDecoderLM],
+    tmp_path: Path,
+    *,
+    settings: list[str],
+    tensorboard: bool = True,
+    lr: float = 3e-3,
+    max_steps: int = 4,
 ) -> tuple[pl.Trainer, TextDataModule, ThroughputMonitor]:
     """``max_steps`` optimizer steps of a tiny LitDecoderLM on synthetic packed rows, validated every 2, logged to
     CSV (and TensorBoard), with a ModelCheckpoint, the ThroughputMonitor and HParamsSummary(settings=settings)."""
     pl.seed_everything(0, workers=True)
-    data = TextDataModule(
-        source="synthetic",
-        synthetic_documents=64,
-        vocab_size=300,
-        max_length=32,
-        layout="packed",
-        batch_size=4,
-        cache_dir=str(tmp_path.parent / "cache"),
-    )
+    data = tiny_data(synthetic_documents=64, layout="packed", batch_size=4)
     data.prepare_data()
     data.setup("fit")
-    model = LitDecoderLM(
-        vocab_size=data.vocab_size,
-        max_positions=32,
-        d_model=32,
-        num_heads=2,
-        num_layers=1,
-        d_ff=64,
-        strategy="merged_bool",
-        layout="packed",
-        warmup_steps=0,
-        lr=lr,
-    )
+    model = tiny_model(strategy="merged_bool", layout="packed", warmup_steps=0, lr=lr)
     monitor = ThroughputMonitor()
     loggers: list[Any] = [CSVLogger(save_dir=tmp_path, name="csv")]
     if tensorboard:
@@ -131,8 +120,10 @@ def logged(rows: list[dict[str, str]], name: str) -> list[float]:
     return [float(r[name]) for r in rows if r.get(name)]
 
 
-def test_hparams_summary_writes_the_runs_settings_and_results_for_tensorboards_hparams_view(tmp_path: Path) -> None:
-    trainer, data, monitor = fit_logged(tmp_path, settings=SETTINGS)
+def test_hparams_summary_writes_the_runs_settings_and_results_for_tensorboards_hparams_view(
+    tiny_data: Callable[..., TextDataModule], tiny_model: Callable[..., LitDecoderLM], tmp_path: Path
+) -> None:
+    trainer, data, monitor = fit_logged(tiny_data, tiny_model, tmp_path, settings=SETTINGS)
     hparams, metric_names, scalars = read_tensorboard(tmp_path / "tensorboard" / "version_0")
 
     # Settings: the Trainer's (precision, ...), the module's (strategy, vocab_size, ...), the DataModule's
@@ -173,9 +164,11 @@ def test_hparams_summary_writes_the_runs_settings_and_results_for_tensorboards_h
     assert not [name for name in rows[0] if name.startswith("summary/") or name == "hp_metric"]
 
 
-def test_hparams_summary_logs_a_diverged_run_with_its_nan(tmp_path: Path) -> None:
+def test_hparams_summary_logs_a_diverged_run_with_its_nan(
+    tiny_data: Callable[..., TextDataModule], tiny_model: Callable[..., LitDecoderLM], tmp_path: Path
+) -> None:
     with pytest.raises(DivergedError) as diverged:
-        fit_logged(tmp_path, settings=["strategy", "lr"], lr=1e6, max_steps=8)
+        fit_logged(tiny_data, tiny_model, tmp_path, settings=["strategy", "lr"], lr=1e6, max_steps=8)
     hparams, _, scalars = read_tensorboard(tmp_path / "tensorboard" / "version_0")
     assert hparams == {"strategy": "merged_bool", "lr": 1e6}
     step = diverged.value.step  # the first step whose train/loss was NaN: where the run stopped
@@ -185,13 +178,13 @@ def test_hparams_summary_logs_a_diverged_run_with_its_nan(tmp_path: Path) -> Non
 
 
 def test_hparams_summary_refuses_an_unknown_setting_before_training_and_without_tensorboard_does_nothing(
-    tmp_path: Path,
+    tiny_data: Callable[..., TextDataModule], tiny_model: Callable[..., LitDecoderLM], tmp_path: Path
 ) -> None:
     with pytest.raises(ValueError, match=r"\['strategyy'\] are neither Trainer settings .* available: .*, strategy, "):
-        fit_logged(tmp_path / "refused", settings=["strategy", "strategyy"])
+        fit_logged(tiny_data, tiny_model, tmp_path / "refused", settings=["strategy", "strategyy"])
     assert not (tmp_path / "refused" / "checkpoints").exists()  # refused at the start: no step, no validation
 
-    trainer, _, _ = fit_logged(tmp_path / "csv_only", settings=["strategyy"], tensorboard=False)
+    trainer, _, _ = fit_logged(tiny_data, tiny_model, tmp_path / "csv_only", settings=["strategyy"], tensorboard=False)
     assert trainer.global_step == 4  # nothing to log to, nothing checked
     assert not [name for name in csv_rows(tmp_path / "csv_only")[0] if name.startswith("summary/")]
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -20,23 +21,19 @@ CHECKPOINT_STEP = 5  # mid-epoch: an epoch here is 45 batches, and 5 is not a va
 
 
 def fit(
-    tmp_path: Path, name: str, *, num_workers: int, ckpt_path: Path | None = None
+    tiny_data: Callable[..., TextDataModule],
+    tiny_model: Callable[..., LitDecoderLM],
+    tmp_path: Path,
+    name: str,
+    *,
+    num_workers: int,
+    ckpt_path: Path | None = None,
 ) -> tuple[pl.Trainer, list[tuple[int, str]]]:
     """``MAX_STEPS`` steps of a tiny model on 200 synthetic documents (batch 8), a checkpoint every ``CHECKPOINT_STEP``
     steps; returns the trainer and (global step, hash of input_ids) of every batch trained."""
     pl.seed_everything(0, workers=True)
-    data = TextDataModule(
-        source="synthetic",
-        synthetic_documents=200,
-        vocab_size=300,
-        max_length=32,
-        batch_size=8,
-        num_workers=num_workers,
-        cache_dir=str(tmp_path / "cache"),
-    )
-    model = LitDecoderLM(
-        vocab_size=300, max_positions=32, d_model=32, num_heads=2, num_layers=1, d_ff=64, warmup_steps=2
-    )
+    data = tiny_data(layout="padded", num_workers=num_workers)
+    model = tiny_model(warmup_steps=2)
     checkpoints = ModelCheckpoint(
         dirpath=tmp_path / name, filename="{step}", every_n_train_steps=CHECKPOINT_STEP, save_top_k=-1
     )
@@ -59,16 +56,18 @@ def fit(
     return trainer, [(r["step"], r["input_ids"]) for r in map(json.loads, log.read_text().splitlines())]
 
 
-def test_resume_with_workers_sees_the_batches_of_an_uninterrupted_run(tmp_path: Path) -> None:
-    full, expected = fit(tmp_path, "full", num_workers=2)
+def test_resume_with_workers_sees_the_batches_of_an_uninterrupted_run(
+    tiny_data: Callable[..., TextDataModule], tiny_model: Callable[..., LitDecoderLM], tmp_path: Path
+) -> None:
+    full, expected = fit(tiny_data, tiny_model, tmp_path, "full", num_workers=2)
     assert [step for step, _ in expected] == list(range(MAX_STEPS))
-    _, without_workers = fit(tmp_path, "no_workers", num_workers=0)
+    _, without_workers = fit(tiny_data, tiny_model, tmp_path, "no_workers", num_workers=0)
     assert without_workers == expected  # workers change nothing in what is trained
 
     checkpoint = tmp_path / "full" / f"step={CHECKPOINT_STEP}.ckpt"
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        resumed, seen = fit(tmp_path, "resumed", num_workers=2, ckpt_path=checkpoint)
+        resumed, seen = fit(tiny_data, tiny_model, tmp_path, "resumed", num_workers=2, ckpt_path=checkpoint)
     assert seen == expected[CHECKPOINT_STEP:]  # the same batches, none skipped, none repeated
     assert float(resumed.callback_metrics["val/loss"]) == pytest.approx(
         float(full.callback_metrics["val/loss"]), abs=1e-6
