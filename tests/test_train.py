@@ -116,6 +116,18 @@ def test_the_schema_is_the_settings_of_the_classes_it_instantiates() -> None:
     assert list(model) == [*decoder, *lit]
 
 
+def test_the_default_run_s_data_is_text_data_module_s_defaults(tmp_path: Path) -> None:
+    """``python train.py`` and ``TextDataModule()`` read the same data the same way: the default data config sets
+    nothing its class does not default to (on e38e940 stdlib_docs.yaml set layout=packed over TextDataModule's
+    padded), and LitDecoderLM records the same layout when nothing says otherwise."""
+    data = OmegaConf.to_container(config(tmp_path).data, resolve=True, enum_to_str=True)
+    assert data.pop("_target_") == "mhaplug.data.TextDataModule"
+    data.pop("cache_dir")  # set by this file's config(): the tests' own cache
+    defaults = {p.name: p.default for p in inspect.signature(TextDataModule.__init__).parameters.values()}
+    assert data == {name: defaults[name] for name in data}
+    assert defaults["layout"] == inspect.signature(LitDecoderLM.__init__).parameters["layout"].default == "packed"
+
+
 def test_the_model_takes_vocabulary_positions_and_strategy_from_the_config(tmp_path: Path) -> None:
     """What train.py once wired by hand is interpolated when the config is composed (configs/model/small.yaml)."""
     cfg = config(tmp_path, "model=tiny", "data.vocab_size=1000", "data.max_length=96", "attention=merged_bool")

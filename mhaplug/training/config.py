@@ -70,7 +70,7 @@ class DataSchema:
     tokenizer_path: str | None = None
     vocab_size: int = 4096
     max_length: int = 256
-    layout: Layout = Layout.padded
+    layout: Layout = Layout.packed
     padding_side: PaddingSide = PaddingSide.right
     batching: Batching = Batching.random
     batch_size: int = 16
@@ -109,7 +109,7 @@ class ModelSchema:
     min_lr_ratio: float = 0.1
     accumulate_grad_batches: int = 1
     gradient_clip_val: float = 1.0
-    layout: Layout = Layout.padded
+    layout: Layout = Layout.packed
     padding_side: PaddingSide = PaddingSide.right
     batching: Batching = Batching.random
 

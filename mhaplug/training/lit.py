@@ -57,7 +57,7 @@ class LitDecoderLM(pl.LightningModule):
         min_lr_ratio: float = 0.1,
         accumulate_grad_batches: int = 1,
         gradient_clip_val: float = 1.0,
-        layout: str = "padded",
+        layout: str = "packed",
         padding_side: str = "right",
         batching: str = "random",
         **model: Any,

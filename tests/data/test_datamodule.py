@@ -78,7 +78,7 @@ def test_tokenizer_and_tokens_are_cached_and_the_split_is_deterministic(
 def test_batching_cuts_padding(
     synthetic: Callable[..., TextDataModule], tmp_path: Path, layout: str, batching: str, limit: float
 ) -> None:
-    baseline = one_epoch(synthetic(tmp_path).train_dataloader())
+    baseline = one_epoch(synthetic(tmp_path, layout="padded").train_dataloader())  # random batches of padded rows
     module = synthetic(tmp_path, layout=layout, batching=batching, max_tokens=8 * 32)
     batches = one_epoch(module.train_dataloader())
 
@@ -456,14 +456,14 @@ def test_loader_state_survives_a_checkpoint_round_trip(
     synthetic: Callable[..., TextDataModule], tmp_path: Path, num_workers: int
 ) -> None:
     """Workers prefetch batches ahead of the loop: the state counts the batches taken, not those prefetched."""
-    loader = synthetic(tmp_path, num_workers=num_workers).train_dataloader()
+    loader = synthetic(tmp_path, layout="padded", num_workers=num_workers).train_dataloader()
     iterator = iter(loader)
     seen = [next(iterator)["input_ids"] for _ in range(3)]
     state = loader.state_dict()
     assert state["batches_yielded"] == 3
     rest = [b["input_ids"] for b in iterator]
     assert len(seen) + len(rest) == len(loader) == 45
-    resumed = synthetic(tmp_path, num_workers=num_workers).train_dataloader()
+    resumed = synthetic(tmp_path, layout="padded", num_workers=num_workers).train_dataloader()
     resumed.load_state_dict(json.loads(json.dumps(state)))  # what Lightning does on resume
     again = [b["input_ids"] for b in resumed]
     assert len(again) == len(rest)

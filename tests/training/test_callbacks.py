@@ -282,7 +282,7 @@ def fit_lm(
     between two steps."""
     pl.seed_everything(0, workers=True)
     data = tiny_data(batch_size=4, layout="padded")
-    model = tiny_model(warmup_steps=2, accumulate_grad_batches=2)
+    model = tiny_model(layout="padded", warmup_steps=2, accumulate_grad_batches=2)
     on_sigterm = CheckpointOnSigterm(dirpath=str(tmp_path / name))
     logger = CSVLogger(save_dir=logger_dir, name="csv", version=None) if logger_dir else False
     trainer = pl.Trainer(

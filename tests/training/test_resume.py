@@ -33,7 +33,7 @@ def fit(
     steps; returns the trainer and (global step, hash of input_ids) of every batch trained."""
     pl.seed_everything(0, workers=True)
     data = tiny_data(layout="padded", num_workers=num_workers)
-    model = tiny_model(warmup_steps=2)
+    model = tiny_model(layout="padded", warmup_steps=2)
     checkpoints = ModelCheckpoint(
         dirpath=tmp_path / name, filename="{step}", every_n_train_steps=CHECKPOINT_STEP, save_top_k=-1
     )
