@@ -4,16 +4,16 @@ which masks. A model calls :func:`plan_attention` once per batch and hands the :
 
 What each strategy gets, on the batch's own device::
 
-    rows     strategy                  attn_mask                          key_padding_mask   is_causal
-    padded   causal_only               None                               None (by design)   True
-    padded   flex                      BlockMask: causal & not pad        None               False
-    padded   any other                 None                               the batch's        True
-    packed   auto, on the CPU          None: each document a row of its own (:mod:`mhaplug.attention.unpad`),
-                                       with a padding vector               per layout         True
-    packed   flex                      BlockMask: causal & same document  None               False
-    packed   reference, merged_*,      document-causal (B, 1, L, L),      None               False
-             auto off the CPU          True = masked
-    packed   causal_kpm, causal_only   refused: documents would attend each other
+    rows     strategy                       attn_mask                           key_padding_mask  is_causal
+    padded   causal_only                    None                                None (by design)  True
+    padded   flex                           BlockMask: causal & not pad         None              False
+    padded   any other                      None                                the batch's       True
+    packed   auto (CPU, tokens not given)   None: each document a row of its    per layout        True
+                                            own (mhaplug.attention.unpad)
+    packed   flex                           BlockMask: causal & same document   None              False
+    packed   reference, merged_*, auto      document-causal (B, 1, L, L),       None              False
+                                            True = masked
+    packed   causal_kpm, causal_only        refused: documents would attend each other
 
 On the CPU, padded rows are also split into length buckets (:func:`mhaplug.attention.unpad.plan_tokens`), each a
 kernel call padded only to its own longest row. The BlockMask is built from predicates on ``document_ids`` or

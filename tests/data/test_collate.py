@@ -341,7 +341,10 @@ def test_bad_settings() -> None:
         (
             {"pad_token_id": None},
             TypeError,
-            r"pad_token_id must be an int \(the id written on padding\), got None \(NoneType\); .*pad_token_id is None",
+            (
+                r"pad_token_id must be an int \(the id written on padding\), got None \(NoneType\); "
+                r"tokenizer.pad_token_id is None when the tokenizer has no pad token"
+            ),
         ),
         (
             {"pad_token_id": 1.5},
