@@ -38,8 +38,7 @@ from pytorch_lightning.callbacks import LearningRateMonitor, ProgressBar
 from pytorch_lightning.loggers import CSVLogger
 from pytorch_lightning.utilities.exceptions import SIGTERMException
 
-from mhaplug.common import ConfigError, write_atomic
-from mhaplug.reporting.runs import SKIPPED_FILE, SUMMARY_FILE
+from mhaplug.common import METRICS_FILE, SKIPPED_FILE, SUMMARY_FILE, ConfigError, write_atomic
 from mhaplug.training.callbacks import MaskAudit
 from mhaplug.training.config import SkipRun, choice_of, register_configs, validate
 from mhaplug.training.hparams import run_results
@@ -148,7 +147,7 @@ def _summary(
     csv_logger = next((lg for lg in trainer.loggers if isinstance(lg, CSVLogger)), None)  # what compare reads
     metrics_csv = None
     if csv_logger is not None:
-        metrics_csv = os.path.relpath(Path(csv_logger.log_dir) / "metrics.csv", cfg.paths.output_dir)
+        metrics_csv = os.path.relpath(Path(csv_logger.log_dir) / METRICS_FILE, cfg.paths.output_dir)
     status = outcome["status"]
     return {
         "run_name": _run_name(),

@@ -385,7 +385,7 @@ def main(argv: list[str] | None = None) -> None:
     datasets.disable_progress_bars()
     slug = device_slug(device)
     out_path = args.out or Path(__file__).resolve().parent / "results" / f"train-{slug}{'-quick' * args.quick}.md"
-    val_dm = TextDataModule(batch_size=BATCH_SIZE, max_length=MAX_LENGTH, seed=SEED)
+    val_dm = TextDataModule(layout="padded", batch_size=BATCH_SIZE, max_length=MAX_LENGTH, seed=SEED)
     val_dm.setup("fit")
     val_batches = list(val_dm.val_dataloader())
     probe = DecoderLM(DecoderConfig(vocab_size=val_dm.vocab_size, max_positions=MAX_LENGTH, **MODEL))

@@ -1,6 +1,6 @@
 """mhaplug: variable-length sequences, their padding and their attention masks, done right and fast.
 
-The package, by role (each folder's face re-exports its public names; arrows point down)::
+The package, by role (arrows point down; the attention and data faces re-export their public names)::
 
     mhaplug/compare.py, show.py    command lines: python -m mhaplug.compare, python -m mhaplug.show
     mhaplug/reporting/             runs, tables, figures, the HTML page, the mask picture's panels

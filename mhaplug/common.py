@@ -2,7 +2,7 @@
 checks and file writes that every wing uses. Standard library only (no torch, datasets or Lightning), so that any
 module can import it, and config validation with it loads neither datasets nor Lightning.
 
-- :data:`IGNORE_INDEX`, the label that takes no loss, and the tokenizer's special tokens;
+- :data:`IGNORE_INDEX`, the label that takes no loss, the tokenizer's special tokens, and a run folder's files;
 - :class:`ConfigError`, a setting that cannot train;
 - the settings with a fixed set of values (:class:`Choice` and its subclasses), typed in the structured configs so
   that OmegaConf checks them when a config is composed, and checked by the library with :func:`check_choice`;
@@ -23,7 +23,10 @@ from typing import Any
 __all__ = [
     "EOS_TOKEN",
     "IGNORE_INDEX",
+    "METRICS_FILE",
     "PAD_TOKEN",
+    "SKIPPED_FILE",
+    "SUMMARY_FILE",
     "Batching",
     "Choice",
     "ConfigError",
@@ -44,6 +47,11 @@ __all__ = [
 IGNORE_INDEX = -100
 
 PAD_TOKEN, EOS_TOKEN = "<|pad|>", "<|endoftext|>"  # ids 0 and 1: pad is never EOS (HF transformers #23530)
+
+# A run folder's files, as train.py writes them and mhaplug.compare reads them: the run's summary, the CSV log of
+# each attempt (Lightning's CSVLogger names it: <run>/csv/version_<n>/metrics.csv), and, instead of both, why a
+# sweep skipped the combination.
+SUMMARY_FILE, METRICS_FILE, SKIPPED_FILE = "summary.json", "metrics.csv", "skipped.txt"
 
 _INT64_MIN, _INT64_MAX = -(2**63), 2**63 - 1
 

@@ -5,30 +5,15 @@ Usage::
     python -m mhaplug.compare RUNS_DIR [--plot FILE.png] [--html FILE.html] [--tolerance 1e-3]
                                        [--sort val_loss|tokens|name] [--baseline NAME] [--markdown]
 
-A run is a directory anywhere below RUNS_DIR (a Hydra multirun directory, say) that holds ``summary.json``,
-written by training when a run ends, and the Lightning CSVLogger ``metrics.csv`` it names. A directory with
-a ``.hydra/`` folder or a ``metrics.csv`` but no ``summary.json`` is listed as incomplete (crashed or still
-running), never silently dropped. A run resumed in its folder logged each attempt to its own logger version
-(``csv/version_0/``, ``csv/version_1/``, ...): it is one run, whose curves take each step from the latest attempt
-that logged it (:func:`read_curve`). A run stopped by SIGTERM (``"status": "interrupted"``) is listed with the
-checkpoint to resume from and not compared; one whose train/loss became NaN or inf (``"diverged"``) is listed with
-the step.
+Every run below RUNS_DIR (a folder with ``summary.json``; one with ``.hydra/`` or ``metrics.csv`` only is listed as
+incomplete) is read by :mod:`mhaplug.reporting.runs`, which also checks equivalence: valid runs with the same
+``equivalence_key`` are the same computation, so a final val loss that differs by more than ``--tolerance`` is a
+mask bug; invalid runs (kept to teach) are expected to differ and never fail. The table (120 columns, runs
+numbered), its legend and notes are :mod:`mhaplug.reporting.tables`'; ``--plot`` and ``--html`` (one self-contained
+file: the tables and the plot) :mod:`mhaplug.reporting.figures`' and :mod:`mhaplug.reporting.page`'. The ``audit``
+column is each run's step-0 mask audit (:mod:`mhaplug.training.audit`).
 
-The equivalence check is the point of the tool. Runs with the same ``equivalence_key`` are the same
-computation (same data, model, seed, steps, layout and batching): a correct mask strategy or padding side
-cannot change the result, so valid runs of one key whose final val loss differs by more than ``--tolerance``
-reveal a mask bug, and the exit code is 1. Invalid runs (``valid: false``, kept to teach, such as
-``causal_only`` with left padding, where real queries attend to pad keys) are expected to diverge: their
-difference is shown and never fails.
-
-Runs are read by :mod:`mhaplug.reporting.runs`; the table fits 120 columns, its runs numbered, with a legend and
-notes below it (:mod:`mhaplug.reporting.tables`). ``--plot`` and ``--html`` (one self-contained file: the tables and
-the plot) come from :mod:`mhaplug.reporting.figures` and :mod:`mhaplug.reporting.page`.
-
-The ``audit`` column is the run's step-0 mask audit (:mod:`mhaplug.training.audit`, in ``summary.json``): ``pass``, or
-``FAIL`` (the notes list the checks that failed). A valid run that failed it has a mask bug (exit code 1); invalid
-runs are expected to fail it (``exp. FAIL``). Exit codes: 0 fine, 1 mismatch, a valid run that failed the audit or
-diverged, 2 bad input.
+Exit codes: 0 fine; 1 a mismatch, or a valid run that failed the audit or diverged; 2 bad input.
 """
 
 from __future__ import annotations

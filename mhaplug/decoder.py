@@ -145,9 +145,8 @@ class DecoderLM(nn.Module):
         :class:`mhaplug.PadCollator` / :class:`mhaplug.PackCollator` emit them; ``token_index`` if present):
         the token at t is trained to predict ``labels[t + 1]``; ``ignore_index`` labels take no loss.
 
-        Equal to :func:`lm_loss_sum` of :meth:`forward`'s logits, but computed on the real tokens with the fused
-        output layer + cross-entropy: no (B, L, V) logits, no copy of them.
-        """
+        Equal to :func:`mhaplug.loss.lm_loss_sum` of :meth:`forward`'s logits, but computed on the real tokens with the
+        fused output layer + cross-entropy: no (B, L, V) logits, no copy of them."""
         hidden, token_index = self.hidden_states(
             batch["input_ids"], key_padding_mask=batch.get("key_padding_mask"),
             position_ids=batch.get("position_ids"), document_ids=batch.get("document_ids"),

@@ -136,7 +136,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         path = render(cfg, args.out, rows=args.rows, columns=args.columns)
     except (HydraException, OmegaConfBaseException) as error:
         message = str(error).split("Config search path:")[0]  # Hydra appends its search path: not the user's concern
-        if error.__cause__ is not None:  # e.g. "Key 'batchsize' not in 'DataConfig'", under "Could not override"
+        if error.__cause__ is not None:  # e.g. "Key 'batchsize' not in 'DataSchema'", under "Could not override"
             message += f" ({str(error.__cause__).splitlines()[0]})"
         print(
             f"{parser.prog}: error: overrides {' '.join(args.overrides)!r}: {' '.join(message.split())}",

@@ -31,8 +31,8 @@ def _seed() -> None:
 @pytest.fixture(autouse=True)
 def _known_noise_silenced() -> None:
     """The tests' fits as quiet as train.py's: pytest resets the warning filters for each test, so
-    mhaplug.training.quiet's exact filters are installed again inside it (tests/test_quiet.py removes them to see both
-    sides). Every other warning stays visible."""
+    mhaplug.training.quiet's exact filters are installed again inside it (tests/training/test_quiet.py removes them to
+    see both sides). Every other warning stays visible."""
     silence_known_noise()
 
 

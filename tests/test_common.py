@@ -13,6 +13,9 @@ import numpy as np
 import pytest
 
 from mhaplug.common import (
+    METRICS_FILE,
+    SKIPPED_FILE,
+    SUMMARY_FILE,
     Batching,
     Layout,
     OnInvalid,
@@ -73,6 +76,13 @@ def test_check_int() -> None:
             check_int("n", big, minimum=None)
     with pytest.raises(ValueError, match=rf"^max_length must fit int64, got {2**70}$"):
         check_int("max_length", 2**70)
+
+
+def test_a_run_folder_s_file_names_are_lightning_s_where_lightning_writes_them() -> None:
+    from pytorch_lightning.loggers.csv_logs import ExperimentWriter
+
+    assert (SUMMARY_FILE, METRICS_FILE, SKIPPED_FILE) == ("summary.json", "metrics.csv", "skipped.txt")
+    assert METRICS_FILE == ExperimentWriter.NAME_METRICS_FILE  # what the CSV logger writes, and compare reads
 
 
 def test_round_up() -> None:

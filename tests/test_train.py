@@ -943,7 +943,7 @@ def test_quick_ablation_sweep_and_compare(
     assert "equivalence: 2 group(s), 16 valid runs, all within 0.001" in compare.stdout  # padded 12, packed 4
     # The step-0 mask audit: every valid run passed it, every teaching run failed it (and compare says so). The
     # quick model has one layer, so torch_mha's NaN stays in the pad rows (its val loss is right) and only "finite"
-    # fails; with two layers it spreads to every check (tests/test_audit.py).
+    # fails; with two layers it spreads to every check (tests/training/test_audit.py).
     assert all(s["audit"]["passed"] for s in summaries if s["valid"])
     failed = {f"{s['strategy']}/{s['layout']}/{s['padding_side']}": s["audit"]["failed"] for s in summaries}
     assert {run: checks for run, checks in failed.items() if checks} == {

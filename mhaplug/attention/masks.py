@@ -11,7 +11,8 @@ Four conventions meet in a variable-length transformer, and they disagree on wha
 
 Names here carry the polarity: ``is_pad`` and ``is_masked`` are True where something is hidden, ``keep`` is
 True where attention is allowed, ``additive`` is a float mask of 0 / -inf. Nothing outside this module
-flips a mask's polarity.
+flips a mask's polarity: the merge (:mod:`mhaplug.attention.merge`) and the strategies convert with the functions
+here.
 
 The union of ``key_padding_mask`` and ``attn_mask`` that ``torch.nn.MultiheadAttention`` computes is
 :mod:`mhaplug.attention.merge`'s, built from the masks made here.

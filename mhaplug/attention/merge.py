@@ -25,7 +25,14 @@ import functools
 import torch
 from torch import Tensor
 
-from mhaplug.attention.masks import NEG_INF, additive_from_keep, causal_keep, keep_from_additive, keep_from_is_masked
+from mhaplug.attention.masks import (
+    NEG_INF,
+    additive_from_keep,
+    causal_keep,
+    is_masked_from_keep,
+    keep_from_additive,
+    keep_from_is_masked,
+)
 
 __all__ = ["add_causal_to_attn_mask", "causal_row_has_key", "guard_empty_rows", "merge_masks"]
 
@@ -38,9 +45,10 @@ def add_causal_to_attn_mask(
     Without an ``attn_mask`` the result has ``dtype``: bool, or additive float (pass the float
     ``key_padding_mask``'s dtype, since torch deprecates mixing a bool and a float mask).
     """
-    is_masked = ~causal_keep(tgt_len, src_len, device=device)  # (L, S)
+    keep = causal_keep(tgt_len, src_len, device=device)  # (L, S)
+    is_masked = is_masked_from_keep(keep)
     if attn_mask is None:
-        return is_masked if dtype == torch.bool else additive_from_keep(~is_masked, dtype)
+        return is_masked if dtype == torch.bool else additive_from_keep(keep, dtype)
     if attn_mask.dtype == torch.bool:
         return attn_mask | is_masked
     return attn_mask.masked_fill(is_masked, NEG_INF)
@@ -107,7 +115,7 @@ def merge_masks(
     if additives:
         merged = functools.reduce(torch.add, additives)
         if keep is not None:
-            merged = merged.masked_fill(~keep, NEG_INF)
+            merged = merged.masked_fill(is_masked_from_keep(keep), NEG_INF)
     else:
         merged = keep
     if extra_visible_keys:

@@ -48,7 +48,8 @@ class MultiheadAttention(nn.MultiheadAttention):
 
     Args:
         strategy: how ``key_padding_mask``, ``attn_mask`` and ``is_causal`` reach the kernel; one of
-            :data:`STRATEGIES` (see :data:`CAPABILITIES`). ``"auto"``, the default, serves every call: the causal
+            :data:`~mhaplug.attention.strategies.STRATEGIES` (see
+            :data:`~mhaplug.attention.strategies.CAPABILITIES`). ``"auto"``, the default, serves every call: the causal
             kernel path for causal calls, ``merged_bool`` for the others.
 
     ``need_weights=True`` (torch's default) is served by the explicit softmax, as in torch, at no more cost;
@@ -58,7 +59,8 @@ class MultiheadAttention(nn.MultiheadAttention):
     update it).
 
     Inside ``nn.TransformerEncoderLayer`` the layer's inference fast path would skip this ``forward``; a no-op
-    forward pre-hook keeps it out (see :func:`swap_attention`, which also turns off ``nn.TransformerEncoder``'s
+    forward pre-hook keeps it out (see :func:`mhaplug.attention.swap_attention`, which also turns off
+    ``nn.TransformerEncoder``'s
     nested-tensor conversion). ``torch.compile`` and ``torch.export`` work; ``torch.jit.script`` does not.
     """
 

@@ -4,7 +4,8 @@ tests and the README read), one small function each, and the one dispatch table 
 A strategy gets one :class:`AttentionCall` (the heads' q, k, v and the caller's masks, as
 :class:`mhaplug.attention.MultiheadAttention` hands them over) and returns the output (B, H, L, D) with the name of
 what served it. Every strategy but ``torch_mha`` outputs exactly 0, with zero and finite gradients, for a query row
-that may attend no key (:func:`zero_rows`). ``torch_mha`` is torch's own path and lives in the module.
+that may attend no key (:func:`zero_rows`). ``torch_mha`` is torch's own path, which the layer itself runs
+(:mod:`mhaplug.attention.mha`).
 
 Shapes: B batch, L target (query) length, S source (key) length, H heads, D head dim.
 """
@@ -251,7 +252,9 @@ def explicit_attention(
         else:
             with torch.no_grad():  # bmm's backward does not read its output; see the docstring for why this is exact
                 view = scores.view(batch, heads, tgt_len, src_len)  # (B, H, L, S)
-                view.masked_fill_(safe.logical_not(), masks.NEG_INF) if safe.dtype == torch.bool else view.add_(safe)
+                view.masked_fill_(
+                    masks.is_masked_from_keep(safe), masks.NEG_INF
+                ) if safe.dtype == torch.bool else view.add_(safe)
     weights = scores.softmax(dim=-1)
     if dropout_p > 0.0:
         weights = F.dropout(weights, p=dropout_p)

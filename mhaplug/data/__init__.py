@@ -8,8 +8,8 @@
   tokenised split; :mod:`~mhaplug.data.cache`: the cache on disk;
 - :mod:`~mhaplug.data.datamodule`: :class:`TextDataModule`, all of it as a LightningDataModule.
 
-Modules here import :mod:`mhaplug.common` and the attention wing's masks, never the decoder, training or reporting
-code. :class:`TextDataModule` is imported on first use (it pulls in Lightning and datasets).
+Modules here import :mod:`mhaplug.common` and the attention wing's masks and token layouts, never the decoder,
+training or reporting code. :class:`TextDataModule` is imported on first use (it pulls in Lightning and datasets).
 """
 
 from typing import Any

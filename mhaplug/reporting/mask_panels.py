@@ -4,8 +4,10 @@ they come from.
 
 Nothing is redrawn from an idea of the masks: the batch keys come from the collators, the ``attn_mask`` from
 :mod:`mhaplug.attention.masks`, and the kernel panels from a :class:`mhaplug.MultiheadAttention` call per strategy with
-the masks :class:`mhaplug.decoder.DecoderLM` hands its layers, spied on where the kernel is called
-(:func:`kernel_input`), as ``benchmarks/attention.py`` does. Cell colour says what a cell means (the query may attend
+the masks of :func:`layer_arguments` (one call over the whole batch, as a user calls the layer; a model's
+:func:`mhaplug.attention.plan_attention` may lay the same attention out otherwise: a row per document under ``auto``
+on the CPU, a BlockMask for ``flex``), spied on where the kernel is called (:func:`kernel_input`), as
+``benchmarks/attention.py`` does. Cell colour says what a cell means (the query may attend
 the key, or not); cell text is the value the tensor holds there (``T``/``F``, ``0``/``-inf``), so the polarity of each
 API is visible.
 """
@@ -69,10 +71,11 @@ class KernelInput:
 
 
 def layer_arguments(batch: Mapping[str, Any], strategy: str) -> dict[str, Any]:
-    """The masks a layer gets for ``batch``, as :class:`~mhaplug.decoder.DecoderLM` hands them: a document-causal
-    ``attn_mask`` (B, 1, L, L), True = masked, for packed rows; ``key_padding_mask`` and ``is_causal=True`` for padded
-    rows (``causal_only`` gets the padding mask too, so that the layer's own check speaks). ``torch_mha`` gets what a
-    torch user passes: ``key_padding_mask`` and an explicit ``attn_mask`` (causal (L, S), or the document mask)."""
+    """The masks a layer gets for ``batch`` in one call over the whole batch: a document-causal ``attn_mask``
+    (B, 1, L, L), True = masked, for packed rows (what :func:`mhaplug.attention.plan_attention` hands the merged
+    strategies); ``key_padding_mask`` and ``is_causal=True`` for padded rows (``causal_only`` gets the padding mask too,
+    so that the layer's own check speaks). ``torch_mha`` gets what a torch user passes: ``key_padding_mask`` and an
+    explicit ``attn_mask`` (causal (L, S), or the document mask)."""
     kpm = batch["key_padding_mask"]
     length = kpm.shape[1]
     if "document_ids" in batch:

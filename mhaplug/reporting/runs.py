@@ -30,10 +30,9 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal
 
+from mhaplug.common import METRICS_FILE, SKIPPED_FILE, SUMMARY_FILE
+
 __all__ = [
-    "METRICS_FILE",
-    "SKIPPED_FILE",
-    "SUMMARY_FILE",
     "Finding",
     "Run",
     "audit_failures",
@@ -46,9 +45,6 @@ __all__ = [
     "skipped_runs",
 ]
 
-SUMMARY_FILE = "summary.json"
-METRICS_FILE = "metrics.csv"
-SKIPPED_FILE = "skipped.txt"  # written by train.py for a combination skipped as invalid (on_invalid=skip/run)
 # Keys the table and the check cannot do without; the other numbers may be absent or null (shown as "-").
 REQUIRED_KEYS = (
     "run_name",

@@ -15,8 +15,8 @@ import re
 import sys
 from collections.abc import Callable, Mapping, Sequence
 
+from mhaplug.common import SUMMARY_FILE
 from mhaplug.reporting.runs import (
-    SUMMARY_FILE,
     Finding,
     Run,
     SortKey,

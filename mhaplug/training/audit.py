@@ -23,9 +23,9 @@ One left-padded row (``~`` changed, ``=`` must not move, ``.`` not compared) and
 A correct mask gives the same logits bit for bit: masked keys get exactly zero weight, and every other operation
 works position by position, with the same shapes, so kernels reduce in the same order. ``tolerance`` (relative to
 the largest logit at a real position; default 1e-4) leaves room for backends that do not promise that, and sits far
-below what a leak moves: 0.05 to 1.3 times the largest logit in tests/test_audit.py, on randomly initialised models,
-where a leak's effect is smallest. Each perturbation is seeded, and the audit restores the training mode of every
-submodule.
+below what a leak moves: 0.05 to 1.3 times the largest logit in tests/training/test_audit.py, on randomly initialised
+models, where a leak's effect is smallest. Each perturbation is seeded, and the audit restores the training mode of
+every submodule.
 
 Models it knows how to call (``forward=`` overrides; it gets ``(model, batch)`` and returns logits (B, L, V)):
 

@@ -34,7 +34,7 @@ class RichStepProgressBar(_WithoutVersion, RichProgressBar):
 
     def _get_train_description(self, current_epoch: int) -> str:
         # Lightning's only hook for this text (private). If it is renamed, the bar shows Lightning's own text again;
-        # tests/test_progress.py fails then.
+        # tests/training/test_progress.py fails then.
         description = super()._get_train_description(current_epoch)
         if self.trainer.max_epochs == -1:
             width = len(description)

@@ -1,4 +1,5 @@
-"""Every conversion and merge in mhaplug.attention.masks against literal matrices or a brute-force union."""
+"""Every conversion in mhaplug.attention.masks and the merge in mhaplug.attention.merge, against literal matrices or a
+brute-force union."""
 
 from __future__ import annotations
 

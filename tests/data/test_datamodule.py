@@ -39,8 +39,10 @@ def one_epoch(loader: torch.utils.data.DataLoader) -> list[dict]:
     return list(loader)
 
 
-def test_synthetic_end_to_end(synthetic: Callable[..., TextDataModule], tmp_path: Path) -> None:
-    module = synthetic(tmp_path)
+@pytest.mark.parametrize("layout", ["packed", "padded"])
+def test_synthetic_end_to_end(synthetic: Callable[..., TextDataModule], tmp_path: Path, layout: str) -> None:
+    module = synthetic(tmp_path, layout=layout)
+    assert isinstance(module.collator(), PackCollator if layout == "packed" else PadCollator)
     assert module.stats["documents"] == 200 and module.stats["empty_documents_dropped"] == 0
     assert len(module.splits["train"]) + len(module.splits["val"]) >= 200  # long documents may become 2 chunks
     batches = one_epoch(module.train_dataloader())

@@ -1,5 +1,5 @@
 """mhaplug.reporting.figures: the plot's fixed colours and line styles, the throughput bars' order and labels, the
-legend outside the axes, and the one-file HTML page; run folders written by tests/test_compare.py's helpers."""
+legend outside the axes, and the one-file HTML page; run folders written by tests/reporting/conftest.py's fixtures."""
 
 from __future__ import annotations
 
@@ -20,7 +20,7 @@ from mhaplug.reporting.tables import short_names
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 # Bars top to bottom for the committed ablation: padded rows, then packed rows, fastest first in each; run numbers
-# are the table's (tests/test_compare.py prints the legend).
+# are the table's (tests/reporting/test_compare.py prints the legend).
 ABLATION_BARS = [
     ("padded", ["6", "12", "3", "7", "5", "4", "10", "16", "13", "2", "9", "15", "18", "19"]),
     ("packed", ["8", "1", "11", "14", "17"]),

@@ -183,7 +183,14 @@ def test_audit_leaves_the_batch_and_the_training_modes_as_they_were() -> None:
 def test_lightning_module_is_audited_through_its_decoder_like_the_decoder() -> None:
     torch.manual_seed(0)
     lit = LitDecoderLM(
-        vocab_size=VOCAB, max_positions=32, d_model=32, num_heads=2, num_layers=2, d_ff=64, strategy="causal_kpm"
+        vocab_size=VOCAB,
+        max_positions=32,
+        d_model=32,
+        num_heads=2,
+        num_layers=2,
+        d_ff=64,
+        strategy="causal_kpm",
+        layout="padded",
     )
     batch = make_batch("left")
     report, inner = audit(lit, batch), audit(lit.model, batch)
@@ -319,6 +326,7 @@ def lit_model(strategy: str) -> LitDecoderLM:
         num_layers=2,
         d_ff=64,
         strategy=strategy,
+        layout="padded",
         warmup_steps=0,
     )
 
