@@ -91,3 +91,8 @@ def test_flex_gets_one_block_mask_of_the_predicates(packed: bool) -> None:
         document_causal_keep(DOCUMENT_IDS) if packed else ~IS_PAD[:, None, None, :] & torch.ones(4, 4).tril().bool()
     )
     assert torch.equal(keep, expected)
+
+
+def test_an_unknown_strategy_is_refused_with_the_allowed_ones() -> None:
+    with pytest.raises(ValueError, match=r"^strategy must be one of auto, reference, .*, flex; got 'fast'$"):
+        plan_attention("fast", 2, 4, key_padding_mask=IS_PAD)
