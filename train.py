@@ -53,7 +53,7 @@ EXIT_REFUSED, EXIT_DIVERGED, EXIT_INTERRUPTED = 2, 3, 143  # 143 = 128 + SIGTERM
 # must reach the same loss (mhaplug.compare checks it). Whole sections, then single knobs of a section.
 _NOT_IN_EQUIVALENCE = {"attention", "paths", "logger", "callbacks", "hydra", "on_invalid", "task_name", "ckpt_path"}
 _KNOBS_NOT_IN_EQUIVALENCE = {
-    "data": ("padding_side", "num_workers", "cache_dir"),
+    "data": ("padding_side", "num_workers", "num_proc", "cache_dir"),
     "model": ("strategy", "padding_side"),  # attention.strategy and data.padding_side, interpolated
     "trainer": (
         "accelerator",

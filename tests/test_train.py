@@ -953,3 +953,106 @@ def test_quick_ablation_sweep_and_compare(
     }
     assert "mask audit: 16 valid run(s) passed, 3 invalid run(s) failed as expected" in compare.stdout
     assert (tmp_path / "ablation.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.mark.slow
+def test_a_streamed_run_with_two_workers_resumes_after_sigterm_exactly(tmp_path: Path) -> None:
+    """data.streaming=true with data.num_workers=2: SIGTERM mid-run (checkpoint at that step), resume to the end;
+    the attempts train exactly the batches of an uninterrupted run and reach its val/loss within 1e-5."""
+    common = [
+        *FAST,
+        "data.streaming=true",
+        "data.num_workers=2",
+        "data.synthetic_documents=3000",
+        "data.stream_buffer=256",
+        "data.val_max_tokens=2000",
+        "trainer.max_steps=40",
+        "trainer.val_check_interval=10",
+        f"data.cache_dir={tmp_path / 'cache'}",
+        "+callbacks.batch_log._target_=mhaplug.training.callbacks.BatchLog",
+    ]
+    full = run_train(
+        *common, f"hydra.run.dir={tmp_path / 'full'}", f"+callbacks.batch_log.path={tmp_path / 'full.jsonl'}"
+    )
+    assert full.returncode == 0, full.stderr[-3000:]
+    expected = logged_batches(tmp_path / "full.jsonl")
+    assert len(expected) == 40 and len({h for _, h in expected}) == 40  # batches of the stream, none repeated
+
+    run_dir = tmp_path / "run"
+    first = subprocess.Popen(
+        [
+            sys.executable,
+            "train.py",
+            *common,
+            f"hydra.run.dir={run_dir}",
+            f"+callbacks.batch_log.path={tmp_path / 'first.jsonl'}",
+        ],
+        cwd=ROOT,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    wait_for(lambda: len(logged_batches(tmp_path / "first.jsonl")) >= 13, "13 streamed steps")
+    first.send_signal(signal.SIGTERM)
+    _, err = first.communicate(timeout=240)
+    assert first.returncode == 143, err[-3000:]
+    stopped_at = json.loads((run_dir / "summary.json").read_text())["steps"]
+    assert 13 <= stopped_at < 40
+    resumed = run_train(
+        *common,
+        f"ckpt_path={run_dir / 'checkpoints' / 'last.ckpt'}",
+        f"+callbacks.batch_log.path={tmp_path / 'r.jsonl'}",
+    )
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert logged_batches(tmp_path / "first.jsonl") == expected[:stopped_at]
+    assert logged_batches(tmp_path / "r.jsonl") == expected[stopped_at:]
+    want = json.loads((tmp_path / "full" / "summary.json").read_text())
+    got = json.loads((run_dir / "summary.json").read_text())
+    assert got["steps"] == 40 and got["final_val_loss"] == pytest.approx(want["final_val_loss"], abs=1e-5)
+
+
+@pytest.mark.slow
+def test_fsdp_on_two_cpu_ranks_matches_ddp_and_resumes_streamed_from_its_distributed_checkpoint(
+    tmp_path: Path,
+) -> None:
+    """trainer=fsdp (FSDP2 through ModelParallelStrategy, gloo) against trainer=ddp on the same 2 CPU ranks, both
+    streamed with a loader worker each: the same val/loss (1e-4). A third run resumes from the fsdp run's distributed
+    checkpoint of step 6 (a folder of shards, with every rank's stream position) and ends at its val/loss (1e-5)."""
+    common = [
+        *FAST,
+        "trainer.accelerator=cpu",
+        "trainer.devices=2",
+        "data.batch_size=4",
+        "data.streaming=true",
+        "data.num_workers=1",
+        "data.synthetic_documents=2000",
+        "data.stream_buffer=128",
+        "data.val_max_tokens=1500",
+        "trainer.max_steps=12",
+        "trainer.val_check_interval=6",
+        f"data.cache_dir={tmp_path / 'cache'}",
+    ]
+    every = [
+        "+callbacks.every._target_=pytorch_lightning.callbacks.ModelCheckpoint",
+        f"+callbacks.every.dirpath={tmp_path / 'every'}",
+        "+callbacks.every.filename='step{step}'",
+        "+callbacks.every.auto_insert_metric_name=false",
+        "+callbacks.every.every_n_train_steps=6",
+        "+callbacks.every.save_top_k=-1",
+    ]
+    runs = {
+        "ddp": run_train(*common, "trainer=ddp", f"hydra.run.dir={tmp_path / 'ddp'}"),
+        "fsdp": run_train(*common, "trainer=fsdp", *every, f"hydra.run.dir={tmp_path / 'fsdp'}"),
+    }
+    for name, run in runs.items():
+        assert run.returncode == 0, name + run.stderr[-3000:]
+    step6 = tmp_path / "every" / "step6.ckpt"
+    assert sorted(p.name for p in step6.iterdir()) == [".metadata", "__0_0.distcp", "__1_0.distcp", "meta.pt"]
+    resumed = run_train(*common, "trainer=fsdp", f"ckpt_path={step6}", f"hydra.run.dir={tmp_path / 'resumed'}")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    ddp, fsdp, again = (json.loads((tmp_path / n / "summary.json").read_text()) for n in ("ddp", "fsdp", "resumed"))
+    assert ddp["steps"] == fsdp["steps"] == again["steps"] == 12
+    assert fsdp["final_val_loss"] == pytest.approx(ddp["final_val_loss"], abs=1e-4)
+    assert again["final_val_loss"] == pytest.approx(fsdp["final_val_loss"], abs=1e-5)
+    train_losses = [[float(r["train/loss"]) for r in metrics(tmp_path / n) if r.get("train/loss")] for n in runs]
+    assert train_losses[0] == pytest.approx(train_losses[1], abs=1e-4)

@@ -2,9 +2,10 @@
 read and rebuilt when bad.
 
 The cache (``cache_dir``, default :func:`default_cache_dir`) holds ``sources/`` (the standard library's docstrings),
-``tokenizers/`` and ``tokenised/``, each entry named by a key of what it was built from. Every entry is written to a
-temporary file in its folder and renamed into place (a killed run or a full disk leaves no half entry), and is
-validated when read: an entry that fails (truncated, corrupted) is logged as a WARNING with its path and rebuilt.
+``texts/`` (each source's documents as an Arrow file, :mod:`mhaplug.data.corpus`), ``tokenizers/`` and
+``tokenised/``, each entry named by a key of what it was built from. Every entry is written to a temporary file in
+its folder and renamed into place (a killed run or a full disk leaves no half entry), and is validated when read: an
+entry that fails (truncated, corrupted) is logged as a WARNING with its path and rebuilt.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from typing import Any, TypeVar
 
 from mhaplug.common import atomic_path
 
-__all__ = ["cache_key", "cached", "default_cache_dir"]
+__all__ = ["cache_key", "cached", "default_cache_dir", "read_entry"]
 
 logger = logging.getLogger(__name__)
 
@@ -46,13 +47,23 @@ def cached(path: Path, *, read: Callable[[Path], T_], build: Callable[[Path], No
     """The cache entry at ``path``. ``read`` loads and validates an entry, raising if it is bad; ``build`` writes a
     new one to the path it is given (:func:`mhaplug.common.atomic_path`). A bad entry (truncated, corrupted, or not what
     this version writes) is logged as a WARNING with its path, and rebuilt."""
-    if path.exists():
-        try:
-            return read(path)
-        # Each format fails its own way (JSONDecodeError, ArrowInvalid, tokenizers' bare Exception); any of them
-        # means the entry is bad, and it is rebuilt.
-        except Exception as error:  # noqa: BLE001
-            logger.warning("cache entry %s is unreadable (%s: %s); rebuilding it", path, type(error).__name__, error)
+    entry = read_entry(path, read)
+    if entry is not None:
+        return entry
     with atomic_path(path) as tmp:
         build(tmp)
     return read(path)
+
+
+def read_entry(path: Path, read: Callable[[Path], T_]) -> T_ | None:
+    """``read(path)``, or None when there is no entry; an entry that ``read`` refuses is logged as a WARNING with
+    its path ("rebuilding it": the caller builds it again)."""
+    if not path.exists():
+        return None
+    try:
+        return read(path)
+    # Each format fails its own way (JSONDecodeError, ArrowInvalid, tokenizers' bare Exception); any of them
+    # means the entry is bad, and it is rebuilt.
+    except Exception as error:  # noqa: BLE001
+        logger.warning("cache entry %s is unreadable (%s: %s); rebuilding it", path, type(error).__name__, error)
+        return None

@@ -12,26 +12,40 @@ with ``datasets.map`` (batched, cached on disk by the same key), an EOS after ea
 
 from __future__ import annotations
 
+import itertools
+import json
 import logging
-import random
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+import sys
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
 import datasets
+import numpy as np
 import pytorch_lightning as pl
 from tokenizers import Tokenizer
 from torch.utils.data import DataLoader, Dataset
 
 from mhaplug.attention.unpad import add_token_index
-from mhaplug.common import EOS_TOKEN, PAD_TOKEN, Batching, Layout, PaddingSide, Source, check_choice
+from mhaplug.common import (
+    EOS_TOKEN,
+    PAD_TOKEN,
+    Batching,
+    Layout,
+    PaddingSide,
+    Source,
+    atomic_path,
+    check_choice,
+    check_int,
+)
 from mhaplug.data import sampling
-from mhaplug.data.cache import cache_key, cached, default_cache_dir
+from mhaplug.data.cache import cache_key, cached, default_cache_dir, read_entry
 from mhaplug.data.collate import PackCollator, PadCollator
+from mhaplug.data.corpus import TextStore, default_num_proc, split_mask, tokenise, tokenizer_sample, write_texts
 from mhaplug.data.packing import first_fit_pack
-from mhaplug.data.sources import load_hf, read_text_files, stdlib_docstrings, synthetic_texts
-from mhaplug.data.tokenizer import check_tokenised, fingerprint_texts, train_tokenizer
+from mhaplug.data.sources import Documents, data_files, load_hf
+from mhaplug.data.streaming import STATE_KEY, StreamingLoader, TokenStream, tokenise_documents
+from mhaplug.data.tokenizer import check_tokenised, train_tokenizer
 
 __all__ = ["TextDataModule"]
 
@@ -39,16 +53,18 @@ logger = logging.getLogger(__name__)
 
 
 class _PackedRows(Dataset):
-    """Rows of whole documents packed offline; each item carries its ``document_lengths`` for PackCollator."""
+    """Rows of whole documents packed offline; each item carries its ``document_lengths`` for PackCollator.
 
-    def __init__(self, documents: datasets.Dataset, rows: list[list[int]]) -> None:
-        self.documents, self.rows = documents, rows
+    ``documents[order[offsets[r]:offsets[r + 1]]]`` are row r's documents: two numpy arrays, never a list per row."""
+
+    def __init__(self, documents: datasets.Dataset, order: np.ndarray, offsets: np.ndarray) -> None:
+        self.documents, self.order, self.offsets = documents, order, offsets
 
     def __len__(self) -> int:
-        return len(self.rows)
+        return len(self.offsets) - 1
 
     def __getitem__(self, index: int) -> dict[str, list[int]]:
-        docs = self.documents[self.rows[index]]["input_ids"]
+        docs = self.documents[self.order[self.offsets[index] : self.offsets[index + 1]].tolist()]["input_ids"]
         return {"input_ids": [t for d in docs for t in d], "document_lengths": [len(d) for d in docs]}
 
 
@@ -92,6 +108,11 @@ class TextDataModule(pl.LightningDataModule):
         max_documents: int | None = None,
         synthetic_documents: int = 512,
         synthetic_max_words: int = 64,
+        num_proc: int | None = None,
+        tokenizer_sample_mb: int = 32,
+        val_max_tokens: int | None = 262_144,
+        streaming: bool = False,
+        stream_buffer: int = 4096,
     ) -> None:
         super().__init__()
         # plain strs (a structured config hands Enum members): save_hyperparameters below records these locals
@@ -110,33 +131,70 @@ class TextDataModule(pl.LightningDataModule):
             )
         if not 0.0 < val_fraction < 1.0:
             raise ValueError(f"val_fraction must be in (0, 1), got {val_fraction}")
+        check_int("num_proc", num_proc, optional=True, meaning="processes that tokenise; null = all cores")
+        check_int("tokenizer_sample_mb", tokenizer_sample_mb, meaning="MB of text the tokenizer learns from")
+        check_int("val_max_tokens", val_max_tokens, optional=True, meaning="tokens of each validation; null = all")
+        check_int("stream_buffer", stream_buffer, meaning="documents packed together in a stream")
+        if streaming and batching != "random":
+            raise ValueError(
+                f"streaming=True makes batches of batch_size rows from a shuffled buffer, got batching={batching!r}; "
+                f"use batching=random (with layout=packed the rows are nearly full anyway), or streaming=false"
+            )
+        if streaming and val_max_tokens is None:
+            raise ValueError(
+                "streaming=True validates on the first val_max_tokens tokens of the stream, got val_max_tokens=None; "
+                "give it a number (default 262144)"
+            )
         self.save_hyperparameters()
         self.cache_dir = Path(cache_dir).expanduser() if cache_dir else default_cache_dir()
         self.tokenizer: Tokenizer | None = None
         self.splits: dict[str, datasets.Dataset] = {}
         self.stats: dict[str, int] = {}
-        self._datasets: dict[str, tuple[Dataset | datasets.Dataset, list[int]]] = {}  # per split, built once
+        self._datasets: dict[str, tuple[Dataset | datasets.Dataset, np.ndarray]] = {}
+        self._lengths: dict[str, np.ndarray] = {}  # per split: tokens of each row  # per split, built once
         self._legacy_sampler_state: dict[str, Any] | None = None
+        self._train_loader: StreamingLoader | None = None  # streamed: told which batches were trained
+        self._stream: dict[str, Any] = {}
 
     # -- data ---------------------------------------------------------------------------------------------
 
-    def _texts(self) -> datasets.Dataset:
+    def _documents(self, *, streaming: bool = False) -> Documents:
         hp = self.hparams
+        settings = ("path", "name", "split", "text_column", "synthetic_documents", "synthetic_max_words", "seed")
+        return Documents(hp.source, cache_dir=str(self.cache_dir), streaming=streaming, **{k: hp[k] for k in settings})
+
+    def _source(self) -> tuple[list[Any], Documents]:
+        """What names the source's text store (its cache key's parts) and its documents, in order."""
+        hp = self.hparams
+        documents = self._documents()
         if hp.source == "stdlib_docs":
-            return datasets.Dataset.from_dict({"text": stdlib_docstrings(cache_dir=self.cache_dir)})
+            return [sys.version], documents
         if hp.source == "synthetic":
-            return datasets.Dataset.from_dict(
-                {"text": synthetic_texts(hp.synthetic_documents, max_words=hp.synthetic_max_words, seed=hp.seed)}
-            )
+            return [hp.synthetic_documents, hp.synthetic_max_words, hp.seed], documents
         if hp.source == "text_files":
-            return datasets.Dataset.from_dict({"text": read_text_files(hp.path, text_column=hp.text_column)})
+            files = data_files(hp.path)
+            # a file is known by its path, size and modification time, as make and datasets know theirs
+            parts = [[str(f.resolve()), f.stat().st_size, f.stat().st_mtime_ns] for f in files] + [hp.text_column]
+            return parts, documents
         table = load_hf(hp.path, hp.name, hp.split)
-        if hp.text_column not in table.column_names:
-            raise ValueError(f"text_column={hp.text_column!r} is not in the data; its columns are {table.column_names}")
-        return (
-            table.select_columns([hp.text_column]).rename_column(hp.text_column, "text")
-            if hp.text_column != "text"
-            else table.select_columns(["text"])
+        return [hp.path, hp.name, hp.split, hp.text_column, table._fingerprint], documents
+
+    def _text_store(self) -> TextStore:
+        """The source's non-empty documents (the first ``max_documents``) in mhaplug's cache, written once, a record
+        batch at a time (:mod:`mhaplug.data.corpus`)."""
+        hp = self.hparams
+        parts, documents = self._source()
+        path = self.cache_dir / "texts" / f"{hp.source}-{cache_key(hp.source, parts, hp.max_documents)}.arrow"
+
+        def build(tmp_index: Path) -> None:
+            with atomic_path(path) as tmp:
+                index = write_texts(documents(), tmp, max_documents=hp.max_documents)
+                tmp_index.write_text(json.dumps(index), encoding="utf-8")
+
+        return cached(
+            path.with_suffix(".json"),
+            read=lambda p: TextStore(path, json.loads(p.read_text(encoding="utf-8"))),
+            build=build,
         )
 
     def prepare_data(self) -> None:
@@ -153,43 +211,114 @@ class TextDataModule(pl.LightningDataModule):
             self._build()
 
     def _build(self) -> None:
+        if self.hparams.streaming:
+            self._build_stream()
+            return
         hp = self.hparams
-        texts = self._texts()
-        total = len(texts)
-        with _quiet_progress(len(texts)):
-            texts = texts.filter(lambda batch: [bool(t and t.strip()) for t in batch["text"]], batched=True)
-        if hp.max_documents:
-            texts = texts.select(range(min(hp.max_documents, len(texts))))
-        self.stats = {"documents": len(texts), "empty_documents_dropped": total - len(texts)}
-        if self.stats["empty_documents_dropped"]:
-            logger.info("dropped %d empty documents of %d", self.stats["empty_documents_dropped"], total)
-        if len(texts) < 2:
-            raise ValueError(f"source={hp.source!r} gave {len(texts)} non-empty documents; need at least 2 to split")
-        split = texts.train_test_split(test_size=hp.val_fraction, seed=hp.seed, shuffle=True)
-        data_key = cache_key(
-            hp.source,
-            hp.path,
-            hp.name,
-            hp.split,
-            hp.text_column,
-            hp.seed,
-            hp.val_fraction,
-            hp.max_documents,
-            hp.synthetic_documents,
-            hp.synthetic_max_words,
-            fingerprint_texts(split["train"]["text"]),
-        )
-        self.tokenizer = self._tokenizer(split["train"]["text"], data_key)
+        store = self._text_store()
+        count, dropped = store.num_documents, store.index["empty_documents_dropped"]
+        self.stats = {"documents": count, "empty_documents_dropped": dropped}
+        if dropped:
+            logger.info("dropped %d empty documents of %d", dropped, count + dropped)
+        if count < 2:
+            raise ValueError(f"source={hp.source!r} gave {count} non-empty documents; need at least 2 to split")
+        is_val = split_mask(count, hp.val_fraction, hp.seed)
+        data_key = cache_key(store.path.stem, hp.seed, hp.val_fraction)
+        self.tokenizer = self._tokenizer(lambda: tokenizer_sample(store, is_val, **self._sample_settings()), data_key)
         token_key = cache_key(data_key, self.tokenizer.to_str(), hp.max_length)
-        self.splits = {
-            name: self._tokenise(split[part], f"{token_key}-{name}")
-            for name, part in (("train", "train"), ("val", "test"))
-        }
+        self.splits = self._tokenise(store, is_val, token_key)
         self._datasets = {}
-        self.stats["train_tokens"] = sum(self.splits["train"]["length"])
-        self.stats["val_tokens"] = sum(self.splits["val"]["length"])
+        self.stats["train_tokens"] = int(self._lengths["train"].sum())
+        self._cap_validation()
 
-    def _tokenizer(self, train_texts: list[str], data_key: str) -> Tokenizer:
+    def _build_stream(self) -> None:
+        """Streaming: the tokenizer from the head of the stream (the first ``tokenizer_sample_mb``), and the
+        validation rows from its first documents, up to ``val_max_tokens`` tokens (held out of training)."""
+        hp = self.hparams
+        parts, _ = self._source() if hp.source in ("stdlib_docs", "synthetic", "text_files") else ([], None)
+        documents = self._documents(streaming=True)
+        key = cache_key("stream", hp.source, parts, hp.path, hp.name, hp.split, hp.text_column)
+
+        def head() -> tuple[Iterator[str], dict[str, int]]:
+            budget, drawn = self._sample_settings()["max_bytes"], {"documents": 0, "bytes": 0}
+
+            def texts() -> Iterator[str]:
+                for text in _non_empty(documents()):
+                    drawn["documents"] += 1
+                    drawn["bytes"] += len(text.encode("utf-8", "surrogatepass"))
+                    yield text
+                    if drawn["bytes"] >= budget:
+                        return
+
+            return texts(), drawn
+
+        self.tokenizer = self._tokenizer(head, key)
+        rows, held_out, tokens = [], 0, 0
+        stream = _non_empty(documents())
+        while tokens < hp.val_max_tokens:
+            texts = list(itertools.islice(stream, 64))
+            if not texts:
+                raise ValueError(
+                    f"the stream holds only {held_out} documents ({tokens} tokens), all held out for validation by "
+                    f"val_max_tokens={hp.val_max_tokens}; lower val_max_tokens, or stream a larger corpus"
+                )
+            for text in texts:
+                if tokens >= hp.val_max_tokens:
+                    break
+                chunks = tokenise_documents(self.tokenizer, [text], max_length=hp.max_length, eos=1)
+                rows += [chunk.tolist() for chunk in chunks]
+                held_out, tokens = held_out + 1, tokens + sum(len(c) for c in chunks)
+        self._lengths = {"val": np.asarray([len(r) for r in rows], dtype=np.int64)}
+        self.splits = {"val": datasets.Dataset.from_dict({"input_ids": rows, "length": self._lengths["val"].tolist()})}
+        self._datasets = {}
+        self._stream = {"documents": documents, "skip": held_out, "key": key}
+        self.stats = {"streaming": True, "val_documents": held_out, "val_tokens": tokens, "val_rows": len(rows)}
+
+    def _stream_loader(self) -> StreamingLoader:
+        hp = self.hparams
+        assert self.tokenizer is not None
+        trainer = self.trainer
+        rank, world = (trainer.global_rank, trainer.world_size) if trainer is not None else (0, 1)
+        stream = TokenStream(
+            self._stream["documents"],
+            self.tokenizer.to_str(),
+            self.collator(),
+            max_length=hp.max_length,
+            batch_size=hp.batch_size,
+            buffer=hp.stream_buffer,
+            packed=hp.layout == "packed",
+            seed=hp.seed,
+            skip=self._stream["skip"],
+            rank=rank,
+            world_size=world,
+        )
+        fingerprint = {
+            "data": self._stream["key"],
+            "tokenizer": cache_key(self.tokenizer.to_str()),
+            "held_out": self._stream["skip"],
+            **{k: hp[k] for k in ("seed", "max_length", "batch_size", "stream_buffer", "layout")},
+        }
+        return StreamingLoader(
+            stream, num_workers=hp.num_workers, fingerprint=fingerprint, record_on_yield=trainer is None
+        )
+
+    def _sample_settings(self) -> dict[str, int]:
+        return {"max_bytes": self.hparams.tokenizer_sample_mb * 1_000_000, "seed": self.hparams.seed}
+
+    def _cap_validation(self) -> None:
+        """At most ``val_max_tokens`` of the validation rows, drawn by ``seed`` (all of them below the cap), so that a
+        validation costs seconds whatever the corpus size; ``stats`` says how much is validated and held out."""
+        cap, lengths = self.hparams.val_max_tokens, self._lengths["val"]
+        self.stats["val_tokens_held_out"] = int(lengths.sum())
+        if cap is not None and lengths.sum() > cap:
+            order = np.random.default_rng([self.hparams.seed, 2]).permutation(len(lengths))
+            keep = np.sort(order[: max(1, int(np.searchsorted(np.cumsum(lengths[order]), cap, side="right")))])
+            self.splits["val"] = self.splits["val"].select(keep)
+            self._lengths["val"] = lengths[keep]
+        self.stats["val_tokens"] = int(self._lengths["val"].sum())
+        self.stats["val_rows"] = len(self._lengths["val"])
+
+    def _tokenizer(self, sample: Callable[[], tuple[Iterator[str], dict[str, int]]], data_key: str) -> Tokenizer:
         hp = self.hparams
         if hp.tokenizer_path:
             name = f"tokenizer_path={hp.tokenizer_path!r}"
@@ -200,12 +329,22 @@ class TextDataModule(pl.LightningDataModule):
                     f"{name} is not a tokenizers JSON file ({error}); give a tokenizer.json saved by tokenizers"
                 ) from None
             return self._check_tokenizer(tokenizer, name)
-        path = self.cache_dir / "tokenizers" / f"bpe-{cache_key(data_key, hp.vocab_size)}.json"
+        key = cache_key(data_key, hp.vocab_size, self._sample_settings())
+        path = self.cache_dir / "tokenizers" / f"bpe-{key}.json"
 
         def build(tmp: Path) -> None:
-            tokenizer = train_tokenizer(train_texts, vocab_size=hp.vocab_size)
+            texts, drawn = sample()
+            tokenizer = train_tokenizer(texts, vocab_size=hp.vocab_size)
             tmp.write_text(tokenizer.to_str(), encoding="utf-8")
-            logger.info("trained a byte-level BPE tokenizer (%d tokens) -> %s", tokenizer.get_vocab_size(), path)
+            logger.info(
+                "trained a byte-level BPE tokenizer (%d tokens) on %d documents (%.1f MB, data.tokenizer_sample_mb=%d)"
+                " -> %s",
+                tokenizer.get_vocab_size(),
+                drawn["documents"],
+                drawn["bytes"] / 1e6,
+                hp.tokenizer_sample_mb,
+                path,
+            )
 
         return cached(
             path, read=lambda p: self._check_tokenizer(Tokenizer.from_file(str(p)), f"tokenizer {p}"), build=build
@@ -222,39 +361,41 @@ class TextDataModule(pl.LightningDataModule):
             )
         return tokenizer
 
-    def _tokenise(self, texts: datasets.Dataset, key: str) -> datasets.Dataset:
-        tokenizer, max_length, eos = self.tokenizer, self.hparams.max_length, 1
+    def _tokenise(self, store: TextStore, is_val: np.ndarray, key: str) -> dict[str, datasets.Dataset]:
+        """Both splits tokenised (:func:`mhaplug.data.corpus.tokenise`, in ``num_proc`` processes), cached as one
+        entry per split; a missing or bad entry rebuilds both, in one pass over the text."""
+        tokenizer, hp = self.tokenizer, self.hparams
         assert tokenizer is not None
+        paths = {name: self.cache_dir / "tokenised" / f"{key}-{name}.arrow" for name in ("train", "val")}
+        counts = {"train": int((~is_val).sum()), "val": int(is_val.sum())}
 
-        def encode(batch: dict[str, list[str]]) -> dict[str, list[Any]]:
-            ids, lengths = [], []
-            for encoding in tokenizer.encode_batch(batch["text"]):
-                tokens = encoding.ids + [eos]
-                for start in range(0, len(tokens), max_length):  # long documents become max_length chunks
-                    chunk = tokens[start : start + max_length]
-                    ids.append(chunk)
-                    lengths.append(len(chunk))
-            return {"input_ids": ids, "length": lengths}
-
-        def build(tmp: Path) -> None:
-            with _quiet_progress(len(texts)):
-                texts.map(
-                    encode,
-                    batched=True,
-                    remove_columns=texts.column_names,
-                    cache_file_name=str(tmp),
-                    load_from_cache_file=False,
-                    desc="tokenising",
+        def read(name: str) -> Callable[[Path], datasets.Dataset]:
+            def load(path: Path) -> datasets.Dataset:
+                check_tokenised(
+                    path, documents=counts[name], vocab_size=tokenizer.get_vocab_size(), max_length=hp.max_length, eos=1
                 )
+                return datasets.Dataset.from_file(str(path))
 
-        def read(path: Path) -> datasets.Dataset:
-            rows = datasets.Dataset.from_file(str(path))
-            check_tokenised(
-                rows, documents=len(texts), vocab_size=tokenizer.get_vocab_size(), max_length=max_length, eos=eos
+            return load
+
+        splits = {name: read_entry(path, read(name)) for name, path in paths.items()}
+        if any(split is None for split in splits.values()):
+            paths["train"].parent.mkdir(parents=True, exist_ok=True)
+            tokenise(
+                store,
+                is_val,
+                tokenizer,
+                max_length=hp.max_length,
+                eos=1,
+                num_proc=hp.num_proc or default_num_proc(),
+                train_path=paths["train"],
+                val_path=paths["val"],
             )
-            return rows
-
-        return cached(self.cache_dir / "tokenised" / f"{key}.arrow", read=read, build=build)
+            splits = {name: read(name)(path) for name, path in paths.items()}
+        self._lengths = {
+            name: split.data.column("length").to_numpy().astype(np.int64) for name, split in splits.items()
+        }
+        return splits  # type: ignore[return-value]
 
     # -- loaders ------------------------------------------------------------------------------------------
 
@@ -285,19 +426,21 @@ class TextDataModule(pl.LightningDataModule):
             vocab_size=self.vocab_size,
         )
 
-    def _dataset_and_lengths(self, name: str) -> tuple[Dataset | datasets.Dataset, list[int]]:
+    def _dataset_and_lengths(self, name: str) -> tuple[Dataset | datasets.Dataset, np.ndarray]:
         if name not in self._datasets:
-            documents = self.splits[name]
-            lengths = documents["length"]
+            documents, lengths = self.splits[name], self._lengths[name]
             if self.hparams.layout == "padded":
                 self._datasets[name] = (documents, lengths)
             else:
                 # Whole documents packed once, first-fit decreasing after a seeded shuffle: rows nearly full.
-                order = list(range(len(lengths)))
-                random.Random(self.hparams.seed).shuffle(order)
-                rows = first_fit_pack([lengths[i] for i in order], self.hparams.max_length)
-                rows = [[order[i] for i in row] for row in rows]
-                self._datasets[name] = (_PackedRows(documents, rows), [sum(lengths[i] for i in row) for row in rows])
+                order = np.random.default_rng(self.hparams.seed).permutation(len(lengths))
+                rows = first_fit_pack(lengths[order], self.hparams.max_length)
+                sizes = np.fromiter(map(len, rows), dtype=np.int64, count=len(rows))  # (rows,) documents per row
+                flat = order[np.fromiter(itertools.chain.from_iterable(rows), dtype=np.int64, count=int(sizes.sum()))]
+                del rows
+                offsets = np.concatenate([[0], np.cumsum(sizes)])
+                row_lengths = np.add.reduceat(lengths[flat], offsets[:-1])
+                self._datasets[name] = (_PackedRows(documents, flat, offsets), row_lengths)
         return self._datasets[name]
 
     def batch_sampler(self, name: str, lengths: Sequence[int], *, shuffle: bool) -> sampling.BaseBatchSampler:
@@ -312,12 +455,19 @@ class TextDataModule(pl.LightningDataModule):
     def on_before_batch_transfer(self, batch: dict[str, Any], dataloader_idx: int) -> dict[str, Any]:
         """Off the CPU, the real tokens' positions are found here, before the transfer
         (:func:`mhaplug.attention.add_token_index`)."""
+        state = batch.pop(STATE_KEY, None)
+        if state is not None and self._train_loader is not None:
+            self._train_loader.record(state)  # this batch is trained now (Lightning fetched it one batch ahead)
         device = self.trainer.strategy.root_device if self.trainer is not None else "cpu"
         return add_token_index(batch, device)
 
-    def train_dataloader(self) -> sampling.ResumableDataLoader:
+    def train_dataloader(self) -> sampling.ResumableDataLoader | StreamingLoader:
         """Resumable mid-epoch for any ``num_workers``: Lightning saves the loader's state (the batches trained,
-        :class:`mhaplug.data.sampling.ResumableDataLoader`) in checkpoints and restores it on resume."""
+        :class:`mhaplug.data.sampling.ResumableDataLoader`; streamed, every unit's position,
+        :class:`mhaplug.data.streaming.StreamingLoader`) in checkpoints and restores it on resume."""
+        if self.hparams.streaming:
+            self._train_loader = self._stream_loader()
+            return self._train_loader
         dataset, lengths = self._dataset_and_lengths("train")
         batch_sampler = self.batch_sampler("train", lengths, shuffle=True)
         loader = sampling.ResumableDataLoader(
@@ -342,26 +492,5 @@ class TextDataModule(pl.LightningDataModule):
         self._legacy_sampler_state = state_dict.get("train_sampler")
 
 
-# Rows below which a datasets step (filtering out empty documents, tokenising) runs without its progress bar.
-# Over a corpus this size a step takes about a second or less, so its bar would flash by and only clutter the
-# run's log; a larger corpus keeps its bars, which then say how far a long step is.
-QUIET_PROGRESS_ROWS = 100_000
-
-
-@contextmanager
-def _quiet_progress(rows: int) -> Iterator[None]:
-    """datasets' progress bars off inside the block when ``rows`` is small (:data:`QUIET_PROGRESS_ROWS`).
-
-    Safe, though the switch is global: the block runs in the process that builds the data, where nothing else
-    shows a datasets bar meanwhile; the previous state is restored after it; and a user's explicit
-    ``HF_DATASETS_DISABLE_PROGRESS_BARS`` (0 or 1) is left to decide, as datasets itself lets it."""
-    if rows >= QUIET_PROGRESS_ROWS or datasets.config.HF_DATASETS_DISABLE_PROGRESS_BARS is not None:
-        yield
-        return
-    was_enabled = datasets.is_progress_bar_enabled()
-    datasets.disable_progress_bars()
-    try:
-        yield
-    finally:
-        if was_enabled:
-            datasets.enable_progress_bars()
+def _non_empty(texts: Iterable[str | None]) -> Iterator[str]:
+    return (text for text in texts if text is not None and text.strip())

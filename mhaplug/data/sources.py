@@ -28,17 +28,27 @@ import random
 import reprlib
 import sys
 import sysconfig
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import datasets
+import pyarrow as pa
 
 from mhaplug.common import ConfigError
 from mhaplug.data.cache import cache_key, cached, default_cache_dir
 
-__all__ = ["load_hf", "read_text_files", "stdlib_docstrings", "synthetic_texts"]
+__all__ = [
+    "Documents",
+    "data_files",
+    "iter_text_files",
+    "load_hf",
+    "read_text_files",
+    "stdlib_docstrings",
+    "synthetic_texts",
+]
 
 _STDLIB_SKIP = {
     "site-packages",
@@ -124,25 +134,76 @@ def synthetic_texts(num_documents: int = 512, *, max_words: int = 64, seed: int 
     return texts
 
 
+@dataclass(frozen=True)
+class Documents:
+    """A source's documents in order (None for a null text), as a picklable callable: each call reads them again
+    from the start, so a stream's loader workers can each call it. Fields: the TextDataModule's settings of the same
+    names; ``streaming`` loads ``hf`` data as a ``datasets`` ``IterableDataset`` (nothing prepared first)."""
+
+    source: str
+    path: str | list[str] | None = None
+    name: str | None = None
+    split: str = "train"
+    text_column: str = "text"
+    cache_dir: str | None = None
+    synthetic_documents: int = 512
+    synthetic_max_words: int = 64
+    seed: int = 0
+    streaming: bool = False
+
+    def __call__(self) -> Iterator[str | None]:
+        if self.source == "stdlib_docs":
+            return iter(stdlib_docstrings(cache_dir=Path(self.cache_dir) if self.cache_dir else None))
+        if self.source == "synthetic":
+            return iter(synthetic_texts(self.synthetic_documents, max_words=self.synthetic_max_words, seed=self.seed))
+        if self.source == "text_files":
+            assert self.path is not None
+            return iter_text_files(self.path, text_column=self.text_column)
+        return self._hf()
+
+    def _hf(self) -> Iterator[str | None]:
+        assert isinstance(self.path, str)
+        data = load_hf(self.path, self.name, self.split, streaming=self.streaming)
+        columns = data.column_names if data.column_names is not None else list(data.features or {})
+        if columns and self.text_column not in columns:
+            raise ValueError(f"text_column={self.text_column!r} is not in the data; its columns are {columns}")
+        if self.streaming:
+            return (row[self.text_column] for row in data)
+        column = data.data.column(self.text_column)
+        if not pa.types.is_string(column.type) and not pa.types.is_large_string(column.type):
+            raise ValueError(f"text_column={self.text_column!r} holds {column.type}, not strings")
+        return (text for chunk in column.chunks for text in chunk.to_pylist())  # a chunk of the table at a time
+
+
 def read_text_files(path: str | Sequence[str], *, text_column: str = "text") -> list[str | None]:
-    """The documents of local files, in order: ``path`` is a file, a glob or a list of them, and each file is read
-    by its own extension:
+    """The documents of local files, in order, as a list: :func:`iter_text_files` collected (for small corpora and
+    tests; the DataModule streams them to disk instead)."""
+    return list(iter_text_files(path, text_column=text_column))
+
+
+def iter_text_files(path: str | Sequence[str], *, text_column: str = "text") -> Iterator[str | None]:
+    """The documents of local files, in order, one at a time: ``path`` is a file, a glob or a list of them, and each
+    file is read by its own extension:
 
     - ``.txt``: a document per line (``\\n``, ``\\r\\n`` or ``\\r``); ``text_column`` does not apply.
     - ``.jsonl``: an object per line, its ``text_column`` field the document; blank lines are skipped.
-    - ``.json``: a JSON array of such objects, or (not starting with ``[``) an object per line as ``.jsonl``.
-    - ``.parquet``: the ``text_column`` column.
+    - ``.json``: a JSON array of such objects (read whole: use ``.jsonl`` for large corpora), or (not starting with
+      ``[``) an object per line as ``.jsonl``.
+    - ``.parquet``: the ``text_column`` column, a record batch at a time.
 
-    Files are read into memory, so nothing is written anywhere (``datasets.load_dataset`` would keep a copy in the
-    Hugging Face cache). A null text is an empty document (dropped and counted later). Every bad input raises,
-    naming the file and, where it applies, the line: a missing file, an unknown extension, an empty file, bytes
-    that are not UTF-8, a line that is not JSON, a missing text field or one that is not a string.
+    ``.txt``, ``.jsonl`` and ``.parquet`` are read a line (a batch) at a time, so memory does not grow with the file.
+    Nothing is written anywhere (``datasets.load_dataset`` would keep a copy in the Hugging Face cache). A null text
+    is an empty document (dropped and counted later). Every bad input raises, naming the file and, where it
+    applies, the line: a missing file, an unknown extension, an empty file, bytes that are not UTF-8, a line that
+    is not JSON, a missing text field or one that is not a string. The files are all checked to exist before the
+    first document is read.
     """
-    files = _data_files(path)
-    return [text for file in files for text in _READERS[file.suffix.lower()](file, text_column)]
+    files = data_files(path)
+    for file in files:
+        yield from _READERS[file.suffix.lower()](file, text_column)
 
 
-def _data_files(path: str | Sequence[str]) -> list[Path]:
+def data_files(path: str | Sequence[str]) -> list[Path]:
     files: list[Path] = []
     for pattern in [path] if isinstance(path, str) else list(path):
         pattern = os.path.expanduser(str(pattern))
@@ -168,26 +229,32 @@ def _data_files(path: str | Sequence[str]) -> list[Path]:
     return files
 
 
-def _read_text(file: Path) -> str:
-    data = file.read_bytes()
-    start = len(codecs.BOM_UTF8) if data.startswith(codecs.BOM_UTF8) else 0  # a byte-order mark is not text
-    try:
-        text = data[start:].decode("utf-8")
-    except UnicodeDecodeError as error:
-        offset = start + error.start
-        line = data.count(b"\n", 0, offset) + 1
-        raise ValueError(
-            f"data file {str(file)!r}, line {line}: not UTF-8 (byte 0x{data[offset]:02x} at "
-            f"byte offset {offset}); convert the file to UTF-8, e.g. iconv -f latin1 -t utf-8"
-        ) from None
-    if not text.strip():
+def _lines(file: Path) -> Iterator[tuple[int, str]]:
+    """``(line number, text)`` of each line of a UTF-8 file, read a line at a time, without its line ending (``\\n``,
+    or ``\\r\\n``); a byte-order mark at the start is dropped. Bytes that are not UTF-8, or a file holding only
+    white space, raise naming the file (and the line, and the byte offset in the file)."""
+    offset, seen_text = 0, False
+    with file.open("rb") as handle:
+        for number, raw in enumerate(handle, start=1):
+            start = len(codecs.BOM_UTF8) if number == 1 and raw.startswith(codecs.BOM_UTF8) else 0
+            try:
+                line = raw[start:].decode("utf-8")
+            except UnicodeDecodeError as error:
+                at = offset + start + error.start
+                raise ValueError(
+                    f"data file {str(file)!r}, line {number}: not UTF-8 (byte 0x{raw[start + error.start]:02x} at "
+                    f"byte offset {at}); convert the file to UTF-8, e.g. iconv -f latin1 -t utf-8"
+                ) from None
+            offset += len(raw)
+            seen_text = seen_text or bool(line.strip())
+            yield number, line[:-2] if line.endswith("\r\n") else line.removesuffix("\n")
+    if not seen_text:
         raise ValueError(f"data file {str(file)!r} is empty: remove it from data.path, or give it text")
-    return text
 
 
-def _read_txt(file: Path, text_column: str) -> list[str | None]:
-    lines = _read_text(file).replace("\r\n", "\n").replace("\r", "\n").split("\n")
-    return lines[:-1] if lines[-1] == "" else lines  # a final newline ends the last line; it starts no document
+def _read_txt(file: Path, text_column: str) -> Iterator[str | None]:
+    for _, line in _lines(file):
+        yield from line.split("\r")  # a lone carriage return ends a line too
 
 
 def _json_kind(value: Any) -> str:
@@ -212,9 +279,12 @@ def _document(row: Any, text_column: str, where: str) -> str | None:
     return text
 
 
-def _read_jsonl(file: Path, text_column: str) -> list[str | None]:
-    texts = []
-    for number, line in enumerate(_read_text(file).split("\n"), start=1):
+def _read_jsonl(file: Path, text_column: str) -> Iterator[str | None]:
+    yield from _jsonl_rows(file, _lines(file), text_column)
+
+
+def _jsonl_rows(file: Path, lines: Iterable[tuple[int, str]], text_column: str) -> Iterator[str | None]:
+    for number, line in lines:
         if not line.strip():
             continue
         try:
@@ -225,24 +295,26 @@ def _read_jsonl(file: Path, text_column: str) -> list[str | None]:
                 f"{file.suffix} files hold one JSON object per line"
                 + (", or one JSON array" if file.suffix.lower() == ".json" else "")
             ) from None
-        texts.append(_document(row, text_column, f"data file {str(file)!r}, line {number}"))
-    return texts
+        yield _document(row, text_column, f"data file {str(file)!r}, line {number}")
 
 
-def _read_json(file: Path, text_column: str) -> list[str | None]:
-    text = _read_text(file)
+def _read_json(file: Path, text_column: str) -> Iterator[str | None]:
+    lines = list(_lines(file))  # a JSON array is parsed whole
+    text = "\n".join(line for _, line in lines)
     if not text.lstrip().startswith("["):
-        return _read_jsonl(file, text_column)  # JSON Lines in a .json file, as datasets' json reader accepts
+        yield from _jsonl_rows(file, lines, text_column)  # JSON Lines in a .json file, as datasets' json reader accepts
+        return
     try:
         rows = json.loads(text)
     except json.JSONDecodeError as error:
         raise ValueError(
             f"data file {str(file)!r}, line {error.lineno}: not valid JSON ({error.msg} at column {error.colno})"
         ) from None
-    return [_document(row, text_column, f"data file {str(file)!r}, item [{i}]") for i, row in enumerate(rows)]
+    for i, row in enumerate(rows):
+        yield _document(row, text_column, f"data file {str(file)!r}, item [{i}]")
 
 
-def _read_parquet(file: Path, text_column: str) -> list[str | None]:
+def _read_parquet(file: Path, text_column: str) -> Iterator[str | None]:
     import pyarrow as pa  # datasets' own dependency
     import pyarrow.parquet as pq
 
@@ -260,13 +332,14 @@ def _read_parquet(file: Path, text_column: str) -> list[str | None]:
     kind = schema.field(text_column).type
     if not (pa.types.is_string(kind) or pa.types.is_large_string(kind) or pa.types.is_string_view(kind)):
         raise ValueError(f"data file {str(file)!r}: text_column={text_column!r} holds {kind}, not strings")
-    texts = pq.read_table(file, columns=[text_column]).column(text_column).to_pylist()
-    if not texts:
+    reader = pq.ParquetFile(file)
+    if reader.metadata.num_rows == 0:
         raise ValueError(f"data file {str(file)!r} is empty: remove it from data.path, or give it text")
-    return texts
+    for batch in reader.iter_batches(batch_size=4096, columns=[text_column]):
+        yield from batch.column(0).to_pylist()
 
 
-_READERS: dict[str, Callable[[Path, str], list[str | None]]] = {
+_READERS: dict[str, Callable[[Path, str], Iterator[str | None]]] = {
     ".txt": _read_txt,
     ".jsonl": _read_jsonl,
     ".json": _read_json,
@@ -274,8 +347,9 @@ _READERS: dict[str, Callable[[Path, str], list[str | None]]] = {
 }
 
 
-def load_hf(path: str, name: str | None, split: str) -> datasets.Dataset:
-    """``datasets.load_dataset(path, name, split=split)``, failing at once with one line (:class:`ConfigError`).
+def load_hf(path: str, name: str | None, split: str, *, streaming: bool = False) -> Any:
+    """``datasets.load_dataset(path, name, split=split, streaming=streaming)`` (a ``Dataset``, or with ``streaming`` an
+    ``IterableDataset``), failing at once with one line (:class:`ConfigError`).
 
     A local path loads offline. For a hub name, a hub that cannot be reached is found with one request of a few
     seconds (no retries), and the dataset is then loaded from the local cache only: ``huggingface_hub`` would retry
@@ -290,7 +364,7 @@ def load_hf(path: str, name: str | None, split: str) -> datasets.Dataset:
         why = f"the Hugging Face hub ({constants.ENDPOINT}) cannot be reached"
     try:
         with _hub_offline(local or why is not None):
-            return datasets.load_dataset(path, name, split=split)
+            return datasets.load_dataset(path, name, split=split, streaming=streaming)
     except Exception as error:  # noqa: BLE001 (datasets raises several types: ConnectionError, FileNotFoundError, ...)
         where = f"data.path={path!r}" + (f", data.name={name!r}" if name else "") + f", data.split={split!r}"
         if why is not None and not local:

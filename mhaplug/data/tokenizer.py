@@ -1,18 +1,18 @@
-"""The byte-level BPE tokenizer (``<|pad|>`` = 0, ``<|endoftext|>`` = 1), the check a tokenised split passes
-before it is used, and the fingerprint of a split's texts that names its cache entries."""
+"""The byte-level BPE tokenizer (``<|pad|>`` = 0, ``<|endoftext|>`` = 1) and the check a tokenised split passes
+before it is used."""
 
 from __future__ import annotations
 
-import hashlib
 from collections.abc import Iterable
+from pathlib import Path
 
-import datasets
 import numpy as np
+import pyarrow as pa
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
 from mhaplug.common import EOS_TOKEN, PAD_TOKEN
 
-__all__ = ["check_tokenised", "fingerprint_texts", "train_tokenizer"]
+__all__ = ["check_tokenised", "train_tokenizer"]
 
 
 def train_tokenizer(texts: Iterable[str], *, vocab_size: int) -> Tokenizer:
@@ -30,28 +30,29 @@ def train_tokenizer(texts: Iterable[str], *, vocab_size: int) -> Tokenizer:
     return tokenizer
 
 
-def check_tokenised(rows: datasets.Dataset, *, documents: int, vocab_size: int, max_length: int, eos: int) -> None:
-    """What every tokenised split holds, checked in one pass over its arrays: raises ValueError if it does not."""
-    if rows.column_names != ["input_ids", "length"]:
-        raise ValueError(f"columns are {rows.column_names}, expected ['input_ids', 'length']")
-    rows.data.validate(full=True)  # offsets and buffers in bounds (ArrowInvalid if not), before anything reads them
-    input_ids = rows.data.column("input_ids").combine_chunks()
-    ids = input_ids.flatten().to_numpy(zero_copy_only=False)  # (total tokens,)
-    lengths = np.diff(input_ids.offsets.to_numpy())  # (rows,) tokens of each row
-    if not np.array_equal(lengths, rows.data.column("length").to_numpy()):
-        raise ValueError("the length column does not match the rows' token counts")
-    if len(lengths) and (lengths.min() < 1 or lengths.max() > max_length):
-        raise ValueError(f"rows of {lengths.min()} to {lengths.max()} tokens, expected 1 to max_length={max_length}")
-    if len(ids) and (ids.min() < 0 or ids.max() >= vocab_size):
-        raise ValueError(f"token ids from {ids.min()} to {ids.max()}, expected 0 to {vocab_size - 1}")
-    ends_with_eos = int((ids[np.cumsum(lengths) - 1] == eos).sum()) if len(lengths) else 0
+def check_tokenised(path: Path, *, documents: int, vocab_size: int, max_length: int, eos: int) -> int:
+    """What every tokenised split file holds, checked a record batch at a time (plain reads: memory stays flat
+    whatever the file's size); raises ValueError if it does not hold it, and returns its rows."""
+    rows = ends_with_eos = 0
+    with pa.OSFile(str(path), "rb") as source:
+        reader = pa.ipc.open_stream(source)
+        if reader.schema.names != ["input_ids", "length"]:
+            raise ValueError(f"columns are {reader.schema.names}, expected ['input_ids', 'length']")
+        for batch in reader:
+            batch.validate(full=True)  # offsets and buffers in bounds (ArrowInvalid if not), before anything reads them
+            input_ids = batch.column(0)
+            ids = input_ids.flatten().to_numpy(zero_copy_only=False)  # (tokens,)
+            lengths = np.diff(input_ids.offsets.to_numpy())  # (rows,) tokens of each row
+            if not np.array_equal(lengths, batch.column(1).to_numpy(zero_copy_only=False)):
+                raise ValueError("the length column does not match the rows' token counts")
+            if len(lengths) and (lengths.min() < 1 or lengths.max() > max_length):
+                raise ValueError(
+                    f"rows of {lengths.min()} to {lengths.max()} tokens, expected 1 to max_length={max_length}"
+                )
+            if len(ids) and (ids.min() < 0 or ids.max() >= vocab_size):
+                raise ValueError(f"token ids from {ids.min()} to {ids.max()}, expected 0 to {vocab_size - 1}")
+            ends_with_eos += int((ids[np.cumsum(lengths) - 1] == eos).sum()) if len(lengths) else 0
+            rows += len(lengths)
     if ends_with_eos < documents:  # a document's last row ends with EOS: fewer means rows are missing (truncated)
         raise ValueError(f"{ends_with_eos} rows end a document, expected {documents} documents")
-
-
-def fingerprint_texts(texts: list[str]) -> str:
-    digest = hashlib.sha256()
-    for text in texts:
-        digest.update(text.encode("utf-8", "surrogatepass"))
-        digest.update(b"\0")
-    return digest.hexdigest()[:16]
+    return rows

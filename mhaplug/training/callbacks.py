@@ -22,6 +22,7 @@ import torch
 
 from mhaplug.data.collate import add_token_counts
 from mhaplug.training.audit import AuditReport, audit
+from mhaplug.training.fsdp import gathered
 
 __all__ = ["BatchLog", "MaskAudit", "MaskAuditError", "ThroughputMonitor", "peak_memory_mb"]
 
@@ -67,7 +68,8 @@ class MaskAudit(pl.Callback):
     recorded, never raised.
 
     The cost is a few forwards of one batch: eval mode, no grad, under the run's precision (bf16 autocast, ...), as
-    validation runs. Under DDP every rank audits its own batch and the ranks agree on the verdict. A run resumed
+    validation runs. Under DDP (and sharded, ``trainer=fsdp``, with the parameters gathered for the audit) every rank
+    audits its own batch and the ranks agree on the verdict. A run resumed
     from a checkpoint keeps the report of its step 0 (saved in the checkpoint) and does not audit again.
 
     Logged at step 0: ``audit/passed`` (1 or 0) and ``audit/<check>``, the largest change (``audit/finite``: how
@@ -90,7 +92,11 @@ class MaskAudit(pl.Callback):
     ) -> None:
         if self.report is not None or trainer.global_step != 0:
             return
-        with trainer.precision_plugin.val_step_context():  # the run's numerics (bf16 autocast, ...), as validation
+        # sharded (trainer=fsdp): parameters gathered first, so that each rank's forwards are its own
+        with (
+            gathered(pl_module),
+            trainer.precision_plugin.val_step_context(),
+        ):  # the run's numerics (bf16 autocast, ...), as validation
             report = audit(pl_module, batch, tolerance=self.tolerance, seed=self.seed)
         passed = trainer.strategy.reduce_boolean_decision(report.passed, all=True)  # every rank raises, or none
         self.report = report

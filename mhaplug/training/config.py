@@ -83,6 +83,11 @@ class DataSchema:
     max_documents: int | None = None
     synthetic_documents: int = 512
     synthetic_max_words: int = 64
+    num_proc: int | None = None
+    tokenizer_sample_mb: int = 32
+    val_max_tokens: int | None = 262_144
+    streaming: bool = False
+    stream_buffer: int = 4096
 
 
 @dataclass

@@ -26,6 +26,7 @@ from torch import Tensor
 from mhaplug.common import Batching, Layout, PaddingSide, check_choice, check_int
 from mhaplug.data.collate import add_token_counts
 from mhaplug.decoder import DecoderConfig, DecoderLM
+from mhaplug.training.fsdp import gathered
 
 __all__ = ["LitDecoderLM"]
 
@@ -84,6 +85,15 @@ class LitDecoderLM(pl.LightningModule):
         self._step: dict[str, Any] = self._new_step()
         self._val_sum: Tensor | None = None
         self._val_count = 0
+
+    def configure_model(self) -> None:
+        """Under ``trainer=fsdp`` (:class:`mhaplug.training.fsdp.FullyShardedStrategy`, which gives a device mesh),
+        shard the decoder: each block, then the rest. Nothing to do otherwise."""
+        if self.device_mesh is not None and not getattr(self, "_sharded", False):
+            from mhaplug.training.fsdp import shard
+
+            shard(self.model, self.model.blocks, self.device_mesh, methods=("loss_sum",))
+            self._sharded = True
 
     # -- batches --------------------------------------------------------------------------------------------
 
@@ -150,6 +160,8 @@ class LitDecoderLM(pl.LightningModule):
 
     def on_validation_epoch_start(self) -> None:
         self._val_sum, self._val_count = None, 0
+        self._gathered = gathered(self.model)  # sharded: whole parameters for validation (see mhaplug.training.fsdp)
+        self._gathered.__enter__()
 
     def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
         batch = self._counts(batch)
@@ -158,6 +170,7 @@ class LitDecoderLM(pl.LightningModule):
         self._val_count += batch["num_targets"]
 
     def on_validation_epoch_end(self) -> None:
+        self._gathered.__exit__(None, None, None)
         total = self._val_sum if self._val_sum is not None else torch.zeros((), device=self.device)
         total = self._sum_over_ranks(total.float())
         count = self._sum_over_ranks(torch.tensor(float(self._val_count), device=self.device))
