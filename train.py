@@ -197,8 +197,8 @@ def _print_summary(summary: dict[str, Any], output_dir: Path, *, compare_dir: Pa
             f"batching={summary['batching']})"
         ),
         (
-            f"  val/loss {fmt(summary['final_val_loss'], '.4f')} (best {fmt(summary['best_val_loss'], '.4f')}), "
-            f"train/loss {fmt(summary['final_train_loss'], '.4f')}"
+            f"  val/loss {fmt(summary['final_val_loss'], '.4f')} (best {fmt(summary['best_val_loss'], '.4f')}"
+            f"{_validated(summary['data'])}), train/loss {fmt(summary['final_train_loss'], '.4f')}"
         ),
         (
             f"  real tokens/s {fmt(summary['real_tokens_per_sec'], ',.0f')}, "
@@ -224,6 +224,16 @@ def _print_summary(summary: dict[str, Any], output_dir: Path, *, compare_dir: Pa
             "from an earlier checkpoint",
         )
     print("\n".join(lines), flush=True)
+
+
+def _validated(data: dict[str, Any]) -> str:
+    """How much each validation reads: ``, on 21,034 tokens`` (``of 5,120,332 held out`` when capped by
+    ``data.val_max_tokens``)."""
+    if "val_tokens" not in data:
+        return ""
+    held_out = data.get("val_tokens_held_out", data["val_tokens"])
+    capped = f" of {held_out:,} held out" if held_out > data["val_tokens"] else ""
+    return f", on {data['val_tokens']:,} tokens{capped}"
 
 
 def _layout_words(summary: dict[str, Any]) -> str:

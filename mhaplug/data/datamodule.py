@@ -1,13 +1,17 @@
-"""An offline-first LightningDataModule: text -> byte-level BPE tokens -> padded or packed batches.
+"""An offline-first LightningDataModule: text -> byte-level BPE tokens -> padded or packed batches, at any scale.
 
-Pipeline: text from a source (:mod:`mhaplug.data.sources`: the standard library's docstrings, synthetic sentences,
-local files, the hub); empty documents are dropped (and counted in the log); a deterministic train/validation split
-(by ``seed``); a byte-level BPE tokenizer trained with ``tokenizers`` on the training split only, or loaded from
-``tokenizer_path``, cached on disk by a key of the data and the settings (:mod:`mhaplug.data.cache`); tokenisation
-with ``datasets.map`` (batched, cached on disk by the same key), an EOS after each document, documents longer than
-``max_length`` split into ``max_length`` chunks (so no batch ever truncates). Batches come from
-:mod:`mhaplug.data.sampling` and :mod:`mhaplug.data.collate`; the train loader resumes mid-epoch exactly, for any
-``num_workers``.
+Pipeline (:mod:`mhaplug.data.corpus`; each step streams, so time is linear in the corpus and memory flat): text from
+a source (:mod:`mhaplug.data.sources`: the standard library's docstrings, synthetic sentences, local files, the hub)
+written once to an Arrow text store in mhaplug's cache, empty documents dropped (and counted in the log); a seeded
+train/validation split (a numpy mask); a byte-level BPE tokenizer trained with ``tokenizers`` on a bounded, seeded
+sample of the training split (``tokenizer_sample_mb``), or loaded from ``tokenizer_path``; tokenisation in
+``num_proc`` worker processes, an EOS after each document, documents longer than ``max_length`` split into
+``max_length`` chunks (so no batch ever truncates); all cached on disk (:mod:`mhaplug.data.cache`) by a key of the
+data and the settings. Validation is capped at ``val_max_tokens``. Batches come from :mod:`mhaplug.data.sampling`
+and :mod:`mhaplug.data.collate`; the train loader resumes mid-epoch exactly, for any ``num_workers``.
+
+``streaming=True`` prepares nothing but the tokenizer: :mod:`mhaplug.data.streaming` packs the stream on the fly in
+the loader workers, and resumes exactly for any ``num_workers`` and number of ranks.
 """
 
 from __future__ import annotations
@@ -82,6 +86,12 @@ class TextDataModule(pl.LightningDataModule):
         val_fraction, seed: deterministic split, and the seed of shuffling and packing.
         cache_dir: tokenizers and tokenised data (default ``$MHAPLUG_CACHE`` or ``~/.cache/mhaplug``).
         max_documents: keep only the first N documents (after dropping empty ones).
+        num_proc: processes that tokenise (default: every core this process may use; a small corpus stays in this
+            process). tokenizer_sample_mb: MB of training text the tokenizer learns from, a seeded sample.
+        val_max_tokens: tokens each validation reads, a seeded draw from the held-out split (None: all of it);
+            streamed, the first documents of the stream up to it are held out.
+        streaming: train on the stream without preparing it (:mod:`mhaplug.data.streaming`); ``batching`` must be
+            ``random``. stream_buffer: documents packed together (per window) when streaming.
     """
 
     def __init__(
