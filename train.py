@@ -30,7 +30,6 @@ from typing import Any
 import hydra
 import pytorch_lightning as pl
 from hydra.core.hydra_config import HydraConfig
-from hydra.core.override_parser.types import ValueType
 from hydra.types import RunMode
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
@@ -40,9 +39,10 @@ from pytorch_lightning.utilities.exceptions import SIGTERMException
 
 from mhaplug.common import METRICS_FILE, SKIPPED_FILE, SUMMARY_FILE, ConfigError, write_atomic
 from mhaplug.training.callbacks import MaskAudit
-from mhaplug.training.config import SkipRun, choice_of, register_configs, validate
+from mhaplug.training.config import SkipRun, register_configs, validate
 from mhaplug.training.hparams import run_results
 from mhaplug.training.lifecycle import CheckpointOnSigterm, DivergedError
+from mhaplug.training.overrides import check_overrides  # shared with python -m mhaplug.show
 from mhaplug.training.quiet import silence_known_noise
 
 log = logging.getLogger("mhaplug.train")
@@ -141,8 +141,8 @@ def _summary(
     cfg: DictConfig, trainer: pl.Trainer, datamodule: Any, wall: float, invalid: str | None, outcome: dict[str, Any]
 ) -> dict[str, Any]:
     """What the run did. ``status``: ``finished``, ``interrupted`` (SIGTERM: ``steps`` is where it stopped and
-    ``resume_ckpt_path`` the checkpoint saved there) or ``diverged`` (``diverged_at_step``: the first step whose
-    train/loss was NaN or inf)."""
+    ``resume_ckpt_path`` the checkpoint saved there) or ``diverged`` (``diverged_at_step``: the step metrics.csv
+    logged the first NaN or inf train/loss at)."""
     checkpoint = next((c for c in trainer.checkpoint_callbacks), None)
     csv_logger = next((lg for lg in trainer.loggers if isinstance(lg, CSVLogger)), None)  # what compare reads
     metrics_csv = None
@@ -267,70 +267,6 @@ def _audit_line(audit: dict[str, Any] | None, *, valid: bool) -> str:
 register_configs()
 # At import, not in main(): DDP's children re-run or import this file, and each must be as quiet as rank 0.
 silence_known_noise()
-
-CONFIGS = Path(__file__).resolve().parent / "configs"
-_OWN_CONFIGS = ("-cn", "--config-name", "-cp", "--config-path", "-cd", "--config-dir")  # another config tree
-_NOT_CHECKED = {"hydra"}  # Hydra's own groups (hydra/launcher=...) live in its package, not under configs/
-
-
-def check_overrides(args: list[str], configs: Path = CONFIGS) -> list[str]:
-    """The command line's overrides checked before Hydra runs: a ``group=option`` against ``configs/<group>/*.yaml``,
-    a ``key=value`` of a choice (``data.layout``, typed by :class:`mhaplug.common.Choice` in the schema) against its
-    values. A bad one (also one value of a sweep, ``attention=auto,fast``) raises :class:`ConfigError` naming the key,
-    the value and what is allowed: Hydra would print a multi-line error and exit 1. Returns ``args``, with
-    ``group=null`` (drop the group, as ``logger=null`` reads) written as Hydra spells it, ``~group``. Left to Hydra:
-    a run with another config tree (``--config-dir`` ...) and an override Hydra's grammar rejects."""
-    from hydra.core.override_parser.overrides_parser import OverridesParser
-    from hydra.errors import OverrideParseException
-
-    if any(arg.split("=", 1)[0] in _OWN_CONFIGS for arg in args):
-        return args
-    groups = {d.name for d in configs.iterdir() if d.is_dir() and d.name not in _NOT_CHECKED}
-    parser, checked = OverridesParser.create(), []
-    for arg in args:
-        if arg.startswith("-") or "=" not in arg:
-            checked.append(arg)
-            continue
-        try:
-            override = parser.parse_override(arg)
-        except OverrideParseException:
-            checked.append(arg)  # Hydra reports it
-            continue
-        group = override.key_or_group
-        if override.is_delete() or override.value_type == ValueType.GLOB_CHOICE_SWEEP:
-            checked.append(arg)  # a glob matches existing options only
-            continue
-        if group not in groups:
-            _check_choice_override(override)
-            checked.append(arg)
-            continue
-        if not override.is_sweep_override() and override.value() is None:
-            checked.append(f"~{group}")  # group=null: no config of this group
-            continue
-        options = sorted(p.stem for p in (configs / group).glob("*.yaml"))
-        values = list(override.sweep_string_iterator()) if override.is_sweep_override() else [override.value()]
-        for value in values:
-            if str(value) not in options:
-                raise ConfigError(
-                    f"{group}={value} is not an option of {group}; allowed: {', '.join(options)} "
-                    f"(the files in configs/{group}/)"
-                )
-        checked.append(arg)
-    return checked
-
-
-def _check_choice_override(override: Any) -> None:
-    choice = choice_of(override.key_or_group)
-    if choice is None:
-        return
-    values = list(override.sweep_string_iterator()) if override.is_sweep_override() else [override.value()]
-    for value in values:
-        if value not in choice.values():
-            hint = " (or pick one with attention=NAME)" if override.key_or_group == "attention.strategy" else ""
-            raise ConfigError(
-                f"{override.key_or_group}={value} is not valid; allowed: {', '.join(choice.values())}{hint}"
-            )
-
 
 _exit_code = 0  # the largest exit code of this process's runs (a sweep runs several jobs in one process)
 _sweep_dir: Path | None = None

@@ -25,6 +25,7 @@ __all__ = [
     "IGNORE_INDEX",
     "METRICS_FILE",
     "PAD_TOKEN",
+    "SEED_MAX",
     "SKIPPED_FILE",
     "SUMMARY_FILE",
     "Batching",
@@ -54,6 +55,7 @@ PAD_TOKEN, EOS_TOKEN = "<|pad|>", "<|endoftext|>"  # ids 0 and 1: pad is never E
 SUMMARY_FILE, METRICS_FILE, SKIPPED_FILE = "summary.json", "metrics.csv", "skipped.txt"
 
 _INT64_MIN, _INT64_MAX = -(2**63), 2**63 - 1
+SEED_MAX = 2**32 - 1  # numpy's seed range; Lightning's seed_everything replaces a seed outside it with 0
 
 
 class ConfigError(ValueError):

@@ -13,7 +13,8 @@ numbered), its legend and notes are :mod:`mhaplug.reporting.tables`'; ``--plot``
 file: the tables and the plot) :mod:`mhaplug.reporting.figures`' and :mod:`mhaplug.reporting.page`'. The ``audit``
 column is each run's step-0 mask audit (:mod:`mhaplug.training.audit`).
 
-Exit codes: 0 fine; 1 a mismatch, or a valid run that failed the audit or diverged; 2 bad input.
+Exit codes: 0 fine; 1 a mismatch, or a valid run that failed the audit or diverged (a NaN or inf train/loss, or
+final val loss); 2 bad input (a missing folder, a damaged summary.json or metrics.csv: one line naming the file).
 """
 
 from __future__ import annotations
@@ -38,7 +39,7 @@ __all__ = ["main"]
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Run the command line; returns the exit code (0 fine, 1 equivalence mismatch, 2 bad input)."""
+    """Run the command line; returns the exit code (0 fine, 1 a mismatch, failed audit or divergence, 2 bad input)."""
     parser = argparse.ArgumentParser(prog="python -m mhaplug.compare", description=__doc__.split("\n\n")[0])
     parser.add_argument("runs_dir", metavar="RUNS_DIR", help="directory searched recursively for runs")
     parser.add_argument("--plot", metavar="FILE.png", help="also write loss curves and throughput bars")

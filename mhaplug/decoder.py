@@ -22,6 +22,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
+from mhaplug.attention import masks
 from mhaplug.attention.mha import MultiheadAttention
 from mhaplug.attention.plan import AttentionPlan, plan_attention
 from mhaplug.attention.strategies import DEFAULT_STRATEGY, STRATEGIES
@@ -157,6 +158,29 @@ class DecoderLM(nn.Module):
             targets = targets.index_select(0, token_index)  # (N,)
         return linear_cross_entropy(hidden, self.lm_head.weight, targets, ignore_index=ignore_index)
 
+    def _check_ids(self, ids: Tensor, positions: Tensor) -> None:
+        """Token ids in [0, vocab_size) and positions in [0, max_positions) on the real tokens, where the embedding
+        would raise a bare ``IndexError`` (on the CPU; on an accelerator the check would wait for the device)."""
+        for name, values, limit, setting in (
+            ("input_ids", ids, self.config.vocab_size, "vocab_size"),
+            ("position_ids", positions, self.config.max_positions, "max_positions"),
+        ):
+            if values.dtype == torch.bool or values.is_floating_point() or values.is_complex():
+                raise TypeError(f"{name} must be an integer tensor, got dtype {values.dtype}")
+            if not masks.host_read_is_free(values) or not values.numel():
+                continue
+            outside = (values < 0) | (values >= limit)
+            if outside.any():
+                hint = (
+                    "tokenise with the model's tokenizer, or raise vocab_size"
+                    if name == "input_ids"
+                    else "keep rows to max_positions tokens (max_length <= max_positions), or raise max_positions"
+                )
+                raise ValueError(
+                    f"{name} {values[outside][:4].tolist()} (first of {int(outside.sum())}, real tokens) are outside "
+                    f"[0, {setting}={limit}); {hint}"
+                )
+
     def hidden_states(
         self,
         input_ids: Tensor,
@@ -179,6 +203,7 @@ class DecoderLM(nn.Module):
         ids, positions = input_ids.flatten(), position_ids.flatten()  # (B * L,)
         if plan.token_index is not None:
             ids, positions = ids.index_select(0, plan.token_index), positions.index_select(0, plan.token_index)  # (N,)
+        self._check_ids(ids, positions)
         x = self.drop(self.tok_emb(ids) + self.pos_emb(positions))  # (N, E)
         for block in self.blocks:
             x = block(x, plan)

@@ -62,6 +62,17 @@ def linear_cross_entropy(
         raise ValueError(
             f"targets must be (N,) = {tuple(hidden.shape[:1])} like hidden's rows, got {tuple(targets.shape)}"
         )
+    if targets.dtype == torch.bool or targets.is_floating_point() or targets.is_complex():
+        raise TypeError(f"targets must be int64 class ids in [0, V) or ignore_index, got dtype {targets.dtype}")
+    vocab = weight.shape[0]
+    if masks.host_read_is_free(targets) and targets.numel():
+        outside = (targets != ignore_index) & ((targets < 0) | (targets >= vocab))
+        if outside.any():
+            raise ValueError(
+                f"targets {targets[outside][:4].tolist()} (first of {int(outside.sum())}) are outside the vocabulary "
+                f"[0, V={vocab}) and are not ignore_index={ignore_index}; mark positions that take no loss with "
+                f"ignore_index"
+            )
     if chunk_size is None:
         chunk_size = max(1, DEFAULT_CHUNK_ELEMENTS // weight.shape[0])
     chunk_size = check_int("chunk_size", chunk_size)

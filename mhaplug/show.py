@@ -6,11 +6,13 @@ Usage::
     python -m mhaplug.show [hydra overrides ...] [--out masks.png] [--rows 3] [--columns 16]
     python -m mhaplug.show data=synthetic data.seed=1 --out /tmp/masks.png
 
-The overrides compose ``configs/train.yaml`` as ``train.py`` does; the data module is built from ``cfg.data`` (its
-cache, tokenizer and sampler). The documents are real: the train sampler's batches are read in order, and the first
-batch holding ``--rows`` documents of 2 to ``--columns`` tokens gives the padded rows (the same documents, padded
-left and right by :class:`~mhaplug.data.PadCollator`); :class:`~mhaplug.data.PackCollator` packs the first short
-documents (at most ``--columns // 2`` tokens) into ``--rows`` rows of ``--columns`` tokens.
+The overrides are ``train.py``'s (checked by :func:`mhaplug.training.overrides.check_overrides`: ``logger=null``
+works, an unknown option is refused in one line) and compose ``configs/train.yaml`` as it does; the data module is
+built from ``cfg.data`` (its cache, tokenizer and sampler). The documents are real: the train sampler's batches are
+read in order, and the first batch holding ``--rows`` documents of 2 to ``--columns`` tokens gives the padded rows
+(the same documents, padded left and right by :class:`~mhaplug.data.PadCollator`); :class:`~mhaplug.data.PackCollator`
+packs the first short documents (at most ``--columns // 2`` tokens) into ``--rows`` rows of ``--columns`` tokens (4 to
+:data:`~mhaplug.reporting.mask_figure.MAX_LENGTH`, 32: wider cells are too small to read).
 
 The panels are :mod:`mhaplug.reporting.mask_panels`' (what each strategy really hands its kernel), drawn by
 :mod:`mhaplug.reporting.mask_figure`.
@@ -26,13 +28,10 @@ from pathlib import Path
 from typing import Any
 
 from mhaplug.attention.strategies import CAPABILITIES
-from mhaplug.reporting.mask_figure import check_out, draw, write_png
+from mhaplug.reporting.mask_figure import MAX_LENGTH, check_out, draw, write_png
 from mhaplug.reporting.mask_panels import LAYOUT_NAMES, make_batches, section, token_text
 
 __all__ = ["compose", "main", "render"]
-
-CONFIGS = Path(__file__).resolve().parents[1] / "configs"
-
 
 # ----------------------------------------------------------------------------------------------------------
 # What reaches the kernel: one layer call per strategy, spied on
@@ -50,15 +49,18 @@ CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 
 
 def compose(overrides: Sequence[str]) -> Any:
-    """``configs/train.yaml`` composed with ``overrides``, as ``train.py`` sees it."""
+    """``configs/train.yaml`` composed with ``overrides``, as ``train.py`` sees it: the overrides checked and
+    rewritten as train.py's are (a :class:`~mhaplug.common.ConfigError` for an unknown option)."""
     from hydra import compose as hydra_compose
     from hydra import initialize_config_dir
 
     from mhaplug.training.config import register_configs
+    from mhaplug.training.overrides import CONFIGS, check_overrides
 
+    checked = check_overrides(overrides)
     register_configs()
     with initialize_config_dir(config_dir=str(CONFIGS), version_base="1.3"):
-        return hydra_compose(config_name="train", overrides=list(overrides))
+        return hydra_compose(config_name="train", overrides=checked)
 
 
 def render(cfg: Any, out: str | os.PathLike[str], *, rows: int = 3, columns: int = 16) -> Path:
@@ -68,8 +70,10 @@ def render(cfg: Any, out: str | os.PathLike[str], *, rows: int = 3, columns: int
 
     if isinstance(rows, bool) or not isinstance(rows, int) or rows < 1:
         raise ValueError(f"--rows must be a positive int, got {rows!r}")
-    if isinstance(columns, bool) or not isinstance(columns, int) or columns < 4:
-        raise ValueError(f"--columns must be an int >= 4, got {columns!r}")
+    if isinstance(columns, bool) or not isinstance(columns, int) or not 4 <= columns <= MAX_LENGTH:
+        raise ValueError(
+            f"--columns must be an int from 4 to {MAX_LENGTH} (wider cells are too small to read), got {columns!r}"
+        )
     if rows > cfg.data.batch_size:
         raise ValueError(
             f"--rows {rows} is more than data.batch_size={cfg.data.batch_size}: the rows come from one batch"
@@ -124,7 +128,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("overrides", nargs="*", help="Hydra overrides of configs/train.yaml, e.g. data=synthetic")
     parser.add_argument("--out", default="masks.png", help="PNG to write (default: masks.png)")
     parser.add_argument("--rows", type=int, default=3, help="documents (padded) and rows (packed) to show")
-    parser.add_argument("--columns", type=int, default=16, help="longest row, in tokens (L and S)")
+    parser.add_argument("--columns", type=int, default=16, help=f"longest row, in tokens (L and S): 4 to {MAX_LENGTH}")
     args = parser.parse_intermixed_args(argv)  # overrides before and after the options
     import datasets
     from hydra.errors import HydraException

@@ -171,3 +171,52 @@ def test_off_the_cpu_the_real_tokens_are_found_before_the_transfer() -> None:
     assert "token_index" not in add_token_index(dict(padded), torch.device("cpu"))
     assert add_token_index(dict(padded), torch.device("meta"))["token_index"].tolist() == [0, 3, 4, 5]
     assert add_token_index(dict(full), torch.device("meta"))["token_index"].tolist() == [0, 1, 2, 3]
+
+
+def relabelled(batch: dict, ids_of: object) -> dict:
+    """The batch with each row's document ids d (d >= 0) replaced by ids_of(d): the same documents, other ids."""
+    document_ids = batch["document_ids"]
+    return {**batch, "document_ids": torch.where(document_ids >= 0, ids_of(document_ids), document_ids)}
+
+
+@pytest.mark.filterwarnings("ignore:flex_attention called without torch.compile:UserWarning")
+@pytest.mark.parametrize("strategy", ["auto", "reference", "merged_bool", "merged_additive", "flex"])
+def test_a_document_is_a_contiguous_run_of_one_id_in_every_strategy(strategy: str) -> None:
+    """Ids shifted (5, 6, ...), or coming back in a row (0 1 0 1 ...): the same documents, the same logits. Before,
+    merged_bool, merged_additive, reference and flex let a returning id attend its first run (0.2 apart)."""
+    batch = PackCollator(max_length=MAX_LENGTH)([{"input_ids": documents()[i]} for i in (0, 1, 2, 4, 5, 6)])
+    assert batch["document_ids"].amax(-1).tolist() == [3, 1]  # four documents in a row: parity makes ids return
+    decoder = model(strategy)
+
+    def logits_of(b: dict) -> Tensor:
+        with torch.no_grad():
+            return decoder(b["input_ids"], key_padding_mask=b["key_padding_mask"], position_ids=b["position_ids"],
+                           document_ids=b["document_ids"])  # fmt: skip
+
+    expected = logits_of(batch)
+    real = ~batch["key_padding_mask"]
+    for ids_of in (lambda d: d + 5, lambda d: d % 2, lambda d: 7 - 3 * (d % 2)):
+        torch.testing.assert_close(logits_of(relabelled(batch, ids_of))[real], expected[real], rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        (
+            {"input_ids": [[3, VOCAB, 4]]},
+            rf"input_ids \[{VOCAB}\] \(first of 1, real tokens\) are outside \[0, vocab_size={VOCAB}\)",
+        ),
+        ({"input_ids": [[3, -2, 4]]}, r"input_ids \[-2\] .* outside \[0, vocab_size=50\); tokenise with the model's"),
+        ({"position_ids": [[0, 1, MAX_LENGTH]]}, rf"position_ids \[{MAX_LENGTH}\] .* outside \[0, max_positions=32\)"),
+    ],
+)
+def test_ids_and_positions_outside_the_model_are_named_not_a_bare_index_error(change: dict, message: str) -> None:
+    decoder = model("auto")
+    args = {"input_ids": [[3, 5, 4]], "position_ids": [[0, 1, 2]], **change}
+    with pytest.raises(ValueError, match=message):
+        decoder(torch.tensor(args["input_ids"]), position_ids=torch.tensor(args["position_ids"]))
+    with pytest.raises(ValueError, match=rf"input_ids \[{VOCAB}, {VOCAB + 1}\] \(first of 2"):
+        decoder(torch.tensor([[VOCAB] * 1 + [VOCAB + 1]]))  # no positions given: 0, 1
+    # the pad of a padded row may hold any id: only real tokens are embedded
+    logits = decoder(torch.tensor([[3, 999]]), key_padding_mask=torch.tensor([[False, True]]))
+    assert logits.shape == (1, 2, VOCAB)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -122,3 +124,22 @@ def test_off_the_host_the_loss_takes_log_sum_exp_from_the_argmax(monkeypatch: py
     assert off_host.item() == pytest.approx(on_host.item(), rel=1e-6)
     expected = reference(hidden.double(), weight.double(), targets)
     assert off_host.item() == pytest.approx(expected.item(), rel=1e-5)
+
+
+@pytest.mark.parametrize(
+    ("targets", "error", "message"),
+    [
+        (torch.tensor([0, 5, 1]), ValueError, r"targets \[5\] \(first of 1\) are outside the vocabulary \[0, V=5\)"),
+        (torch.tensor([-5, 0, -100]), ValueError, r"targets \[-5\] .* not ignore_index=-100; mark positions"),
+        (torch.tensor([0.0, 1.0, 2.0]), TypeError, r"targets must be int64 class ids .* got dtype torch.float32"),
+        (torch.tensor([True, False, True]), TypeError, r"targets must be int64 class ids .* got dtype torch.bool"),
+    ],
+)
+def test_targets_outside_the_vocabulary_are_named_not_a_bare_gather_error(
+    targets: torch.Tensor, error: type[Exception], message: str
+) -> None:
+    with pytest.raises(error, match=message):
+        linear_cross_entropy(torch.zeros(3, 4), torch.zeros(5, 4), targets)
+    assert linear_cross_entropy(
+        torch.zeros(3, 4), torch.zeros(5, 4), torch.tensor([4, -100, 0])
+    ).item() == pytest.approx(2 * math.log(5))

@@ -333,6 +333,10 @@ BAD_VALUES = [
     ),
     ("data.batch_size=0", r"data.batch_size=0 cannot train: use data.batch_size >= 1"),
     (
+        "data.batching=token_budget data.max_tokens=10 data.layout=padded",  # was refused after the data was read
+        r"data.max_tokens=10 cannot hold one row of data.max_length=64 tokens: use data.max_tokens >= 64, e.g. ",
+    ),
+    (
         "trainer.val_check_interval=0",
         (
             r"trainer.val_check_interval=0 cannot schedule validation: use a whole number of "
@@ -367,7 +371,7 @@ BAD_VALUES = [
 def test_settings_that_cannot_train_are_refused_before_any_data_is_read(
     tmp_path: Path, override: str, message: str
 ) -> None:
-    cfg = config(tmp_path, "data=synthetic", override, f"data.cache_dir={tmp_path / 'cache'}")
+    cfg = config(tmp_path, "data=synthetic", *override.split(), f"data.cache_dir={tmp_path / 'cache'}")
     with pytest.raises(ConfigError, match=message) as refused:
         train_script.train(cfg)
     assert "\n" not in str(refused.value)  # one line
@@ -608,21 +612,23 @@ def test_a_run_whose_loss_becomes_nan_stops_and_says_where(
     tmp_path: Path, capsys: pytest.CaptureFixture[str], log_every_n_steps: int
 ) -> None:
     """model.lr=1e6: train/loss is finite, about 1e12, then NaN at the third step. Read at every step, or every 5th
-    (no sync per step), the run stops, names step 3, and writes no checkpoint of NaN weights: with 5, the validation
-    after step 3 (val/loss NaN) would save one, and ModelCheckpoint takes a first score even when it is NaN."""
+    (no sync per step), the run stops, names step 2 (where metrics.csv logged the NaN: its steps count from 0), and
+    writes no checkpoint of NaN weights: with 5, the validation after step 3 (val/loss NaN) would save one, and
+    ModelCheckpoint takes a first score even when it is NaN."""
     cfg = config(tmp_path, "debug=fast", *FAST, "model.lr=1e6", f"trainer.log_every_n_steps={log_every_n_steps}")
     summary = train_script.train(cfg)
     assert json.loads((tmp_path / "summary.json").read_text(), parse_constant=str) == json.loads(
         json.dumps(summary), parse_constant=str
     )
     assert summary["status"] == "diverged" and summary["diverged"] is True and summary["interrupted"] is False
-    assert summary["diverged_at_step"] == 3 and summary["steps"] == 3
+    assert summary["diverged_at_step"] == 2 and summary["steps"] == 3  # the third optimizer step logs at step 2
     assert not list(tmp_path.glob("checkpoints/*.ckpt"))
     if log_every_n_steps == 1:  # logged, NaN included, and nothing after it (not even the validation due at step 3)
         rows = metrics(tmp_path)
         losses = column(rows, "train/loss")
         assert len(losses) == 3 and math.isfinite(losses[1]) and math.isnan(losses[2]) and not column(rows, "val/loss")
-    assert "mhaplug run DIVERGED: train/loss NaN or inf at step 3 in " in capsys.readouterr().out
+        assert [int(r["step"]) for r in rows if r["train/loss"]][2] == summary["diverged_at_step"]
+    assert "mhaplug run DIVERGED: train/loss NaN or inf at step 2 in " in capsys.readouterr().out
 
 
 def test_loss_is_normalised_by_the_tokens_of_the_whole_step(tmp_path: Path) -> None:
@@ -876,7 +882,7 @@ def test_runs_started_together_get_their_own_folders_and_exit_codes_say_what_hap
     diverged = json.loads(
         (sweep_dir / "data=synthetic,debug=fast,model.lr=1000000.0,model=tiny" / "summary.json").read_text()
     )
-    assert diverged["status"] == "diverged" and diverged["diverged_at_step"] == 3
+    assert diverged["status"] == "diverged" and diverged["diverged_at_step"] == 2
 
 
 @pytest.mark.slow

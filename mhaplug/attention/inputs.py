@@ -34,6 +34,12 @@ def check_inputs(
     if batched and key.shape[1 - seq_dim] != batch_size:
         raise ValueError(f"key has batch size {key.shape[1 - seq_dim]} but query has {batch_size}")
     _check_key_padding_mask(key_padding_mask, batch_size, src_len, batched=batched)
+    for name, mask in (("key_padding_mask", key_padding_mask), ("attn_mask", attn_mask)):
+        if isinstance(mask, Tensor) and mask.device != query.device:
+            raise ValueError(
+                f"{name} is on {mask.device} but query is on {query.device}; move it with "
+                f"{name}.to(query.device) (mhaplug merges masks on the tensors' own device)"
+            )
     _check_attn_mask(mha, attn_mask, key_padding_mask, batch_size, tgt_len, src_len, batched=batched, strategy=strategy)
 
 
@@ -49,6 +55,12 @@ def _check_query_key_value(mha: nn.MultiheadAttention, query: Tensor, key: Tenso
             )
         if not tensor.is_floating_point():
             raise TypeError(f"{name} must be a floating point tensor, got dtype {tensor.dtype}")
+    for name, tensor in (("key", key), ("value", value)):
+        if tensor.dtype != query.dtype or tensor.device != query.device:
+            raise TypeError(
+                f"{name} is {tensor.dtype} on {tensor.device} but query is {query.dtype} on {query.device}; "
+                f"give query, key and value one dtype and device (e.g. {name}.to(query))"
+            )
     if query.dim() not in (2, 3):
         raise ValueError(f"query must be 3-D (batched) or 2-D (unbatched), got shape {tuple(query.shape)}")
     for name, tensor in (("key", key), ("value", value)):

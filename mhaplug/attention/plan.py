@@ -73,7 +73,8 @@ def plan_attention(
 
     Args:
         key_padding_mask: (B, L) bool, True = pad; None: every position is real.
-        document_ids: (B, L) packed rows' documents, 0, 1, ... per row and -1 on padding; None: padded rows.
+        document_ids: (B, L) packed rows' documents, -1 on padding, a document a contiguous run of one id
+            (:func:`mhaplug.attention.masks.document_runs`); None: padded rows.
         token_index: (N,) the flat positions to compute, decided by the caller: all B * L positions to compute
             every one in the batch's own layout (as :func:`mhaplug.audit` does), or the real tokens' positions
             found on the CPU before the batch moved to an accelerator (:func:`mhaplug.attention.unpad.add_token_index`),

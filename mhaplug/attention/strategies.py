@@ -78,7 +78,10 @@ class Capabilities:
 
 CAPABILITIES: dict[str, Capabilities] = {
     "auto": Capabilities(
-        kernel="causal_kpm for causal calls, merged_bool for the others (`last_dispatch` says which)",
+        kernel=(
+            "causal_kpm for causal calls, merged_bool for the others (`last_dispatch` says which); "
+            "refuses is_causal=True with a 2-D attn_mask that is not causal"
+        ),
         mask_memory="as the one chosen",
     ),
     "reference": Capabilities(kernel="explicit safe softmax(q k^T / sqrt(D) + mask) v", mask_memory="B*L*S (+ scores)"),
@@ -400,7 +403,11 @@ def _flex_attention(device_type: str) -> Callable[..., Tensor]:
 
 
 def _auto(call: AttentionCall) -> tuple[Tensor, str]:
-    # The causal kernel path for causal calls (it falls back to merged_bool itself where it must).
+    """Serve every call but one: a causal call (``is_causal=True``) by the causal kernel path (``causal_kpm``,
+    which falls back to ``merged_bool`` itself where it must), any other call by ``merged_bool``. Refused:
+    ``is_causal=True`` with a 2-D ``attn_mask`` that is not the causal mask (torch's hint says it is), a
+    ``ValueError`` on the CPU and an asynchronous device assert on an accelerator or under a compiler
+    (:func:`mhaplug.attention.masks.check_causal_hint`); pass ``is_causal=False`` to apply such a mask as given."""
     if call.is_causal:
         return _causal_kpm(call.taking_causal_hint("auto"))
     return _merged_bool(call)

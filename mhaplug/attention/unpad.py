@@ -110,7 +110,7 @@ def add_token_index(batch: dict, device: torch.device) -> dict:
 def _document_rows(document_ids: Tensor) -> tuple[Tensor, Tensor]:
     """Packed rows -> one row per document: (is_pad (D, W), positions (D, W)), W the longest document, each
     document's tokens left-aligned with their flat positions in the batch (-1 on padding)."""
-    flat = document_ids.flatten()  # (B * L,)
+    flat = masks.document_runs(document_ids).flatten()  # (B * L,) a document = a contiguous run of one id
     real = (flat >= 0).nonzero().squeeze(1)  # (N,) flat positions of the real tokens
     docs, rows = flat[real], real // document_ids.shape[1]
     starts_here = torch.ones_like(real, dtype=torch.bool)

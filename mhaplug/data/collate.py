@@ -259,7 +259,9 @@ class PadCollator(_Collator):
             if any(isinstance(r, (str, bytes)) for r in ids):  # bytes iterate as ints: not token ids
                 flat = None
             elif isinstance(ids[0], (Tensor, np.ndarray)):
-                flat = np.concatenate([np.asarray(r) for r in ids]) if lengths.all() else None
+                arrays = [np.asarray(r) for r in ids]
+                # integers in every row: concatenating would take a bool (or float) row's values as ids
+                flat = np.concatenate(arrays) if lengths.all() and all(a.dtype.kind in "iu" for a in arrays) else None
             else:
                 tokens = list(itertools.chain.from_iterable(ids))
                 # Python ints only: numpy would silently truncate 2.5 to 2, or take True as 1.

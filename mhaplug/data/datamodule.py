@@ -34,6 +34,7 @@ from mhaplug.attention.unpad import add_token_index
 from mhaplug.common import (
     EOS_TOKEN,
     PAD_TOKEN,
+    SEED_MAX,
     Batching,
     Layout,
     PaddingSide,
@@ -41,6 +42,7 @@ from mhaplug.common import (
     atomic_path,
     check_choice,
     check_int,
+    round_up,
 )
 from mhaplug.data import sampling
 from mhaplug.data.cache import cache_key, cached, default_cache_dir, read_entry
@@ -135,11 +137,29 @@ class TextDataModule(pl.LightningDataModule):
                 f"source={source!r} needs path= (a file, glob or list for text_files; "
                 "a dataset name or directory for hf)"
             )
+        check_int("max_length", max_length, minimum=2, meaning="tokens per row; a row of L tokens has L-1 targets")
+        check_int("vocab_size", vocab_size)
+        check_int("batch_size", batch_size)
+        check_int("seed", seed, minimum=0)
+        if seed > SEED_MAX:
+            raise ValueError(f"seed must be in [0, {SEED_MAX}] (the seeds numpy takes), got {seed}")
+        check_int("num_workers", num_workers, minimum=0, meaning="loader worker processes; 0 = this process")
+        check_int("max_tokens", max_tokens, optional=True, meaning="padded tokens per batch, for token_budget")
+        check_int("pad_to_multiple_of", pad_to_multiple_of, optional=True)
+        check_int("max_documents", max_documents, minimum=2, optional=True, meaning="documents kept; null = all")
+        check_int("synthetic_documents", synthetic_documents, minimum=2)
+        check_int("synthetic_max_words", synthetic_max_words)
         if batching == "token_budget" and not max_tokens:
             raise ValueError(
                 "batching='token_budget' needs max_tokens (padded tokens per batch), e.g. batch_size * max_length"
             )
-        if not 0.0 < val_fraction < 1.0:
+        if batching == "token_budget" and max_tokens < (row := round_up(max_length, pad_to_multiple_of)):
+            raise ValueError(
+                f"max_tokens={max_tokens} cannot hold one row of max_length={max_length} tokens"
+                + (f" (rounded up to {row})" if row != max_length else "")
+                + f"; use max_tokens >= {row}, e.g. max_tokens={batch_size * row}"
+            )
+        if not isinstance(val_fraction, (int, float)) or not 0.0 < val_fraction < 1.0:
             raise ValueError(f"val_fraction must be in (0, 1), got {val_fraction}")
         check_int("num_proc", num_proc, optional=True, meaning="processes that tokenise; null = all cores")
         check_int("tokenizer_sample_mb", tokenizer_sample_mb, meaning="MB of text the tokenizer learns from")

@@ -22,6 +22,7 @@ what Lightning checkpoints). :func:`padded_tokens` and :func:`pad_fraction` meas
 
 from __future__ import annotations
 
+import hashlib
 import math
 from collections.abc import Iterable, Iterator, Sequence
 from typing import Any
@@ -152,6 +153,8 @@ class BaseBatchSampler(Sampler[list[int]]):
             "sampler": type(self).__name__,
             "num_samples": len(self.lengths),
             "total_length": int(self.lengths.sum()),
+            # the lengths themselves, in order: a state of permuted lengths (same count and sum) is other data
+            "lengths_digest": hashlib.blake2b(self.lengths.astype(np.int64).tobytes(), digest_size=8).hexdigest(),
             "num_replicas": self.num_replicas,
             "shuffle": self.shuffle,
             "drop_last": self.drop_last,

@@ -29,6 +29,7 @@ __all__ = [
     "COLOURS",
     "DPI",
     "KERNEL_PANELS",
+    "MAX_LENGTH",
     "NAN",
     "PANELS",
     "ROW_TITLES",
@@ -128,6 +129,11 @@ class Section:
 
 def _cell(length: int) -> float:
     return min(0.15, 2.4 / max(length, 1))  # inches
+
+
+# The longest row the figure draws: its cells are 2.4 / 32 inches, 7.5 px, as high as their 5.5 pt text. Past it the
+# text cannot be read, and the figure still writes one per cell (7 panels x 3 layouts x L x L: L = 160 took 71 s).
+MAX_LENGTH = 32
 
 
 def row_heights(batch_size: int, length: int, panels: Sequence[str] = PANELS) -> list[float]:

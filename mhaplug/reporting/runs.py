@@ -7,14 +7,16 @@ still running), never silently dropped. A run resumed in its folder logged each 
 (``csv/version_0/``, ``csv/version_1/``, ...): it is one run, whose curves take each step from the latest attempt
 that logged it (:func:`read_curve`). A run stopped by SIGTERM (``"status": "interrupted"``) is listed with the
 checkpoint to resume from and not compared; one whose train/loss became NaN or inf (``"diverged"``) is listed with
-the step.
+the step (the one metrics.csv logged the loss at), and a valid run that finished with a NaN or inf final val loss is
+listed as diverged too.
 
 The equivalence check (:func:`check_equivalence`) is the point of comparing runs. Runs with the same
 ``equivalence_key`` are the same computation (same data, model, seed, steps, layout and batching): a correct mask
 strategy or padding side cannot change the result, so valid runs of one key whose final val loss differs by more
 than the tolerance reveal a mask bug. Invalid runs (``valid: false``, kept to teach, such as ``causal_only`` with
 left padding, where real queries attend to pad keys) are expected to diverge: their difference is shown and never
-fails. The step-0 mask audit of each run (:mod:`mhaplug.training.audit`) is in its ``summary.json``.
+fails. A run whose ``equivalence_key`` is null is compared with none. The step-0 mask audit of each run
+(:mod:`mhaplug.training.audit`) is in its ``summary.json``.
 """
 
 from __future__ import annotations
@@ -66,10 +68,20 @@ NUMBER_KEYS = (
     "steps",
     "diverged_at_step",
 )
+STEP_KEYS = ("steps", "diverged_at_step")  # whole numbers: a JSON inf (1e999), NaN or 2.5 is a damaged file
 RUN_STATUSES = ("finished", "interrupted", "diverged")  # summary.json's "status" (absent in older runs: finished)
 SortKey = Literal["val_loss", "tokens", "name"]
 Status = Literal[
-    "ok", "alone", "mismatch", "divergence", "invalid_equal", "invalid_alone", "incomplete", "interrupted", "diverged"
+    "ok",
+    "alone",
+    "no_key",
+    "mismatch",
+    "divergence",
+    "invalid_equal",
+    "invalid_alone",
+    "incomplete",
+    "interrupted",
+    "diverged",
 ]
 
 
@@ -78,7 +90,8 @@ class Run:
     """One run directory. ``complete`` is False without ``summary.json``: then only ``name``, ``path``,
     ``metrics_csv(s)`` and ``steps`` (the last step logged to metrics.csv, if any) are known. ``metrics_csvs`` are
     the run's attempts, oldest first (one unless it was resumed); ``metrics_csv`` the latest. ``status``:
-    ``finished``, ``interrupted`` (SIGTERM; ``resume_ckpt_path``) or ``diverged`` (at ``diverged_at_step``)."""
+    ``finished``, ``interrupted`` (SIGTERM; ``resume_ckpt_path``) or ``diverged`` (at ``diverged_at_step``).
+    ``equivalence_key`` None (null in summary.json): comparable with no other run."""
 
     name: str
     path: Path
@@ -88,7 +101,7 @@ class Run:
     padding_side: str = ""
     batching: str = ""
     valid: bool = True
-    equivalence_key: str = ""
+    equivalence_key: str | None = ""
     final_val_loss: float | None = None
     best_val_loss: float | None = None
     real_tokens_per_sec: float | None = None
@@ -184,14 +197,28 @@ def _read_points(csv_path: str | os.PathLike[str], column: str) -> tuple[int | N
     with open(csv_path, newline="") as f:
         for line, row in enumerate(csv.DictReader(f), start=2):
             value, step = row.get(column), row.get("step")
-            try:
-                if step:
-                    first = int(float(step)) if first is None else min(first, int(float(step)))
-                if value and step:
-                    points.append((int(float(step)), float(value)))
-            except ValueError as err:
-                raise ValueError(f"{csv_path}, line {line}: step {step!r}, {column} {value!r}: {err}") from err
+            if not step:
+                continue
+            number = _whole(step)
+            if number is None:
+                raise ValueError(f"{csv_path}, line {line}: step must be a whole number, got {step!r}")
+            first = number if first is None else min(first, number)
+            if value:
+                try:
+                    points.append((number, float(value)))
+                except ValueError:
+                    raise ValueError(f"{csv_path}, line {line}: {column} must be a number, got {value!r}") from None
     return first, points
+
+
+def _whole(text: str) -> int | None:
+    """``text`` (``"12"``, or ``"12.0"`` as a float column writes it) as an int, or None if it is no whole number
+    (``"inf"``, ``"1e400"``, ``"nan"``, ``"9.5"``, ``"x"``)."""
+    try:
+        number = float(text)
+    except ValueError:
+        return None
+    return int(number) if number.is_integer() else None  # False for inf and NaN
 
 
 def _load_summary(path: Path, root: Path) -> Run:
@@ -216,9 +243,12 @@ def _load_summary(path: Path, root: Path) -> Run:
         if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))):
             raise ValueError(f"{path}: key {key!r} must be a number or null, got {value!r}")
     numbers: dict[str, Any] = {key: None if data.get(key) is None else float(data[key]) for key in NUMBER_KEYS}
-    for key in ("steps", "diverged_at_step"):
+    for key in STEP_KEYS:
+        if numbers[key] is not None and not numbers[key].is_integer():  # inf, NaN, 2.5: int() would raise or round
+            raise ValueError(f"{path}: key {key!r} must be a whole number or null, got {data[key]!r}")
         numbers[key] = None if numbers[key] is None else int(numbers[key])
-    texts = {key: str(data[key]) for key in ("strategy", "layout", "padding_side", "batching", "equivalence_key")}
+    texts = {key: str(data[key]) for key in ("strategy", "layout", "padding_side", "batching")}
+    key = data["equivalence_key"]
     audit = data.get("audit")
     if audit is not None and not (
         isinstance(audit, dict) and isinstance(audit.get("passed"), bool) and isinstance(audit.get("failed", []), list)
@@ -235,6 +265,7 @@ def _load_summary(path: Path, root: Path) -> Run:
         path=run_dir,
         valid=data["valid"],
         **texts,
+        equivalence_key=None if key is None else str(key),  # null: comparable with no other run
         **numbers,
         metrics_csv=metrics,
         metrics_csvs=_attempts(metrics),
@@ -301,19 +332,21 @@ def check_equivalence(runs: Sequence[Run], tolerance: float = 1e-3) -> list[Find
     """One :class:`Finding` per run, in the order of ``runs``.
 
     Valid runs with the same ``equivalence_key`` are compared pairwise: a pair whose final val loss differs
-    by more than ``tolerance`` (absolute; a NaN always differs) is a ``mismatch``, a mask bug. An invalid
-    run is measured against one valid run of its key (preferring the same padding side, then strategy
-    ``reference``, then the first by name): ``divergence`` as expected, or ``invalid_equal`` when it does not.
+    by more than ``tolerance`` (absolute; a missing one always differs) is a ``mismatch``, a mask bug. A valid run
+    whose final val loss is NaN or inf failed: ``diverged``, as one whose train/loss was, and compared with none. A
+    valid run with a null key is compared with none (``no_key``). An invalid run is measured against one valid run
+    of its key (preferring the same padding side, then strategy ``reference``, then the first by name):
+    ``divergence`` as expected, or ``invalid_equal`` when it does not.
     """
     if not tolerance >= 0:
         raise ValueError(f"tolerance must be a number >= 0, got {tolerance!r}")
     groups: dict[str, list[Run]] = defaultdict(list)
     for run in runs:
-        if _finished(run) and run.valid:
+        if _finished(run) and run.valid and run.equivalence_key is not None and not _val_diverged(run):
             groups[run.equivalence_key].append(run)
     findings = []
     for run in runs:
-        group = groups.get(run.equivalence_key, []) if _finished(run) else []
+        group = groups.get(run.equivalence_key, []) if _finished(run) and run.equivalence_key is not None else []
         if not run.complete:
             last = "" if run.steps is None else f", last logged step {run.steps}"
             findings.append(Finding(run.name, "incomplete", f"incomplete: no {SUMMARY_FILE}{last}"))
@@ -329,6 +362,10 @@ def check_equivalence(runs: Sequence[Run], tolerance: float = 1e-3) -> list[Find
             findings.append(
                 Finding(run.name, "diverged", f"DIVERGED: train/loss NaN or inf at step {run.diverged_at_step}")
             )
+        elif run.valid and _val_diverged(run):
+            findings.append(Finding(run.name, "diverged", f"DIVERGED: final val/loss {run.final_val_loss}"))
+        elif run.valid and run.equivalence_key is None:
+            findings.append(Finding(run.name, "no_key", "not compared: equivalence_key is null", group_size=1))
         elif run.valid:
             others = [o for o in group if o is not run]
             bad = [
@@ -369,9 +406,15 @@ def _finished(run: Run) -> bool:
     return run.complete and run.status == "finished"
 
 
+def _val_diverged(run: Run) -> bool:
+    """A finished run whose final val loss is NaN or inf (its train/loss stayed finite, or it would have stopped)."""
+    return _finished(run) and run.final_val_loss is not None and not math.isfinite(run.final_val_loss)
+
+
 def diverged_runs(runs: Sequence[Run]) -> list[Run]:
-    """Valid runs whose train/loss became NaN or inf: the comparison of their group is missing a member."""
-    return [r for r in runs if r.complete and r.valid and r.status == "diverged"]
+    """Valid runs whose train/loss became NaN or inf (``status`` ``diverged``), or that finished with a NaN or inf
+    final val loss: each failed, and the comparison of its group is missing a member."""
+    return [r for r in runs if r.complete and r.valid and (r.status == "diverged" or _val_diverged(r))]
 
 
 def choose_baseline(runs: Sequence[Run], name: str | None = None) -> Run | None:

@@ -87,6 +87,7 @@ EXPECTED_FAIL = "exp. FAIL"
 
 CHECK_CELLS: dict[str, str] = {
     "alone": "-",
+    "no_key": "not compared",
     "divergence": "expected divergence",
     "invalid_equal": "invalid but equal",
     "invalid_alone": "invalid, alone",
@@ -94,7 +95,13 @@ CHECK_CELLS: dict[str, str] = {
 }
 
 
-NOTELESS = ("ok", "alone", "invalid_equal", "invalid_alone")  # statuses whose message names no run, step or path
+NOTELESS = (
+    "ok",
+    "alone",
+    "no_key",
+    "invalid_equal",
+    "invalid_alone",
+)  # statuses whose message names no run, step or path
 
 
 def short_names(runs: Sequence[Run]) -> dict[str, str]:
@@ -233,7 +240,9 @@ def _check_short(finding: Finding, run: Run, names: Mapping[str, str]) -> str:
     if status == "interrupted":
         return f"interrupted, step {run.steps}"
     if status == "diverged":
-        return f"DIVERGED, step {run.diverged_at_step}"
+        if run.status == "diverged":
+            return f"DIVERGED, step {run.diverged_at_step}"
+        return f"DIVERGED, val {run.final_val_loss}"  # finished, with a NaN or inf final val loss
     return CHECK_CELLS.get(status, finding.message)
 
 
@@ -271,8 +280,8 @@ def summary_lines(
     names: Mapping[str, str] | None = None,
 ) -> list[str]:
     """The lines printed last: the equivalence check (the MISMATCH line names every offending pair), the audit,
-    and the invalid, diverged, interrupted and incomplete runs. Runs are named by ``names`` (the table's numbers)
-    where given, else by their run names."""
+    the runs with a null equivalence_key, and the invalid, diverged (train/loss, or final val loss), interrupted
+    and incomplete runs. Runs are named by ``names`` (the table's numbers) where given, else by their run names."""
     label: Callable[[str], str] = (lambda name: names.get(name, name)) if names else (lambda name: name)
 
     def listed(items: Sequence[str], sep: str = ", ") -> str:  # by run number where runs are numbered
@@ -302,6 +311,9 @@ def summary_lines(
         lines.append(f"equivalence: {len(keys)} group(s), {len(groups)} valid runs, all within {tolerance:g}")
     else:
         lines.append("equivalence: no two valid runs share an equivalence_key; nothing to compare")
+    keyless = [label(f.run) for f in findings if f.status == "no_key"]
+    if keyless:
+        lines.append(f"{len(keyless)} valid run(s) with a null equivalence_key, not compared: " + listed(keyless))
     failed = audit_failures(runs)
     if failed:
         lines.append(
@@ -322,11 +334,17 @@ def summary_lines(
         lines.append(
             f"{len(invalid)} invalid run(s) kept for teaching (valid=false), never a failure: " + listed(invalid)
         )
-    diverged = diverged_runs(runs)
-    if diverged:
+    stopped = [r for r in diverged_runs(runs) if r.status == "diverged"]
+    if stopped:
         lines.append(
-            f"DIVERGED: {len(diverged)} valid run(s) stopped at a NaN or inf train/loss: "
-            + listed([f"{label(r.name)} (step {r.diverged_at_step})" for r in diverged], "; ")
+            f"DIVERGED: {len(stopped)} valid run(s) stopped at a NaN or inf train/loss: "
+            + listed([f"{label(r.name)} (step {r.diverged_at_step})" for r in stopped], "; ")
+        )
+    finished = [r for r in diverged_runs(runs) if r.status != "diverged"]
+    if finished:
+        lines.append(
+            f"DIVERGED: {len(finished)} valid run(s) finished with a NaN or inf final val/loss: "
+            + listed([f"{label(r.name)} ({r.final_val_loss})" for r in finished], "; ")
         )
     interrupted = [label(r.name) for r in runs if r.complete and r.status == "interrupted"]
     if interrupted:

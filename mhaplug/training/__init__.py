@@ -8,6 +8,7 @@
   SIGTERM, divergence, resume; :mod:`~mhaplug.training.hparams`: settings and results for TensorBoard;
   :mod:`~mhaplug.training.progress`: the progress bar; :mod:`~mhaplug.training.quiet`: the messages a run hides;
 - :mod:`~mhaplug.training.config`: the schema of ``configs/`` and the start-up checks;
+  :mod:`~mhaplug.training.overrides`: the command line's overrides, checked before Hydra (train.py's and show's);
   :mod:`~mhaplug.training.run_dirs`: a folder per run.
 
 Modules here may import the decoder and the attention and data wings, never the reporting code. This face imports

@@ -72,8 +72,9 @@ class MaskAudit(pl.Callback):
     audits its own batch and the ranks agree on the verdict. A run resumed
     from a checkpoint keeps the report of its step 0 (saved in the checkpoint) and does not audit again.
 
-    Logged at step 0: ``audit/passed`` (1 or 0) and ``audit/<check>``, the largest change (``audit/finite``: how
-    many positions have NaN/inf logits); see :class:`mhaplug.training.audit.AuditCheck`.
+    Logged at step 0: ``audit/passed`` (1 or 0) and ``audit/<check>``, the largest change in nats of
+    log-probability (``audit/finite``: how many positions have NaN or +inf logits, or none finite); see
+    :class:`mhaplug.training.audit.AuditCheck`.
     """
 
     def __init__(

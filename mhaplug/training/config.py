@@ -27,6 +27,7 @@ from mhaplug.attention.strategies import CAPABILITIES, DEFAULT_STRATEGY, Strateg
 from mhaplug.common import (
     EOS_TOKEN,
     PAD_TOKEN,
+    SEED_MAX,
     Batching,
     Choice,
     ConfigError,
@@ -34,6 +35,7 @@ from mhaplug.common import (
     OnInvalid,
     PaddingSide,
     Source,
+    round_up,
 )
 from mhaplug.training.run_dirs import job_subdir_resolver, run_dir_resolver
 
@@ -242,9 +244,6 @@ def _cuda_training(cfg: DictConfig) -> bool:
     return torch.cuda.is_available() and accelerator in ("auto", "gpu", "cuda")
 
 
-_SEED_MAX = 2**32 - 1  # numpy's seed range; Lightning's seed_everything replaces a seed outside it with 0
-
-
 def min_vocab_size() -> int:
     """The smallest ``data.vocab_size`` for the byte-level BPE that :func:`mhaplug.data.tokenizer.train_tokenizer`
     trains (258): the special tokens ``<|pad|>`` and ``<|endoftext|>``, then all 256 bytes, whatever the vocab size
@@ -296,10 +295,10 @@ def _check_values(cfg: DictConfig) -> None:
     if not (isinstance(model.lr, numbers.Real) and math.isfinite(model.lr) and model.lr > 0):
         raise ConfigError(f"model.lr={model.lr} cannot train: use a learning rate > 0, e.g. model.lr=3e-3")
     for name, seed in (("seed", cfg.seed), ("data.seed", data.seed)):
-        if not 0 <= seed <= _SEED_MAX:
+        if not 0 <= seed <= SEED_MAX:
             raise ConfigError(
                 f"{name}={seed} is outside the seeds numpy takes (Lightning would silently use 0 instead): use "
-                f"0 <= {name} <= {_SEED_MAX}, e.g. {name}=0"
+                f"0 <= {name} <= {SEED_MAX}, e.g. {name}=0"
             )
 
 
@@ -320,6 +319,13 @@ def validate(cfg: DictConfig) -> str | None:
         raise ConfigError(
             f"data.batching=token_budget needs data.max_tokens (padded tokens per batch), e.g. "
             f"data.max_tokens={cfg.data.batch_size * cfg.data.max_length}"
+        )
+    row = round_up(cfg.data.max_length, cfg.data.pad_to_multiple_of)
+    if cfg.data.batching == "token_budget" and cfg.data.max_tokens < row:
+        raise ConfigError(
+            f"data.max_tokens={cfg.data.max_tokens} cannot hold one row of data.max_length={cfg.data.max_length} "
+            f"tokens{f' (rounded up to {row})' if row != cfg.data.max_length else ''}: use data.max_tokens >= {row}, "
+            f"e.g. data.max_tokens={cfg.data.batch_size * row}"
         )
     if cfg.trainer.get("accumulate_grad_batches", 1) != 1:
         raise ConfigError(

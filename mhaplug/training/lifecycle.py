@@ -137,7 +137,8 @@ class CheckpointOnSigterm(Checkpoint):
 
 
 class DivergedError(RuntimeError):
-    """The training loss became NaN or inf: ``step`` is the first optimizer step whose loss was, ``value`` the loss."""
+    """The training loss became NaN or inf: ``step`` is the logger step of the first optimizer step whose loss was
+    (the ``step`` metrics.csv logged it at, counted from 0), ``value`` the loss."""
 
     def __init__(self, monitor: str, step: int, value: float) -> None:
         super().__init__(
@@ -150,7 +151,8 @@ class DivergedError(RuntimeError):
 
 class StopOnNonFiniteLoss(pl.Callback):
     """Stop training with :class:`DivergedError` once ``monitor`` (the logged ``train/loss``) is NaN or inf, naming
-    the first optimizer step where it was; ``train.py`` writes summary.json with ``"diverged": true`` and exits 3.
+    the step the loggers logged the first such value at (metrics.csv's ``step``: the second optimizer step logs at
+    step 1); ``train.py`` writes summary.json with ``"diverged": true`` and exits 3.
 
     Every step's loss is folded into a "first non-finite step" tensor on the loss's device, so that no step waits for
     the device. It is read (one synchronisation) when Lightning reads the logged values anyway (every
@@ -180,14 +182,17 @@ class StopOnNonFiniteLoss(pl.Callback):
         value = trainer.callback_metrics.get(self.monitor)
         if trainer.global_step == self._last_step or value is None:
             return  # a micro-batch of a step still accumulating: no new loss
-        self._last_step = step = trainer.global_step
+        self._last_step = trainer.global_step
+        # The loggers' step for this batch, as ResumeMarker takes it: Lightning logs the batch's metrics after this
+        # hook at that step, before it counts the batch (trainer.global_step already counts the optimizer step).
+        step = trainer.fit_loop.epoch_loop._batches_that_stepped
         value = value.detach()
         if self._first is None:
             self._first = (torch.full((), -1, dtype=torch.long, device=value.device), torch.zeros_like(value))
         first_step, first_value = self._first
         new = ~torch.isfinite(value) & (first_step < 0)
         self._first = (torch.where(new, step, first_step), torch.where(new, value, first_value))  # no sync
-        if step % max(trainer.log_every_n_steps, 1) == 0:
+        if trainer.global_step % max(trainer.log_every_n_steps, 1) == 0:  # when Lightning reads the values too
             self._read()
 
     def on_validation_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:

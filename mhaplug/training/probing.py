@@ -27,6 +27,7 @@ __all__ = [
     "eval_mode",
     "input_embedding",
     "is_pad",
+    "laid_out",
     "name_in",
     "noise_on",
     "pad_noise",
@@ -176,23 +177,38 @@ def append_pad_columns(batch: dict[str, Any], count: int) -> tuple[dict[str, Any
 
 
 @contextmanager
-def noise_on(embedding: nn.Module | None, noise: Tensor | None) -> Iterator[None]:
-    """Add ``noise`` (B, L, E) to ``embedding``'s output while the block runs: output (B, L, E), or (B * L, E)
-    flat (mhaplug's DecoderLM); calls of another shape are untouched."""
-    if embedding is None or noise is None:
-        yield
-        return
+def noise_on(embedding: nn.Module | None, noise: Tensor | None, input_ids: Tensor) -> Iterator[list[str]]:
+    """Add ``noise`` (B, L, E) to ``embedding``'s output while the block runs, in the output's layout (see
+    :func:`laid_out`). Yields one entry per call of the embedding: "" where the noise was added, else what the
+    output was."""
+    calls: list[str] = []
 
     def hook(module: nn.Module, args: tuple[Any, ...], output: Any) -> Any:
-        if isinstance(output, Tensor) and output.shape in (noise.shape, noise.flatten(0, 1).shape):
-            return output + noise.to(output.dtype).view_as(output)  # + 0.0 at real positions: bit-identical there
-        return None
+        placed = laid_out(noise, output, args, input_ids) if noise is not None else None
+        calls.append("" if placed is not None else describe(output))
+        return None if placed is None else output + placed.to(output.dtype)  # + 0.0 at real positions: bit-identical
 
-    handle = embedding.register_forward_hook(hook)
+    handle = embedding.register_forward_hook(hook) if embedding is not None and noise is not None else None
     try:
-        yield
+        yield calls
     finally:
-        handle.remove()
+        if handle is not None:
+            handle.remove()
+
+
+def laid_out(noise: Tensor, output: Any, args: tuple[Any, ...], input_ids: Tensor) -> Tensor | None:
+    """``noise`` (B, L, E) as ``output`` lays out positions: (B, L, E), (L, B, E) (sequence first; when B = L, told
+    by the ids the embedding was given) or (B * L, E) (mhaplug's DecoderLM); None for any other output."""
+    if not isinstance(output, Tensor):
+        return None
+    batch, length, width = noise.shape
+    if output.shape == (batch * length, width):
+        return noise.flatten(0, 1)  # (B * L, E)
+    ids = args[0] if args and isinstance(args[0], Tensor) else None
+    transposed = ids is not None and torch.equal(ids, input_ids.T) and not torch.equal(ids, input_ids)
+    if output.shape == (length, batch, width) and (batch != length or transposed):
+        return noise.transpose(0, 1)  # (L, B, E)
+    return noise if output.shape == noise.shape else None
 
 
 @contextmanager

@@ -193,6 +193,24 @@ def test_check_mask_rejects_nan() -> None:
         masks.check_mask(mask, name="attn_mask")
 
 
+@pytest.mark.parametrize("strategy", ["auto", "merged_additive", "reference"])
+def test_a_plus_inf_in_a_float_attn_mask_is_refused_where_it_gave_nan_rows(strategy: str) -> None:
+    from mhaplug.attention import MultiheadAttention
+
+    mask = torch.zeros(4, 4)
+    mask[2, 0] = float("inf")
+    mha, x = MultiheadAttention(8, 2, batch_first=True, strategy=strategy), torch.randn(1, 4, 8)
+    with pytest.raises(ValueError, match=r"attn_mask contains \+inf at \[\[2, 0\]\]"):
+        mha(x, x, x, attn_mask=mask)
+
+
+def test_is_pad_from_lengths_refuses_lengths_outside_zero_to_max_length() -> None:
+    for lengths in ([3, 5], [-1, 2]):
+        with pytest.raises(ValueError, match=r"lengths must be in \[0, max_length=4\], got -?\d\.\.\d"):
+            masks.is_pad_from_lengths(torch.tensor(lengths), 4)
+    assert masks.is_pad_from_lengths(torch.tensor([0, 4]), 4).tolist() == [[True] * 4, [False] * 4]
+
+
 def test_merge_path_never_reads_tensor_values() -> None:
     """Under FakeTensorMode any host read of a value (.item(), if tensor:) raises: the merge does none."""
     masks.causal_keep.cache_clear()
@@ -227,3 +245,17 @@ def test_flex_mask_mods_are_the_dense_masks_as_predicates() -> None:
     got = create_mask(masks.padded_causal_mask_mod(is_pad), 2, 1, 4, 4, device="cpu")
     assert torch.equal(got, masks.causal_keep(4, 4) & ~is_pad[:, None, None, :])
     assert got[1, 0].int().tolist() == [[0, 0, 0, 0], [0, 1, 0, 0], [0, 1, 1, 0], [0, 1, 1, 1]]
+
+
+def test_document_runs_and_the_document_mask_read_a_document_as_a_contiguous_run() -> None:
+    ids = torch.tensor([[5, 5, 9, 9, 5, -1], [0, -1, 0, 1, 1, -1]])
+    assert masks.document_runs(ids).tolist() == [[0, 0, 1, 1, 2, -1], [0, -1, 1, 2, 2, -1]]
+    keep = masks.document_causal_keep(torch.tensor([[0, 0, 1, 1, 0, -1]]))[0, 0].int().tolist()
+    assert keep == [
+        [1, 0, 0, 0, 0, 0],
+        [1, 1, 0, 0, 0, 0],
+        [0, 0, 1, 0, 0, 0],
+        [0, 0, 1, 1, 0, 0],
+        [0, 0, 0, 0, 1, 0],  # the id 0 that comes back: a document of its own, not the first one's continuation
+        [0, 0, 0, 0, 0, 0],
+    ]

@@ -7,6 +7,7 @@ import itertools
 import logging
 from dataclasses import dataclass
 
+import numpy as np
 import pytest
 import torch
 from hypothesis import given
@@ -580,6 +581,21 @@ BAD_CALLS = [
     ),
     ({"attn_mask": torch.full((5, 5), float("nan"))}, ValueError, r"attn_mask contains NaN"),
     (
+        {"attn_mask": torch.zeros(5, 5).index_put_((torch.tensor([1]), torch.tensor([3])), torch.tensor(float("inf")))},
+        ValueError,
+        r"attn_mask contains \+inf at \[\[1, 3\]\] \(first positions\): a softmax row with it is NaN",
+    ),
+    (
+        {"key_padding_mask": torch.zeros(2, 5, dtype=torch.bool, device="meta")},
+        ValueError,
+        r"key_padding_mask is on meta but query is on cpu; move it with key_padding_mask.to\(query.device\)",
+    ),
+    (
+        {"attn_mask": torch.zeros(5, 5, device="meta")},
+        ValueError,
+        r"attn_mask is on meta but query is on cpu",
+    ),
+    (
         {"key_padding_mask": torch.zeros(5, 2, dtype=torch.bool)},
         ValueError,
         r"key_padding_mask must have shape \(2, 5\) \(batch, source length\), True = padding; got \(5, 2\)",
@@ -617,6 +633,11 @@ def test_forward_rejects_bad_shapes() -> None:
         mha(X, X[0], X[0])
     with pytest.raises(TypeError, match="query must be a floating point tensor, got dtype torch.int64"):
         mha(X.long(), X, X)
+    with pytest.raises(
+        TypeError,
+        match=r"key is torch.float64 on cpu but query is torch.float32 on cpu; give query, key and value one dtype",
+    ):
+        mha(X, X.double(), X.double())
 
 
 @pytest.mark.parametrize(
@@ -815,3 +836,24 @@ def test_batch_size_zero_with_a_four_d_attn_mask(strategy: str) -> None:
     out, weights = ours(x, x, x, attn_mask=torch.zeros(0, 1, 5, 5, dtype=torch.bool))
     expected, expected_weights = ref(x, x, x, attn_mask=torch.zeros(0, 5, 5, dtype=torch.bool))
     assert out.shape == expected.shape == (0, 5, E) and weights.shape == expected_weights.shape == (0, 5, 5)
+
+
+@pytest.mark.parametrize("change", ["data", "numpy"])
+def test_a_causal_mask_changed_behind_torch_s_version_counter_is_checked_again(change: str) -> None:
+    """A mask that passed once, then opened above the diagonal through ``.data`` or the numpy array it shares memory
+    with (neither bumps ``_version``): it was served as causal from the remembered verdict."""
+    mha, x = MultiheadAttention(E, H, batch_first=True, strategy="causal_kpm"), torch.randn(2, 5, E)
+    if change == "data":
+        mask = torch.ones(5, 5, dtype=torch.bool).triu_(1)
+    else:
+        array = np.triu(np.ones((5, 5), dtype=bool), 1)
+        mask = torch.from_numpy(array)
+    mha(x, x, x, attn_mask=mask, is_causal=True)
+    version = mask._version
+    if change == "data":
+        mask.data[0, 3] = False
+    else:
+        array[0, 3] = False
+    assert mask._version == version and not mask[0, 3]
+    with pytest.raises(ValueError, match=r"this attn_mask is not causal"):
+        mha(x, x, x, attn_mask=mask, is_causal=True)

@@ -273,6 +273,9 @@ BAD_ROWS = [
     ([[1, 2], []], ValueError, r"row 1: input_ids is empty; drop empty documents"),
     ([[1.5, 2.0]], TypeError, r"row 0: input_ids must be integers, got dtype torch.float64"),
     ([[True, False]], TypeError, r"row 0: input_ids must be integers, got dtype torch.bool"),
+    # issue 18: a bool row after a numpy or tensor first row was concatenated into ids 1 and 0
+    ([np.array([5, 6]), [True, False]], TypeError, r"row 1: input_ids must be integers, got dtype torch.bool"),
+    ([torch.tensor([5, 6]), np.array([True])], TypeError, r"row 1: input_ids must be integers, got dtype torch.bool"),
     ([[1], [2, 99]], ValueError, r"row 1: token ids \[99\] are outside the vocabulary \[0, 50\)"),
     ([[1], [[2, 3]]], ValueError, r"row 1: input_ids must be 1-D, got shape \(1, 2\)"),
     ([{"ids": [1]}], KeyError, r"row 0 has no 'input_ids' key; its keys are \['ids'\]"),

@@ -451,6 +451,41 @@ def test_bad_settings_name_the_argument(tmp_path: Path) -> None:
         TextDataModule(batching="token_budget")
     with pytest.raises(ValueError, match="source='text_files' needs path="):
         TextDataModule(source="text_files")
+
+
+@pytest.mark.parametrize(
+    ("settings", "error", "message"),
+    [
+        ({"seed": -1}, ValueError, r"^seed must be an int >= 0, got -1$"),
+        ({"seed": 2**32}, ValueError, r"^seed must be in \[0, 4294967295\] \(the seeds numpy takes\), got 4294967296$"),
+        ({"max_length": 0}, ValueError, r"^max_length must be an int >= 2 \(tokens per row; a row of L tokens has L-1"),
+        ({"max_length": -1}, ValueError, r"^max_length must be an int >= 2 .*got -1$"),
+        ({"max_length": 1}, ValueError, r"^max_length must be an int >= 2 .*got 1$"),
+        ({"max_length": 2.5}, TypeError, r"^max_length must be an int >= 2 .*got 2.5 \(float\)$"),
+        ({"batch_size": 0}, ValueError, r"^batch_size must be an int >= 1, got 0$"),
+        ({"num_workers": -1}, ValueError, r"^num_workers must be an int >= 0 \(loader worker processes"),
+        ({"max_documents": 1}, ValueError, r"^max_documents must be an int >= 2 \(documents kept; null = all\)"),
+        ({"val_fraction": "0.1"}, ValueError, r"^val_fraction must be in \(0, 1\), got 0.1$"),
+        (
+            {"layout": "padded", "batching": "token_budget", "max_tokens": 10, "max_length": 64},
+            ValueError,
+            r"^max_tokens=10 cannot hold one row of max_length=64 tokens; use max_tokens >= 64, e.g. max_tokens=1024$",
+        ),
+        (
+            {"batching": "token_budget", "max_tokens": 60, "max_length": 60, "pad_to_multiple_of": 8},
+            ValueError,
+            r"^max_tokens=60 cannot hold one row of max_length=60 tokens \(rounded up to 64\); use max_tokens >= 64",
+        ),
+    ],
+)
+def test_the_data_module_checks_its_own_arguments_before_reading_anything(
+    settings: dict, error: type[Exception], message: str, tmp_path: Path
+) -> None:
+    """Each was a foreign error (range() arg 3 must not be zero, expected non-negative integer, ...), or for
+    max_length=1 batches with no targets."""
+    with pytest.raises(error, match=message):
+        TextDataModule(source="synthetic", cache_dir=str(tmp_path / "cache"), **settings)
+    assert not (tmp_path / "cache").exists()
     with pytest.raises(ValueError, match=r"data path '.*corpus.csv': unsupported extension '.csv'"):
         TextDataModule(source="text_files", path=str(tmp_path / "corpus.csv"), cache_dir=str(tmp_path)).setup("fit")
 

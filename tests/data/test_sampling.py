@@ -389,5 +389,9 @@ def test_rejects_a_state_from_another_sampler() -> None:
         RandomBatchSampler(LENGTHS, 2).load_state_dict(state)
     with pytest.raises(ValueError, match=r"batches_yielded'\] is 5 but epoch 0 has 4 batches on this rank"):
         LengthGroupedBatchSampler(LENGTHS, 2).load_state_dict({**state, "batches_yielded": 5})
+    permuted = [LENGTHS[-1], *LENGTHS[:-1]]  # the same count and sum: other data all the same
+    assert sorted(permuted) == sorted(LENGTHS) and permuted != LENGTHS
+    with pytest.raises(ValueError, match=r"^state was saved by a sampler with other data or settings: lengths_digest="):
+        LengthGroupedBatchSampler(permuted, 2).load_state_dict(state)
     with pytest.raises(ValueError, match=r"state is missing \['fingerprint'\]"):
         LengthGroupedBatchSampler(LENGTHS, 2).load_state_dict({"epoch": 0, "seed": 0, "batches_yielded": 0})

@@ -140,7 +140,7 @@ def test_a_stream_too_short_for_its_units_or_its_validation_is_named(tmp_path: P
     ("settings", "message"),
     [
         (
-            {"batching": "token_budget", "max_tokens": 64},
+            {"batching": "token_budget", "max_tokens": 4096},
             r"streaming=True makes batches of batch_size rows .* use batching=random",
         ),
         ({"val_max_tokens": None}, r"streaming=True validates on the first val_max_tokens tokens"),

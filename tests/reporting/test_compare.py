@@ -149,10 +149,16 @@ def test_a_pair_differing_by_0_01_is_a_mask_bug(
     assert "1: MISMATCH vs 3 (+0.010)" in lines and "3: MISMATCH vs 1 (-0.010)" in lines
 
 
-def test_nan_loss_never_matches(make_run: Callable[..., Path], tmp_path: Path) -> None:
+def test_a_nan_loss_is_a_divergence_and_a_missing_one_never_matches(
+    make_run: Callable[..., Path], tmp_path: Path
+) -> None:
+    """A valid run with a NaN final val loss failed (it is not compared: the others are not to blame); one without a
+    final val loss (null) cannot show that it equals the others."""
     make_run(tmp_path, "a", strategy="torch_mha", final=5.0)
     make_run(tmp_path, "b", strategy="merged_bool", final=5.0, final_val_loss=float("nan"))
-    assert [f.status for f in check_equivalence(load_runs(tmp_path))] == ["mismatch", "mismatch"]
+    assert [f.status for f in check_equivalence(load_runs(tmp_path))] == ["alone", "diverged"]
+    make_run(tmp_path, "c", strategy="reference", final=5.0, final_val_loss=None)
+    assert [f.status for f in check_equivalence(load_runs(tmp_path))] == ["mismatch", "diverged", "mismatch"]
 
 
 def test_invalid_run_diverges_without_failing(
@@ -520,3 +526,111 @@ def test_an_unknown_status_names_file_and_key(make_run: Callable[..., Path], tmp
         "interrupted, diverged; got 'paused'",
     ):
         load_runs(tmp_path)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Damaged run folders: one line naming the file, the key and the value, exit 2 (bad input)
+# ----------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("written", "message"),
+    [
+        ('"steps": 1e999', "key 'steps' must be a whole number or null, got inf"),  # json reads 1e999 as inf
+        ('"steps": NaN', "key 'steps' must be a whole number or null, got nan"),
+        ('"steps": 2.5', "key 'steps' must be a whole number or null, got 2.5"),
+        ('"diverged_at_step": Infinity', "key 'diverged_at_step' must be a whole number or null, got inf"),
+    ],
+)
+def test_a_step_count_that_is_no_whole_number_names_file_key_and_value(
+    make_run: Callable[..., Path], tmp_path: Path, capsys: pytest.CaptureFixture[str], written: str, message: str
+) -> None:
+    run_dir = make_run(tmp_path, "0", status="diverged", diverged_at_step=3)
+    summary = run_dir / "summary.json"
+    as_written = {'"steps"': '"steps": 100', '"diverged_at_step"': '"diverged_at_step": 3'}[written.split(":")[0]]
+    summary.write_text(summary.read_text().replace(as_written, written))
+    assert written in summary.read_text()
+    assert compare.main([str(tmp_path)]) == 2
+    assert capsys.readouterr().err == f"mhaplug.compare: error: {summary}: {message}\n"
+
+
+@pytest.mark.parametrize("step", ["inf", "1e400", "nan", "9.5"])
+@pytest.mark.parametrize("finished", [True, False])
+def test_a_metrics_step_that_is_no_whole_number_names_file_line_and_value(
+    make_run: Callable[..., Path], tmp_path: Path, capsys: pytest.CaptureFixture[str], step: str, finished: bool
+) -> None:
+    """A finished run's curves are read for the plot; an unfinished run's metrics.csv gives its last step."""
+    run_dir = make_run(tmp_path, "0", summary=finished)
+    metrics = run_dir / "csv" / "version_0" / "metrics.csv"
+    metrics.write_text(metrics.read_text().replace("0,99,5.2,", f"0,{step},5.2,"))
+    options = ["--plot", str(tmp_path / "p.png")] if finished else []
+    assert compare.main([str(tmp_path), *options]) == 2
+    assert capsys.readouterr().err == (
+        f"mhaplug.compare: error: {metrics}, line 4: step must be a whole number, got {step!r}\n"
+    )
+    assert not (tmp_path / "p.png").exists()
+
+
+def test_a_metrics_value_that_is_no_number_names_file_line_and_column(
+    make_run: Callable[..., Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    run_dir = make_run(tmp_path, "0")
+    metrics = run_dir / "csv" / "version_0" / "metrics.csv"
+    metrics.write_text(metrics.read_text().replace(",5.5,244.7", ",low,244.7"))
+    assert compare.main([str(tmp_path), "--plot", str(tmp_path / "p.png")]) == 2
+    assert capsys.readouterr().err == (
+        f"mhaplug.compare: error: {metrics}, line 3: val/loss must be a number, got 'low'\n"
+    )
+
+
+def test_a_lone_valid_run_with_a_nan_final_val_loss_diverged(
+    make_run: Callable[..., Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """train/loss stayed finite (no "diverged" status), but validation gave NaN: the run failed, as one whose
+    train/loss went NaN, and compare says so and exits 1."""
+    make_run(tmp_path, "0", final_val_loss=float("nan"))
+    findings = check_equivalence(load_runs(tmp_path))
+    assert [(f.status, f.message) for f in findings] == [("diverged", "DIVERGED: final val/loss nan")]
+    assert compare.main([str(tmp_path)]) == 1
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[2] == (
+        "  1  merged_bool  padded  right    random          nan       1,000     1.00x  37.5%  pass   DIVERGED, val nan"
+    )
+    assert lines[-3:] == [
+        "equivalence: no two valid runs share an equivalence_key; nothing to compare",
+        "mask audit: 1 valid run(s) passed",
+        "DIVERGED: 1 valid run(s) finished with a NaN or inf final val/loss: 1 (nan)",
+    ]
+
+
+def test_an_invalid_run_with_a_nan_final_val_loss_is_no_failure(make_run: Callable[..., Path], tmp_path: Path) -> None:
+    make_run(tmp_path, "0", strategy="reference", final=5.0)
+    make_run(tmp_path, "1", strategy="torch_mha", valid=False, final_val_loss=float("nan"))
+    findings = check_equivalence(load_runs(tmp_path))
+    assert [f.status for f in findings] == ["alone", "divergence"]
+    assert compare.main([str(tmp_path)]) == 0
+
+
+def test_runs_with_a_null_equivalence_key_are_not_compared(
+    make_run: Callable[..., Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A null key says "not comparable": two such runs are no group, whatever their losses."""
+    make_run(tmp_path, "0", strategy="reference", final=5.0, equivalence_key=None)
+    make_run(tmp_path, "1", strategy="merged_bool", final=6.0, equivalence_key=None)
+    make_run(tmp_path, "2", strategy="causal_only", final=7.0, valid=False, equivalence_key=None)
+    runs = load_runs(tmp_path)
+    assert [r.equivalence_key for r in runs] == [None, None, None]
+    assert [(f.status, f.message) for f in check_equivalence(runs)] == [
+        ("no_key", "not compared: equivalence_key is null"),
+        ("no_key", "not compared: equivalence_key is null"),
+        ("invalid_alone", "invalid (no valid run with its equivalence_key)"),
+    ]
+    assert compare.main([str(tmp_path)]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert [line.split("  ")[-1].strip() for line in lines[2:5]] == ["invalid, alone", "not compared", "not compared"]
+    assert lines[-4:] == [
+        "equivalence: no two valid runs share an equivalence_key; nothing to compare",
+        "2 valid run(s) with a null equivalence_key, not compared: 2, 3",
+        "mask audit: 2 valid run(s) passed",
+        "1 invalid run(s) kept for teaching (valid=false), never a failure: 1",
+    ]

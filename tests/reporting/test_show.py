@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from matplotlib.colors import to_rgb
 
-from mhaplug import PackCollator, PadCollator
+from mhaplug import PackCollator, PadCollator, show
 from mhaplug.reporting import mask_figure, mask_panels
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -297,6 +297,18 @@ def test_cli_writes_the_picture_of_a_real_batch(tmp_path: Path) -> None:
     [
         (["data=synthetic", "data.batchsize=4"], "data.batchsize"),
         (["data=synthetic", "--rows", "9"], "--rows 9 is more than data.batch_size=8"),
+        # train.py's overrides: logger=null (no logger) composes, and a group's unknown option lists the options
+        (["data=synthetic", "logger=null", "--rows", "9"], "--rows 9 is more than data.batch_size=8"),
+        (
+            ["attention=fast"],
+            (
+                "attention=fast is not an option of attention; allowed: auto, causal_kpm, causal_only, flex, "
+                "merged_additive, merged_bool, reference, torch_mha (the files in configs/attention/)"
+            ),
+        ),
+        # 160 took 71 s (a text per cell, 7 panels x 3 layouts x L x L) for cells of 1.5 px: refused at once
+        (["--columns", "160"], "--columns must be an int from 4 to 32 (wider cells are too small to read), got 160"),
+        (["--columns", "3"], "--columns must be an int from 4 to 32 (wider cells are too small to read), got 3"),
     ],
 )
 def test_cli_bad_input_exits_2_with_one_line_naming_it(tmp_path: Path, args: list[str], named: str) -> None:
@@ -306,3 +318,9 @@ def test_cli_bad_input_exits_2_with_one_line_naming_it(tmp_path: Path, args: lis
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("python -m mhaplug.show: error:") and named in lines[0], lines
     assert not (tmp_path / "masks.png").exists()
+
+
+def test_compose_takes_the_overrides_train_py_takes() -> None:
+    """``logger=null`` (train.py: no logger) is Hydra's ``~logger``; Hydra's compose alone refuses a null group."""
+    assert show.compose(["logger=null", "model=tiny"]).logger is None
+    assert show.compose(["model=tiny"]).logger.csv.name == "csv"

@@ -8,6 +8,7 @@ from __future__ import annotations
 import copy
 import json
 import logging
+import math
 import re
 from pathlib import Path
 from typing import Any
@@ -109,7 +110,9 @@ def test_one_layer_torch_mha_fails_only_on_its_nan_pad_rows() -> None:
     model = decoder("torch_mha", num_layers=1)
     report = audit(model, make_batch("left"))
     assert verdicts(report) == {**ALL_PASS_PADDED, "finite": False}, str(report)
-    assert report["finite"].detail == "NaN/inf logits at 0/49 real and 35/35 pad positions"  # every left pad
+    assert (
+        report["finite"].detail == "NaN, +inf or no finite logit at 0/49 real and 35/35 pad positions"
+    )  # every left pad
 
 
 FULL_LENGTHS = (3, 5, 8, 6, 2)  # packed into rows of 8 without a pad: 8 | 6 2 | 5 3
@@ -143,8 +146,8 @@ def test_failed_report_is_one_line_and_strict_json() -> None:
     line = str(report)
     assert "\n" not in line
     assert re.fullmatch(
-        r"mask audit FAILED \(DecoderLM, 3 forwards, \d+ ms\): finite FAIL \(NaN/inf logits at 35/49 real and 35/35 "
-        r"pad positions\), "
+        r"mask audit FAILED \(DecoderLM, 3 forwards, \d+ ms\): finite FAIL \(NaN, \+inf or no finite logit at 35/49 "
+        r"real and 35/35 pad positions\), "
         r"padding FAIL \(nan > [0-9.e+-]+ at \d+/\d+\), loss FAIL .*, causality FAIL .*, documents skipped",
         line,
     )
@@ -241,6 +244,71 @@ def test_a_module_that_takes_the_batch_fails_the_check_of_its_bug(
     assert verdicts(report) == expected, str(report)
 
 
+# ----------------------------------------------------------------------------------------------------------
+# What a model's vocabulary does to the bar: each position judged on its own log-probabilities
+# ----------------------------------------------------------------------------------------------------------
+
+
+class Offset(nn.Module):
+    """``inner``'s logits with entry 0 (the pad id) set to ``pad_logit`` and ``shift`` added to every logit: what a
+    model that suppresses a token, or whose logits sit far from 0, returns."""
+
+    def __init__(self, inner: nn.Module, *, pad_logit: float | None = None, shift: float = 0.0) -> None:
+        super().__init__()
+        self.inner, self.pad_logit, self.shift = inner, pad_logit, shift
+
+    def forward(self, batch: dict[str, Any]) -> Tensor:
+        logits = self.inner(batch)["logits"] + self.shift  # (B, L, V)
+        if self.pad_logit is not None:
+            logits[..., 0] = self.pad_logit
+        return logits
+
+
+LEAKS = {**ALL_PASS_PADDED, "padding": False, "loss": False}
+OFFSETS = [("pad logit -1e9", -1e9, 0.0), ("pad logit -inf", -math.inf, 0.0), ("every logit +1e5", None, 1e5)]
+
+
+@pytest.mark.parametrize(("pad_logit", "shift"), [o[1:] for o in OFFSETS], ids=[o[0] for o in OFFSETS])
+@pytest.mark.parametrize(("leaks", "expected"), [(False, ALL_PASS_PADDED), (True, LEAKS)], ids=["correct", "leak"])
+def test_a_suppressed_entry_or_a_constant_shift_neither_hides_a_leak_nor_fails_a_correct_model(
+    pad_logit: float | None, shift: float, leaks: bool, expected: dict[str, bool]
+) -> None:
+    torch.manual_seed(0)
+    report = audit(Offset(ToyLM(padding=not leaks), pad_logit=pad_logit, shift=shift), make_batch("left"))
+    assert verdicts(report) == expected, str(report)
+    assert all(c.threshold == 1e-4 for c in report.checks if c.name != "finite")  # nats, whatever the logits
+    if leaks:
+        assert report["padding"].max_change > 1.0 and report["loss"].max_change > 0.1
+    else:
+        assert all(c.max_change == 0.0 for c in report.checks if c.name != "finite")
+
+
+def test_finite_allows_minus_inf_entries_but_not_nan_plus_inf_or_a_position_without_a_finite_logit() -> None:
+    """Left padding: row 0 holds pads at 0..10 and real tokens at 11..13."""
+
+    def with_logits(row: int, position: int, columns: slice, value: float) -> Any:
+        def forward(model: nn.Module, batch: dict[str, Any]) -> Tensor:
+            logits = model(batch)["logits"]  # (B, L, V)
+            logits[row, position, columns] = value
+            return logits
+
+        return forward
+
+    torch.manual_seed(0)
+    model, batch = ToyLM(), make_batch("left")
+    suppressed = audit(model, batch, forward=with_logits(0, 13, slice(0, VOCAB - 1), -math.inf))
+    assert verdicts(suppressed) == ALL_PASS_PADDED, str(suppressed)  # one finite entry is enough
+    cases = [
+        (0, 13, slice(5, 6), math.inf, "1/49 real and 0/35 pad"),
+        (0, 12, slice(5, 6), math.nan, "1/49 real and 0/35 pad"),
+        (0, 0, slice(None), -math.inf, "0/49 real and 1/35 pad"),
+    ]
+    for row, position, columns, value, where in cases:
+        report = audit(model, batch, forward=with_logits(row, position, columns, value))
+        assert not report["finite"].passed and report["finite"].moved == 1
+        assert report["finite"].detail == f"NaN, +inf or no finite logit at {where} positions"
+
+
 def test_forward_argument_audits_a_call_that_drops_the_documents() -> None:
     """The same DecoderLM called without document_ids: one causal mask over the packed row, documents leak."""
     model, batch = decoder("merged_bool"), make_batch("packed")
@@ -252,6 +320,77 @@ def test_forward_argument_audits_a_call_that_drops_the_documents() -> None:
     assert report.call == "forward="
     assert verdicts(report) == {**ALL_PASS_PACKED, "documents": False}, str(report)
     assert report["documents"].moved == report["documents"].positions  # every later document moved
+
+
+def shifted_documents(batch: dict[str, Any], ids: tuple[int, ...]) -> dict[str, Any]:
+    """``batch`` with each row's k-th document given the id ``ids[k]`` (padding keeps -1)."""
+    document_ids = batch["document_ids"]
+    mapped = torch.tensor(ids)[document_ids.clamp(min=0)]
+    return {**batch, "document_ids": torch.where(document_ids >= 0, mapped, document_ids)}
+
+
+SHIFTED = [("0-based", (0, 1, 2)), ("1-based", (1, 2, 3)), ("5 5 9 9 9", (5, 9, 12)), ("an id that returns", (5, 9, 5))]
+
+
+@pytest.mark.parametrize("ids", [s[1] for s in SHIFTED], ids=[s[0] for s in SHIFTED])
+def test_documents_are_runs_of_one_id_whatever_the_ids(ids: tuple[int, ...]) -> None:
+    """A document is a maximal run of one id within a row: ids need not start at 0 nor be new. The rows hold
+    documents of 14 + 9, 11 + 7 + 5 and 3 tokens: 9 + 7 + 5 = 21 positions outside each row's first document."""
+    model, batch = decoder("merged_bool"), shifted_documents(make_batch("packed"), ids)
+
+    def without_documents(m: nn.Module, b: dict[str, Any]) -> Tensor:
+        return m(b["input_ids"], key_padding_mask=b["key_padding_mask"], position_ids=b["position_ids"])
+
+    correct, leak = audit(model, batch), audit(model, batch, forward=without_documents)
+    assert verdicts(correct) == ALL_PASS_PACKED, str(correct)
+    assert verdicts(leak) == {**ALL_PASS_PACKED, "documents": False}, str(leak)
+    assert correct["documents"].positions == leak["documents"].positions == leak["documents"].moved == 21
+
+
+def test_loss_check_says_why_it_cannot_run() -> None:
+    model, batch = decoder("reference"), make_batch("right")
+    assert audit(model, {k: v for k, v in batch.items() if k != "labels"}).skipped["loss"] == "the batch has no labels"
+    ignored = torch.full_like(batch["labels"], -100)
+    assert audit(model, {**batch, "labels": ignored}).skipped["loss"] == "all labels are ignored (-100)"
+    first = ignored.clone()
+    first[:, 0] = 5
+    assert audit(model, {**batch, "labels": first}).skipped["loss"] == (
+        "all labels are ignored (-100) but the first position's, which the shifted loss never reads"
+    )
+
+
+class SequenceFirstLM(nn.Module):
+    """Padding ignored, sequence first: embeddings (L, B, E). Every id embeds alike, so only the noise on the pad
+    embeddings can reach the real logits."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.emb = nn.Embedding(VOCAB, 32)
+        self.emb.weight.data = torch.randn(32).expand(VOCAB, 32).clone()  # one row for every id
+        self.attn = MultiheadAttention(32, 2, strategy="reference")
+        self.head = nn.Linear(32, VOCAB)
+
+    def forward(self, batch: dict[str, Any]) -> Tensor:
+        x = self.emb(batch["input_ids"].T)  # (L, B, E)
+        out, _ = self.attn(x, x, x, is_causal=True, need_weights=False)  # no key_padding_mask: pads leak
+        return self.head(x + out).transpose(0, 1)  # (B, L, V)
+
+
+def test_pad_embeddings_are_perturbed_sequence_first_and_reported_when_they_cannot_be() -> None:
+    torch.manual_seed(0)
+    model, batch = SequenceFirstLM(), make_batch("left")  # B = 6, L = 14
+    report = audit(model, batch)
+    assert verdicts(report) == LEAKS, str(report)  # the noise reached the pads, and through them the real tokens
+    assert report["padding"].detail == "pad ids and pad embeddings (emb)"
+    square = PadCollator(padding_side="left")([r[:4] for r in rows()[:4]])  # B = L = 4: told apart by the ids
+    assert square["input_ids"].shape == (4, 4) and square["key_padding_mask"].any()
+    assert verdicts(audit(model, square)) == LEAKS
+    elsewhere = audit(model, batch, embedding=model.head)  # output (B, L, V): not an embedding of width 32
+    assert verdicts(elsewhere) == ALL_PASS_PADDED, str(elsewhere)
+    assert elsewhere["padding"].detail == (
+        "pad ids; pad embeddings not perturbed: head's output torch.float32 (14, 6, 64) is not (B, L, E), "
+        "(L, B, E) or (B * L, E) with E = 32"
+    )
 
 
 def test_bad_input_is_refused_with_the_fix() -> None:
@@ -268,14 +407,14 @@ def test_bad_input_is_refused_with_the_fix() -> None:
 # ----------------------------------------------------------------------------------------------------------
 
 
-def gpt2(attn_implementation: str) -> nn.Module:
+def gpt2(attn_implementation: str, *, n_positions: int = 64) -> nn.Module:
     transformers = pytest.importorskip("transformers")
     torch.manual_seed(0)
     config = transformers.GPT2Config(
         n_layer=2,
         n_embd=32,
         n_head=2,
-        n_positions=64,
+        n_positions=n_positions,
         vocab_size=VOCAB,
         bos_token_id=1,
         eos_token_id=1,
@@ -299,6 +438,32 @@ def test_transformers_gpt2(attn_implementation: str, layout: str, expected: dict
     assert report.call == "transformers GPT2LMHeadModel"
     assert verdicts(report) == expected, str(report)
     assert report["padding"].detail == "pad ids and pad embeddings (transformer.wte)"
+
+
+def test_fixed_blocks_as_long_as_the_position_limit_are_audited_within_it() -> None:
+    """transformers' ``group_texts`` recipe: unpadded rows of exactly ``n_positions`` tokens, no ``position_ids``. The
+    appended pad columns get explicit positions, 0, inside the limit; a call that drops them cannot take the pad
+    columns, so padding is reported as not audited, with the model's error."""
+    input_ids = torch.randint(2, VOCAB, (3, 16), generator=torch.Generator().manual_seed(3))  # (B, L)
+    batch = {"input_ids": input_ids, "attention_mask": torch.ones_like(input_ids), "labels": input_ids.clone()}
+    model = gpt2("sdpa", n_positions=16)
+    report = audit(model, batch)
+    assert verdicts(report) == ALL_PASS_PADDED, str(report)
+    assert report["padding"].detail == (
+        "pad ids and pad embeddings (transformer.wte), on 4 pad columns appended (the batch has none; "
+        "position_ids 0..15 made explicit, pads at 0)"
+    )
+    assert report["padding"].positions == 3 * 16
+    unpositioned = audit(model, batch, forward=lambda m, b: m(input_ids=b["input_ids"], use_cache=False).logits)
+    assert verdicts(unpositioned) == {"finite": True, "causality": True}, str(unpositioned)
+    reason = (
+        "the batch has no padding, and the model failed on it with 4 pad columns appended and position_ids made "
+        "explicit (IndexError: index out of range in self)"
+    )
+    assert unpositioned.skipped == {"padding": reason, "loss": reason, "documents": "not packed (no document_ids)"}
+    decoder_batch = {"input_ids": torch.randint(2, VOCAB, (2, 32)), "labels": torch.randint(2, VOCAB, (2, 32))}
+    decoder_batch["key_padding_mask"] = torch.zeros(2, 32, dtype=torch.bool)
+    assert verdicts(audit(decoder("merged_bool"), decoder_batch)) == ALL_PASS_PADDED  # max_positions=32
 
 
 def test_transformers_with_its_default_kv_cache_attends_across_documents() -> None:

@@ -171,10 +171,26 @@ def test_hparams_summary_logs_a_diverged_run_with_its_nan(
         fit_logged(tiny_data, tiny_model, tmp_path, settings=["strategy", "lr"], lr=1e6, max_steps=8)
     hparams, _, scalars = read_tensorboard(tmp_path / "tensorboard" / "version_0")
     assert hparams == {"strategy": "merged_bool", "lr": 1e6}
-    step = diverged.value.step  # the first step whose train/loss was NaN: where the run stopped
-    ((at, train_loss),) = scalars["summary/final_train_loss"]
-    assert at == step and math.isnan(train_loss) and math.isnan(scalars["train/loss"][-1][1])
-    assert scalars["summary/steps"] == [(step, float(step))]
+    assert diverged.value.step == 1  # the logger step of the first NaN train/loss (the second optimizer step's)
+    last_step, last_loss = scalars["train/loss"][-1]
+    assert last_step == 1 and math.isnan(last_loss)
+    ((at, train_loss),) = scalars["summary/final_train_loss"]  # logged at trainer.global_step: 2 steps trained
+    assert at == 2 and math.isnan(train_loss)
+    assert scalars["summary/steps"] == [(2, 2.0)]
+
+
+def test_a_diverged_run_names_the_step_metrics_csv_logged_the_nan_at(
+    tiny_data: Callable[..., TextDataModule], tiny_model: Callable[..., LitDecoderLM], tmp_path: Path
+) -> None:
+    """model.lr=1e6: the second optimizer step's train/loss is NaN; CSVLogger logs it at step 1 (its steps count
+    from 0), and that is the step DivergedError (summary.json's diverged_at_step) names: compare and the log agree."""
+    with pytest.raises(DivergedError) as diverged:
+        fit_logged(tiny_data, tiny_model, tmp_path, settings=["strategy"], tensorboard=False, lr=1e6, max_steps=8)
+    trained = [(int(r["step"]), float(r["train/loss"])) for r in csv_rows(tmp_path) if r.get("train/loss")]
+    assert [step for step, _ in trained] == [0, 1]
+    assert [math.isfinite(loss) for _, loss in trained] == [True, False]
+    assert diverged.value.step == 1
+    assert str(diverged.value).startswith("train/loss is nan at step 1: training diverged")
 
 
 def test_hparams_summary_refuses_an_unknown_setting_before_training_and_without_tensorboard_does_nothing(
