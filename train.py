@@ -8,7 +8,8 @@ around it (exit codes, refusals in one line, sweeps).
 
 Exit codes of ``python train.py``: 0 finished (or skipped on purpose: skipped.txt), 1 crashed (Hydra prints the
 traceback), 2 a setting that cannot train, an unknown option of a group or value of a choice on the command line,
-or data that cannot be loaded (one line on stderr, no run folder left), 3 diverged (NaN or inf train/loss), 143
+or a data file or tokenizer that cannot be read (one line on stderr, no run folder left; ``HYDRA_FULL_ERROR=1``
+prints the traceback above it), 3 diverged (NaN or inf train/loss), 143
 interrupted by SIGTERM (checkpoint saved, resume with ``ckpt_path``). A sweep (``-m``) runs every job and exits with
 the largest code of its jobs; SIGTERM stops it at once with 143.
 """
@@ -24,6 +25,7 @@ import shlex
 import shutil
 import sys
 import time
+import traceback
 from pathlib import Path
 from typing import Any
 
@@ -290,10 +292,9 @@ def main(cfg: DictConfig) -> float | None:
         output_dir.mkdir(parents=True, exist_ok=True)
         write_atomic(output_dir / SKIPPED_FILE, f"{_run_name()}: {skipped}\n")
         return None
-    except ConfigError as err:
+    except ConfigError as err:  # a setting, or a data file or tokenizer (DataError), that cannot train
         # One line, no traceback: Hydra would print one for an exception that reaches it, and exit 1.
-        job = f"job {hydra_cfg.job.num} ({_run_name()}): " if sweep else ""
-        print(f"train.py: error: {job}{' '.join(str(err).splitlines())}", file=sys.stderr, flush=True)
+        _refuse(err, job=f"job {hydra_cfg.job.num} ({_run_name()}): " if sweep else "")
         _discard_if_empty(output_dir, hydra_files)
         _exit_code = max(_exit_code, EXIT_REFUSED)
         return None
@@ -305,6 +306,14 @@ def main(cfg: DictConfig) -> float | None:
     if summary["status"] == "diverged":
         _exit_code = max(_exit_code, EXIT_DIVERGED)
     return summary["final_val_loss"]  # for Hydra sweepers that optimise a value
+
+
+def _refuse(err: ConfigError, *, job: str = "") -> None:
+    """``err`` as one line on stderr, ``train.py: error: <job><message>``; with ``HYDRA_FULL_ERROR=1`` (Hydra's own
+    switch for its tracebacks) the traceback first, for a refusal that looks wrong."""
+    if os.environ.get("HYDRA_FULL_ERROR") == "1":  # the value Hydra checks for
+        traceback.print_exception(err, file=sys.stderr)
+    print(f"train.py: error: {job}{' '.join(str(err).splitlines())}", file=sys.stderr, flush=True)
 
 
 def _discard_if_empty(folder: Path, own: set[str]) -> None:
@@ -326,7 +335,7 @@ if __name__ == "__main__":
     try:
         sys.argv[1:] = check_overrides(sys.argv[1:])
     except ConfigError as err:
-        print(f"train.py: error: {err}", file=sys.stderr, flush=True)
+        _refuse(err)
         sys.exit(EXIT_REFUSED)
     main()
     if _sweep_dir is not None:

@@ -3,7 +3,8 @@ checks and file writes that every wing uses. Standard library only (no torch, da
 module can import it, and config validation with it loads neither datasets nor Lightning.
 
 - :data:`IGNORE_INDEX`, the label that takes no loss, the tokenizer's special tokens, and a run folder's files;
-- :class:`ConfigError`, a setting that cannot train;
+- :class:`ConfigError`, a setting that cannot train, and :class:`DataError`, a data file or tokenizer that cannot be
+  read;
 - the settings with a fixed set of values (:class:`Choice` and its subclasses), typed in the structured configs so
   that OmegaConf checks them when a config is composed, and checked by the library with :func:`check_choice`;
 - :func:`check_int` (an int that fits int64, at least a minimum), :func:`round_up`, and :func:`atomic_path` /
@@ -31,6 +32,7 @@ __all__ = [
     "Batching",
     "Choice",
     "ConfigError",
+    "DataError",
     "Layout",
     "OnInvalid",
     "PaddingSide",
@@ -61,6 +63,24 @@ SEED_MAX = 2**32 - 1  # numpy's seed range; Lightning's seed_everything replaces
 class ConfigError(ValueError):
     """A setting, or a combination of settings, that cannot train correctly: train.py prints its message as one
     line and exits 2."""
+
+
+class DataError(ConfigError):
+    """A data file or tokenizer that cannot be read: missing, empty, not UTF-8, a line that is not JSON, a text column
+    that is not there or holds no strings, a parquet file or tokenizer JSON that does not parse. The message is one
+    line naming the file (and line) and what to do; ``path`` is the file (None when the data as a whole is at fault),
+    ``line`` its line number where there is one. A :class:`ConfigError`, so train.py prints it as one line and
+    exits 2. It pickles with its fields, so a DataLoader worker can hand it over whole."""
+
+    def __init__(self, message: str, *, path: str | os.PathLike[str] | None = None, line: int | None = None) -> None:
+        super().__init__(message)
+        self.path = None if path is None else str(path)
+        self.line = line
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        # BaseException pickles as type(self)(*self.args) and then its __dict__: path, line and any notes, restored
+        # after the call with the message alone
+        return type(self), (str(self),), self.__dict__
 
 
 class Choice(str, Enum):

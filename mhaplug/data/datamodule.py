@@ -36,6 +36,7 @@ from mhaplug.common import (
     PAD_TOKEN,
     SEED_MAX,
     Batching,
+    DataError,
     Layout,
     PaddingSide,
     Source,
@@ -241,8 +242,10 @@ class TextDataModule(pl.LightningDataModule):
             self._build()
 
     def _build(self) -> None:
+        # A tokenizer the user gave is read first: a bad data.tokenizer_path fails before the corpus is read.
+        given = self._given_tokenizer() if self.hparams.tokenizer_path else None
         if self.hparams.streaming:
-            self._build_stream()
+            self._build_stream(given)
             return
         hp = self.hparams
         store = self._text_store()
@@ -251,17 +254,26 @@ class TextDataModule(pl.LightningDataModule):
         if dropped:
             logger.info("dropped %d empty documents of %d", dropped, count + dropped)
         if count < 2:
-            raise ValueError(f"source={hp.source!r} gave {count} non-empty documents; need at least 2 to split")
+            raise DataError(
+                f"source={hp.source!r}"
+                + (f" (data.path={hp.path!r})" if hp.path else "")
+                + f" gave {count} non-empty documents; need at least 2 (one to train on, one to validate): give it "
+                f"more text"
+            )
         is_val = split_mask(count, hp.val_fraction, hp.seed)
         data_key = cache_key(store.path.stem, hp.seed, hp.val_fraction)
-        self.tokenizer = self._tokenizer(lambda: tokenizer_sample(store, is_val, **self._sample_settings()), data_key)
+        self.tokenizer = given
+        if self.tokenizer is None:
+            self.tokenizer = self._tokenizer(
+                lambda: tokenizer_sample(store, is_val, **self._sample_settings()), data_key
+            )
         token_key = cache_key(data_key, self.tokenizer.to_str(), hp.max_length)
         self.splits = self._tokenise(store, is_val, token_key)
         self._datasets = {}
         self.stats["train_tokens"] = int(self._lengths["train"].sum())
         self._cap_validation()
 
-    def _build_stream(self) -> None:
+    def _build_stream(self, given: Tokenizer | None) -> None:
         """Streaming: the tokenizer from the head of the stream (the first ``tokenizer_sample_mb``), and the
         validation rows from its first documents, up to ``val_max_tokens`` tokens (held out of training)."""
         hp = self.hparams
@@ -282,13 +294,13 @@ class TextDataModule(pl.LightningDataModule):
 
             return texts(), drawn
 
-        self.tokenizer = self._tokenizer(head, key)
+        self.tokenizer = given if given is not None else self._tokenizer(head, key)
         rows, held_out, tokens = [], 0, 0
         stream = _non_empty(documents())
         while tokens < hp.val_max_tokens:
             texts = list(itertools.islice(stream, 64))
             if not texts:
-                raise ValueError(
+                raise DataError(
                     f"the stream holds only {held_out} documents ({tokens} tokens), all held out for validation by "
                     f"val_max_tokens={hp.val_max_tokens}; lower val_max_tokens, or stream a larger corpus"
                 )
@@ -348,17 +360,31 @@ class TextDataModule(pl.LightningDataModule):
         self.stats["val_tokens"] = int(self._lengths["val"].sum())
         self.stats["val_rows"] = len(self._lengths["val"])
 
-    def _tokenizer(self, sample: Callable[[], tuple[Iterator[str], dict[str, int]]], data_key: str) -> Tokenizer:
+    def _given_tokenizer(self) -> Tokenizer:
+        """The tokenizer at ``tokenizer_path``, checked; a DataError naming the file if it cannot be used (never
+        replaced by another: it is the user's)."""
         hp = self.hparams
-        if hp.tokenizer_path:
-            name = f"tokenizer_path={hp.tokenizer_path!r}"
-            try:
-                tokenizer = Tokenizer.from_file(str(hp.tokenizer_path))
-            except Exception as error:  # noqa: BLE001 (tokenizers raises a bare Exception that names no file)
-                raise ValueError(
-                    f"{name} is not a tokenizers JSON file ({error}); give a tokenizer.json saved by tokenizers"
-                ) from None
-            return self._check_tokenizer(tokenizer, name)
+        path = Path(hp.tokenizer_path).expanduser()
+        name = f"data.tokenizer_path={hp.tokenizer_path!r}"
+        if not path.is_file():
+            raise DataError(
+                f"{name} {'is a directory' if path.is_dir() else 'does not exist'}; give the path of a tokenizer.json "
+                f"(tokenizers' Tokenizer.save writes one), or leave data.tokenizer_path unset to train one",
+                path=path,
+            )
+        try:
+            tokenizer = Tokenizer.from_file(str(path))
+        except Exception as error:  # noqa: BLE001 (tokenizers raises a bare Exception that names no file)
+            detail = " ".join(str(error).split())
+            raise DataError(
+                f"{name} is not a tokenizers JSON file ({detail}); give a tokenizer.json saved by tokenizers",
+                path=path,
+            ) from None
+        return self._check_tokenizer(tokenizer, name, path=path)
+
+    def _tokenizer(self, sample: Callable[[], tuple[Iterator[str], dict[str, int]]], data_key: str) -> Tokenizer:
+        """A byte-level BPE trained on ``sample()``, cached by ``data_key`` and the tokenizer's settings."""
+        hp = self.hparams
         key = cache_key(data_key, hp.vocab_size, self._sample_settings())
         path = self.cache_dir / "tokenizers" / f"bpe-{key}.json"
 
@@ -380,14 +406,21 @@ class TextDataModule(pl.LightningDataModule):
             path, read=lambda p: self._check_tokenizer(Tokenizer.from_file(str(p)), f"tokenizer {p}"), build=build
         )
 
-    def _check_tokenizer(self, tokenizer: Tokenizer, name: str) -> Tokenizer:
+    def _check_tokenizer(self, tokenizer: Tokenizer, name: str, *, path: Path | None = None) -> Tokenizer:
+        """``tokenizer`` if it has the special tokens at their ids and fits ``vocab_size``, else a DataError naming
+        it (``name``; ``path``: the user's file, None for a cache entry, which is then rebuilt)."""
         for token, expected in ((PAD_TOKEN, 0), (EOS_TOKEN, 1)):
             if tokenizer.token_to_id(token) != expected:
-                raise ValueError(f"{name} must have {token} with id {expected}, got {tokenizer.token_to_id(token)}")
+                raise DataError(
+                    f"{name} must have {token} with id {expected}, got {tokenizer.token_to_id(token)}; give a "
+                    f"tokenizer with both special tokens at those ids (as mhaplug trains them)",
+                    path=path,
+                )
         if tokenizer.get_vocab_size() > self.hparams.vocab_size:
-            raise ValueError(
+            raise DataError(
                 f"{name} has {tokenizer.get_vocab_size()} tokens, more than vocab_size={self.hparams.vocab_size}; "
-                f"set vocab_size >= {tokenizer.get_vocab_size()} (it sizes the model's embedding)"
+                f"set vocab_size >= {tokenizer.get_vocab_size()} (it sizes the model's embedding)",
+                path=path,
             )
         return tokenizer
 

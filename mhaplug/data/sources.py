@@ -11,7 +11,8 @@ Sources (``source=``):
   tiny and fast, for tests.
 - ``text_files``: local ``.txt`` (a document per line), ``.jsonl`` / ``.json`` or ``.parquet`` files (``path`` may be a
   file, a glob or a list), each read by its own extension into memory (:func:`read_text_files`): nothing is
-  written to the Hugging Face cache, and a bad file raises naming the file and line.
+  written to the Hugging Face cache, and a bad file raises :class:`mhaplug.common.DataError` naming the file and
+  line.
 - ``hf``: any ``datasets.load_dataset(path, name, split=split)``: a hub name, or a local path (loaded offline). When
   the hub cannot be reached (or ``HF_HUB_OFFLINE=1``) a hub name loads from the local cache only, and fails at once
   with one line (:class:`mhaplug.common.ConfigError`) when it is not there.
@@ -37,7 +38,7 @@ from typing import Any
 import datasets
 import pyarrow as pa
 
-from mhaplug.common import ConfigError
+from mhaplug.common import ConfigError, DataError
 from mhaplug.data.cache import cache_key, cached, default_cache_dir
 
 __all__ = [
@@ -166,12 +167,20 @@ class Documents:
         data = load_hf(self.path, self.name, self.split, streaming=self.streaming)
         columns = data.column_names if data.column_names is not None else list(data.features or {})
         if columns and self.text_column not in columns:
-            raise ValueError(f"text_column={self.text_column!r} is not in the data; its columns are {columns}")
+            raise DataError(
+                f"data.path={self.path!r}: text_column={self.text_column!r} is not in the data; its columns are "
+                f"{columns}; set data.text_column",
+                path=self.path,
+            )
         if self.streaming:
             return (row[self.text_column] for row in data)
         column = data.data.column(self.text_column)
         if not pa.types.is_string(column.type) and not pa.types.is_large_string(column.type):
-            raise ValueError(f"text_column={self.text_column!r} holds {column.type}, not strings")
+            raise DataError(
+                f"data.path={self.path!r}: text_column={self.text_column!r} holds {column.type}, not strings; set "
+                f"data.text_column to a column of strings",
+                path=self.path,
+            )
         return (text for chunk in column.chunks for text in chunk.to_pylist())  # a chunk of the table at a time
 
 
@@ -193,14 +202,20 @@ def iter_text_files(path: str | Sequence[str], *, text_column: str = "text") -> 
 
     ``.txt``, ``.jsonl`` and ``.parquet`` are read a line (a batch) at a time, so memory does not grow with the file.
     Nothing is written anywhere (``datasets.load_dataset`` would keep a copy in the Hugging Face cache). A null text
-    is an empty document (dropped and counted later). Every bad input raises, naming the file and, where it
-    applies, the line: a missing file, an unknown extension, an empty file, bytes that are not UTF-8, a line that
-    is not JSON, a missing text field or one that is not a string. The files are all checked to exist before the
-    first document is read.
+    is an empty document (dropped and counted later). Every bad input raises :class:`mhaplug.common.DataError`, naming
+    the file and, where it applies, the line: a missing file, an unknown extension, an empty file, a file that cannot
+    be read, bytes that are not UTF-8, a line that is not JSON, a missing text field or one that is not a string, a
+    parquet file that does not parse. The files are all checked to exist before the first document is read.
     """
     files = data_files(path)
     for file in files:
-        yield from _READERS[file.suffix.lower()](file, text_column)
+        try:
+            yield from _READERS[file.suffix.lower()](file, text_column)
+        except OSError as error:  # no permission, removed since data_files looked, an I/O error
+            raise DataError(
+                f"data file {str(file)!r} cannot be read ({error.strerror or error}); check that it is readable",
+                path=file,
+            ) from error
 
 
 def data_files(path: str | Sequence[str]) -> list[Path]:
@@ -210,22 +225,23 @@ def data_files(path: str | Sequence[str]) -> list[Path]:
         if any(char in pattern for char in "*?["):
             matches = sorted(Path(m) for m in glob.glob(pattern, recursive=True))
             if not matches:
-                raise FileNotFoundError(f"data path {pattern!r} matches no file; check data.path")
+                raise DataError(f"data path {pattern!r} matches no file; check data.path", path=pattern)
             files += [m for m in matches if not m.is_dir()]
         else:
             files.append(Path(pattern))
     for file in files:
         if file.is_dir():
-            raise ValueError(
-                f"data path {str(file)!r} is a directory: give files or a glob, e.g. {str(file / '*.txt')!r}"
+            raise DataError(
+                f"data path {str(file)!r} is a directory: give files or a glob, e.g. {str(file / '*.txt')!r}", path=file
             )
         if file.suffix.lower() not in _READERS:
-            raise ValueError(
-                f"data path {str(file)!r}: unsupported extension {file.suffix.lower()!r}; use {', '.join(_READERS)}"
+            raise DataError(
+                f"data path {str(file)!r}: unsupported extension {file.suffix.lower()!r}; use {', '.join(_READERS)}",
+                path=file,
             )
     for file in files:
         if not file.exists():
-            raise FileNotFoundError(f"data file {str(file)!r} does not exist; check data.path")
+            raise DataError(f"data file {str(file)!r} does not exist; check data.path", path=file)
     return files
 
 
@@ -241,15 +257,21 @@ def _lines(file: Path) -> Iterator[tuple[int, str]]:
                 line = raw[start:].decode("utf-8")
             except UnicodeDecodeError as error:
                 at = offset + start + error.start
-                raise ValueError(
+                raise DataError(
                     f"data file {str(file)!r}, line {number}: not UTF-8 (byte 0x{raw[start + error.start]:02x} at "
-                    f"byte offset {at}); convert the file to UTF-8, e.g. iconv -f latin1 -t utf-8"
+                    f"byte offset {at}); convert the file to UTF-8, e.g. iconv -f latin1 -t utf-8",
+                    path=file,
+                    line=number,
                 ) from None
             offset += len(raw)
             seen_text = seen_text or bool(line.strip())
             yield number, line[:-2] if line.endswith("\r\n") else line.removesuffix("\n")
     if not seen_text:
-        raise ValueError(f"data file {str(file)!r} is empty: remove it from data.path, or give it text")
+        raise _empty(file)
+
+
+def _empty(file: Path) -> DataError:
+    return DataError(f"data file {str(file)!r} is empty: remove it from data.path, or give it text", path=file)
 
 
 def _read_txt(file: Path, text_column: str) -> Iterator[str | None]:
@@ -263,19 +285,39 @@ def _json_kind(value: Any) -> str:
     )
 
 
-def _document(row: Any, text_column: str, where: str) -> str | None:
-    # ValueError: a file's content is a bad value, not a programming error
+def _document(
+    row: Any, text_column: str, file: Path, *, line: int | None = None, item: int | None = None
+) -> str | None:
+    """The text of a JSON row of ``file`` (at ``line``, or ``item`` of a JSON array), or a DataError naming where."""
+    where = f"data file {str(file)!r}, " + (f"line {line}" if item is None else f"item [{item}]")
     if not isinstance(row, dict):
-        raise ValueError(f"{where}: a JSON {_json_kind(row)}, not an object with a {text_column!r} field")  # noqa: TRY004
+        raise DataError(
+            f"{where}: a JSON {_json_kind(row)}, not an object with a {text_column!r} field", path=file, line=line
+        )
     if text_column not in row:
-        raise ValueError(
-            f"{where}: text_column={text_column!r} is not in the row; its fields are {list(row)}; set data.text_column"
+        raise DataError(
+            f"{where}: text_column={text_column!r} is not in the row; its fields are {list(row)}; set data.text_column",
+            path=file,
+            line=line,
         )
     text = row[text_column]
     if text is not None and not isinstance(text, str):
-        raise ValueError(
-            f"{where}: text_column={text_column!r} holds {reprlib.repr(text)} ({type(text).__name__}), not a string"
+        raise DataError(
+            f"{where}: text_column={text_column!r} holds {reprlib.repr(text)} ({type(text).__name__}), not a string; "
+            f"set data.text_column to a field of strings",
+            path=file,
+            line=line,
         )
+    if text is not None and not text.isascii():  # isascii is O(1); only JSON escapes make text that is not Unicode
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError as error:
+            raise DataError(
+                f"{where}: text_column={text_column!r} holds a lone surrogate (\\u{ord(text[error.start]):04x} at "
+                f"character {error.start}), which is not Unicode text; fix the escape, or drop the row",
+                path=file,
+                line=line,
+            ) from None
     return text
 
 
@@ -290,12 +332,14 @@ def _jsonl_rows(file: Path, lines: Iterable[tuple[int, str]], text_column: str) 
         try:
             row = json.loads(line)
         except json.JSONDecodeError as error:
-            raise ValueError(
+            raise DataError(
                 f"data file {str(file)!r}, line {number}: not valid JSON ({error.msg} at column {error.colno}); "
                 f"{file.suffix} files hold one JSON object per line"
-                + (", or one JSON array" if file.suffix.lower() == ".json" else "")
+                + (", or one JSON array" if file.suffix.lower() == ".json" else ""),
+                path=file,
+                line=number,
             ) from None
-        yield _document(row, text_column, f"data file {str(file)!r}, line {number}")
+        yield _document(row, text_column, file, line=number)
 
 
 def _read_json(file: Path, text_column: str) -> Iterator[str | None]:
@@ -307,35 +351,58 @@ def _read_json(file: Path, text_column: str) -> Iterator[str | None]:
     try:
         rows = json.loads(text)
     except json.JSONDecodeError as error:
-        raise ValueError(
-            f"data file {str(file)!r}, line {error.lineno}: not valid JSON ({error.msg} at column {error.colno})"
+        raise DataError(
+            f"data file {str(file)!r}, line {error.lineno}: not valid JSON ({error.msg} at column {error.colno}); "
+            f"a .json file holds one JSON array of objects, or one object per line",
+            path=file,
+            line=error.lineno,
         ) from None
     for i, row in enumerate(rows):
-        yield _document(row, text_column, f"data file {str(file)!r}, item [{i}]")
+        yield _document(row, text_column, file, item=i)
 
 
 def _read_parquet(file: Path, text_column: str) -> Iterator[str | None]:
     import pyarrow as pa  # datasets' own dependency
     import pyarrow.parquet as pq
 
+    def unreadable(error: Exception) -> DataError:
+        detail = " ".join(str(error).split())  # pyarrow's messages may span lines
+        return DataError(
+            f"data file {str(file)!r} is not a readable parquet file ({detail}); check that it was written whole, or "
+            f"remove it from data.path",
+            path=file,
+        )
+
     if file.stat().st_size == 0:
-        raise ValueError(f"data file {str(file)!r} is empty: remove it from data.path, or give it text")
+        raise _empty(file)
     try:
         schema = pq.read_schema(file)
     except (pa.ArrowException, OSError) as error:
-        raise ValueError(f"data file {str(file)!r} is not a readable parquet file ({error})") from None
+        raise unreadable(error) from None
     if text_column not in schema.names:
-        raise ValueError(
+        raise DataError(
             f"data file {str(file)!r}: text_column={text_column!r} is not in the file; its columns are "
-            f"{schema.names}; set data.text_column"
+            f"{schema.names}; set data.text_column",
+            path=file,
         )
     kind = schema.field(text_column).type
     if not (pa.types.is_string(kind) or pa.types.is_large_string(kind) or pa.types.is_string_view(kind)):
-        raise ValueError(f"data file {str(file)!r}: text_column={text_column!r} holds {kind}, not strings")
+        raise DataError(
+            f"data file {str(file)!r}: text_column={text_column!r} holds {kind}, not strings; set data.text_column to "
+            f"a column of strings",
+            path=file,
+        )
     reader = pq.ParquetFile(file)
     if reader.metadata.num_rows == 0:
-        raise ValueError(f"data file {str(file)!r} is empty: remove it from data.path, or give it text")
-    for batch in reader.iter_batches(batch_size=4096, columns=[text_column]):
+        raise _empty(file)
+    batches = reader.iter_batches(batch_size=4096, columns=[text_column])
+    while True:
+        try:  # a data page can be damaged under a good footer: found when the batch is read
+            batch = next(batches, None)
+        except (pa.ArrowException, OSError) as error:
+            raise unreadable(error) from None
+        if batch is None:
+            return
         yield from batch.column(0).to_pylist()
 
 

@@ -19,12 +19,18 @@ held out for validation (:class:`mhaplug.data.TextDataModule` reads them once); 
   its ``state_dict`` (Lightning saves it in checkpoints), and restarts each unit there. The DataLoader takes
   batches from its workers in turn, so the resumed loader also turns its workers' roles so that the first batch
   comes from the unit whose turn it was.
+- **Errors in the workers.** A loader worker reads the stream, so it is where a bad line past the head of the stream
+  is found. torch re-raises a worker's exception in the main process as its type made from the worker's formatted
+  traceback, which would bury the one-line message of a :class:`mhaplug.common.ConfigError` (a
+  :class:`~mhaplug.common.DataError`: the file and line) in it. The worker hands such an error over as its next item
+  instead (it pickles whole, with the worker's traceback as a note) and :class:`StreamingLoader` raises it.
 """
 
 from __future__ import annotations
 
 import bisect
 import itertools
+import traceback
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
@@ -33,6 +39,7 @@ import torch
 from tokenizers import Tokenizer
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
+from mhaplug.common import ConfigError
 from mhaplug.data.encode import chunk_rows
 
 __all__ = ["StreamingLoader", "TokenStream", "best_fit_decreasing", "packing_efficiency", "tokenise_documents"]
@@ -135,7 +142,22 @@ class TokenStream(IterableDataset):
             for row in rows
         ]
 
-    def __iter__(self) -> Iterator[dict[str, Any]]:
+    def __iter__(self) -> Iterator[dict[str, Any] | ConfigError]:
+        """The unit's batches; in a loader worker, a :class:`~mhaplug.common.ConfigError` (bad data) as the last item
+        (the module docstring says why), to be raised by :class:`StreamingLoader`."""
+        if get_worker_info() is None:
+            return self._batches()
+        return self._batches_or_error()
+
+    def _batches_or_error(self) -> Iterator[dict[str, Any] | ConfigError]:
+        try:
+            yield from self._batches()
+        except ConfigError as error:
+            info = get_worker_info()
+            error.add_note(f"raised in DataLoader worker process {info.id}:\n" + traceback.format_exc())
+            yield error
+
+    def _batches(self) -> Iterator[dict[str, Any]]:
         info = get_worker_info()
         workers, worker = (info.num_workers, info.id) if info is not None else (1, 0)
         logical = (worker + self.rotation) % workers
@@ -159,7 +181,7 @@ class TokenStream(IterableDataset):
                         pending = []
                         yield batch
             if not found:
-                raise ValueError(
+                raise ConfigError(
                     f"the stream has no training window for unit {unit} of {units} (rank {self.rank}, worker "
                     f"{logical}): it holds fewer than {units} windows of data.stream_buffer={self.buffer} documents "
                     f"after the {self.skip} held out; lower data.stream_buffer, data.num_workers or the number of "
@@ -192,6 +214,8 @@ class StreamingLoader(DataLoader):
         # A generator: the workers start (and copy the dataset's start positions) at the first next(), after any
         # load_state_dict made between iter() and next().
         for batch in super().__iter__():
+            if isinstance(batch, ConfigError):  # from a worker: TokenStream hands it over whole
+                raise batch
             if self.record_on_yield:
                 self.record(batch.pop(STATE_KEY))
             yield batch

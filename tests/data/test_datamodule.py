@@ -14,7 +14,7 @@ import torch
 from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
 
-from mhaplug.common import ConfigError
+from mhaplug.common import ConfigError, DataError
 from mhaplug.data import TextDataModule, cache, sources
 from mhaplug.data.collate import PackCollator, PadCollator
 
@@ -383,9 +383,9 @@ def test_a_parquet_text_column_of_numbers_or_a_missing_one_is_named(tmp_path: Pa
 
 
 def test_a_missing_data_file_or_an_empty_glob_is_named(tmp_path: Path) -> None:
-    with pytest.raises(FileNotFoundError, match=r"data file '.*nowhere.txt' does not exist"):
+    with pytest.raises(DataError, match=r"data file '.*nowhere.txt' does not exist"):
         text_files(tmp_path, str(tmp_path / "nowhere.txt"))
-    with pytest.raises(FileNotFoundError, match=r"data path '.*/\*.jsonl' matches no file"):
+    with pytest.raises(DataError, match=r"data path '.*/\*.jsonl' matches no file"):
         text_files(tmp_path, str(tmp_path / "*.jsonl"))
     with pytest.raises(ValueError, match=r"data path '.*' is a directory: give files or a glob, e.g. '.*/\*.txt'"):
         text_files(tmp_path, str(tmp_path))
