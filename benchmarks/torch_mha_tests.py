@@ -1,4 +1,5 @@
-"""Run PyTorch's own ``test/nn/test_multihead_attention.py`` against ``mhaplug.MultiheadAttention``.
+"""Run PyTorch's own ``test/nn/test_multihead_attention.py`` (or ``test/test_transformers.py``) against
+``mhaplug.MultiheadAttention``.
 
 The test file is run twice (and once more per extra strategy) with pytest, each run in its own subprocess:
 
@@ -15,7 +16,8 @@ The test file is run twice (and once more per extra strategy) with pytest, each 
    ``AssertionError`` with given words, mhaplug's ``ValueError``/``TypeError``/... pass too and are listed, which
    shows whether mhaplug rejects every input torch rejects.
 
-The Markdown report (``benchmarks/results/torch-mha-tests-<device>.md``) has the pass/fail/skip counts of each
+The Markdown report (``benchmarks/results/torch-mha-tests-<device>.md``, or ``torch-transformers-tests-<device>.md``
+for ``test_transformers.py``: :data:`REPORT_NAMES`) has the pass/fail/skip counts of each
 run, a table per strategy of every test whose outcome differs from the stock run (with the first line of the
 failure and a reviewed note where one applies), and a coverage table: how often each test called the layer's
 ``forward`` under mhaplug, and which tests call ``F.multi_head_attention_forward`` or touch
@@ -30,12 +32,22 @@ on GitHub at that tag. Say where it came from with ``--source``. It imports help
 ``pip install expecttest``, or ``pip install --target DIR expecttest`` and ``--extra-path DIR`` to leave the
 environment as it is.
 
+``test/test_transformers.py`` (the ``nn.Transformer*`` and ``nn.MultiheadAttention`` tests of class
+``TestTransformers``, then the SDPA classes, which call ``F.scaled_dot_product_attention`` themselves) comes from the
+same place. It imports ``remove_build_path`` and ``generate_faked_module`` from torch's
+``test/test_cpp_extensions_open_device_registration.py`` (used only by ``TestSDPAPrivateUse1Only``, which builds a
+C++ extension): save that file beside it, or a stub module of that name with the two functions, in a folder given
+with ``--extra-path``. The whole file is long on a CPU; ``--pytest-args -k TestTransformers`` keeps the class that
+builds the layer.
+
 Run from the repository root::
 
     python benchmarks/torch_mha_tests.py /tmp/torch_tests/test_multihead_attention.py
     python benchmarks/torch_mha_tests.py TEST_FILE --strategy merged_bool causal_kpm reference auto
     python benchmarks/torch_mha_tests.py TEST_FILE --extra-path /tmp/torch_tests/site --out /tmp/mha.md
     python benchmarks/torch_mha_tests.py TEST_FILE --relax-errors --source "pytorch/pytorch v2.13.0"
+    python benchmarks/torch_mha_tests.py /tmp/torch_tests/test_transformers.py --strategy auto torch_mha \
+        --extra-path /tmp/torch_tests/site --extra-path /tmp/torch_tests/stub --pytest-args -k TestTransformers
 
 ``--strategy`` defaults to the layer's own default (read from ``mhaplug.MultiheadAttention.__init__``) and takes
 any name in ``mhaplug.STRATEGIES``; several names run one after another, one subprocess at a time, and share one
@@ -68,6 +80,8 @@ import mhaplug
 
 REPO = Path(__file__).resolve().parent.parent
 PLUGIN = "_mhaplug_torch_mha_swap"
+# The report's file name (before -<device>.md) per torch test file; any other file: torch-<stem>-tests
+REPORT_NAMES = {"test_multihead_attention.py": "torch-mha-tests", "test_transformers.py": "torch-transformers-tests"}
 OUTCOMES = ("passed", "failed", "error", "skipped", "xfailed", "xpassed")
 
 # The pytest plugin, written to a temporary folder and loaded with `-p`. Environment: MHAPLUG_SWAP_STRATEGY
@@ -212,7 +226,7 @@ def pytest_sessionfinish(session, exitstatus):
         json.dump({"strategy": STRATEGY, "replaced": _replaced, "exitstatus": int(exitstatus), "tests": _tests}, f)
 '''
 
-# Why a test's outcome differs, from reading the test (torch 2.13's file) and mhaplug's DESIGN.md: (a) a difference
+# Why a test's outcome differs, from reading the test (torch 2.13's files) and mhaplug's DESIGN.md: (a) a difference
 # mhaplug makes on purpose, (b) the test inspects torch's internals, (c) a bug in mhaplug. A row of the report
 # gets the first note whose test name (None: any) and failure-message pattern both match; a row none matches is
 # new and needs reading. Recheck these when the test file or mhaplug changes.
@@ -260,12 +274,57 @@ REVIEWED: list[tuple[str | None, str, str]] = [
             "error with batch_first=False); mhaplug's projection raises it"
         ),
     ),
+    # test_transformers.py
+    (
+        "test_mask_check_fastpath",
+        r"False is not true",
+        (
+            "(b) mocks torch._transformer_encoder_layer_fwd and asserts nn.TransformerEncoderLayer's fast-path "
+            "kernel ran, on nested and on padded input; mhaplug's no-op pre-hook keeps every layer on mhaplug's "
+            "forward on purpose (eval computes what training does, no NaN rows). The nested tensors the encoder "
+            "makes are served: the enable_nested_tensor_True tests with a padding mask pass"
+        ),
+    ),
+    (
+        "test_disable_fastpath",
+        r"False is not true",
+        (
+            "(b) mocks torch._transformer_encoder_layer_fwd and torch._native_multi_head_attention and asserts "
+            "they are called while the fast path is enabled; mhaplug's layer never hands the call to them"
+        ),
+    ),
+    (
+        None,
+        r"does not support torch.jit.script",
+        (
+            "(a) mhaplug.MultiheadAttention refuses torch.jit.script at once, by name (its strategies dispatch in "
+            "Python; the class docstring); torch.compile and torch.export work"
+        ),
+    ),
+    (
+        "test_train_with_is_causal",
+        r"RuntimeError not raised",
+        (
+            "(a) DESIGN section 3: is_causal=True without an attn_mask means 'apply a causal mask' in mhaplug; the "
+            "test asserts torch's RuntimeError for that call"
+        ),
+    ),
+    (
+        "test_multiheadattention_fastpath_attn_mask",
+        r"difference: nan",
+        (
+            "(a) fails in torch itself: random bool masks leave some query rows nothing to attend, torch's eval "
+            "fast path gives NaN there and its training path does not; mhaplug gives both the same 0 rows "
+            "(DESIGN section 3). torch_mha keeps torch's behaviour, so it fails as stock does"
+        ),
+    ),
 ]
 
 # What a test's source (with the helpers it calls through self.) says about what it exercises.
 SOURCE_FLAGS = {
     "calls F.multi_head_attention_forward": "multi_head_attention_forward(",
     "patches/needs torch._native_multi_head_attention (fast path)": "_native_multi_head_attention",
+    "patches torch._transformer_encoder_layer_fwd (encoder layer fast path)": "_transformer_encoder_layer_fwd",
     "nested tensors": "torch.nested",
     "torch.compile": "torch.compile(",
     "torch.jit": "torch.jit.",
@@ -425,7 +484,7 @@ def build_report(
     slug = device_slug(torch.device("cuda" if torch.cuda.is_available() else "cpu"))
     swapped = sorted({name for run in runs.values() for name in run["replaced"]})
     lines = [
-        "# torch's test_multihead_attention.py against mhaplug.MultiheadAttention",
+        f"# torch's {test_file.name} against mhaplug.MultiheadAttention",
         "",
         f"- command: `python {shlex.join(sys.argv)}`",
         (
@@ -441,6 +500,7 @@ def build_report(
         "test file is imported, by a subclass of `mhaplug.MultiheadAttention` with that default strategy, under "
         "these names: " + ", ".join(f"`{n}`" for n in swapped),
     ]
+    lines += [f"- note: {note}" for note in args.note]
     if relaxed:
         lines += [
             (
@@ -532,7 +592,11 @@ def build_report(
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("test_file", type=Path, help="torch's test/nn/test_multihead_attention.py (see the docstring)")
+    parser.add_argument(
+        "test_file",
+        type=Path,
+        help="torch's test/nn/test_multihead_attention.py or test/test_transformers.py (see the docstring)",
+    )
     parser.add_argument(
         "--strategy",
         nargs="+",
@@ -552,7 +616,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--source", default="", help="where the test file came from (repository, tag or commit), for the report"
     )
     parser.add_argument(
-        "--out", type=Path, help="Markdown file (default benchmarks/results/torch-mha-tests-<device>.md)"
+        "--note", action="append", default=[], metavar="TEXT", help="a line for the report's header (repeatable)"
+    )
+    parser.add_argument(
+        "--out", type=Path, help="Markdown file (default benchmarks/results/<REPORT_NAMES>-<device>.md)"
     )
     parser.add_argument(
         "--extra-path",
@@ -576,7 +643,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     slug = device_slug(torch.device("cuda" if torch.cuda.is_available() else "cpu"))
-    out_path = args.out or Path(__file__).resolve().parent / "results" / f"torch-mha-tests-{slug}.md"
+    name = REPORT_NAMES.get(args.test_file.name, f"torch-{args.test_file.stem.removeprefix('test_')}-tests")
+    out_path = args.out or Path(__file__).resolve().parent / "results" / f"{name}-{slug}.md"
     with tempfile.TemporaryDirectory(prefix="mhaplug-torch-tests-") as tmp:
         workdir = args.keep.resolve() if args.keep else Path(tmp)
         workdir.mkdir(parents=True, exist_ok=True)

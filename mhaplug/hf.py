@@ -41,6 +41,7 @@ from __future__ import annotations
 import functools
 import math
 from collections.abc import Callable
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
@@ -50,7 +51,7 @@ from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 from mhaplug.attention import STRATEGIES, masks, strategies
-from mhaplug.attention.plan import plan_attention
+from mhaplug.attention.plan import AttentionPlan, plan_attention
 
 __all__ = ["IMPLEMENTATIONS", "attention_forward", "padding_mask", "register"]
 
@@ -141,7 +142,7 @@ def attention_forward(
                 f"attn_implementation='mhaplug' does not support {name} (this model passes {name}="
                 f"{kwargs[name]!r}); use attn_implementation='eager' for this model"
             )
-    batch_size, num_heads, length, head_dim = query.shape
+    batch_size, _heads_count, length, head_dim = query.shape
     if (attention_mask is not None and attention_mask.dim() != 2) or key.shape[2] != length:
         return sdpa_attention_forward(
             module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, is_causal=is_causal, **kwargs
@@ -154,18 +155,18 @@ def attention_forward(
         document_ids = segments if is_pad is None else segments.masked_fill(is_pad, -1)  # (B, L), -1 on pads
     if scaling is not None and not math.isclose(scaling, head_dim**-0.5, rel_tol=1e-12):
         query = query * (scaling * head_dim**0.5)  # the kernels scale by 1/sqrt(D)
-    qkv = _flat_qkv(query, key, value)  # (B * L, 3 * H * D)
     if strategy != "auto" and document_ids is not None and not causal:
         raise NotImplementedError(
             f"attn_implementation='mhaplug_{strategy}' has no bidirectional document mask for packed rows; "
             f"use attn_implementation='mhaplug'"
         )
-    plan = plan_attention(strategy, batch_size, length, key_padding_mask=is_pad, document_ids=document_ids)
+    if strategy == "auto" and document_ids is not None and not masks.host_read_is_free(document_ids):
+        plan = _plan_on_host(batch_size, length, is_pad, document_ids)  # a row per document, not (B, 1, L, L)
+    else:
+        plan = plan_attention(strategy, batch_size, length, key_padding_mask=is_pad, document_ids=document_ids)
     window = kwargs.get("sliding_window")
     dropout_p = dropout if module.training else 0.0
-    out = _attend(qkv, plan, num_heads, head_dim, causal=causal, window=window, dropout_p=dropout_p, strategy=strategy)
-    out = _scatter(out, plan.token_index, batch_size * length)  # (B * L, H * D)
-    return out.view(batch_size, length, num_heads, head_dim), None
+    return _attend(query, key, value, plan, causal=causal, window=window, dropout_p=dropout_p, strategy=strategy), None
 
 
 def document_segments(
@@ -201,56 +202,181 @@ def document_segments(
     return starts.cumsum(1) - 1
 
 
-def _flat_qkv(query: Tensor, key: Tensor, value: Tensor) -> Tensor:
-    """(B, H, L, D), (B, H_kv, L, D) x 2 -> (B * L, 3 * H * D): per token its query, key and value heads, the key
-    and value heads repeated to H (grouped-query attention)."""
-    batch_size, num_heads, length, head_dim = query.shape
-    groups = num_heads // key.shape[1]
+def _plan_on_host(batch_size: int, length: int, is_pad: Tensor | None, document_ids: Tensor) -> AttentionPlan:
+    """The CPU's plan (a row per document, in length buckets) for tensors on an accelerator: the ids read back
+    once (a host-device synchronisation), the plan's indices and masks moved to the device."""
+    device = document_ids.device
+    plan = plan_attention(
+        "auto", batch_size, length, key_padding_mask=None if is_pad is None else is_pad.cpu(),
+        document_ids=document_ids.cpu(),
+    )  # fmt: skip
 
-    def tokens(x: Tensor, repeat: int) -> Tensor:  # (B, h, L, D) -> (B, L, H, D)
-        x = x.transpose(1, 2)
-        if repeat > 1:
-            x = x[:, :, :, None].expand(batch_size, length, x.shape[2], repeat, head_dim).flatten(2, 3)
-        return x
+    def moved(t: Tensor | None) -> Tensor | None:
+        return None if t is None else t.to(device, non_blocking=True)
 
-    qkv = torch.stack([tokens(query, 1), tokens(key, groups), tokens(value, groups)], dim=2)  # (B, L, 3, H, D)
-    return qkv.view(batch_size * length, 3 * num_heads * head_dim)
+    layouts = tuple(
+        replace(lay, index=moved(lay.index), key_padding_mask=moved(lay.key_padding_mask)) for lay in plan.layouts
+    )
+    return replace(plan, token_index=moved(plan.token_index), layouts=layouts)
 
 
 def _attend(
-    qkv: Tensor,
-    plan: Any,
-    num_heads: int,
-    head_dim: int,
+    query: Tensor,
+    key: Tensor,
+    value: Tensor,
+    plan: AttentionPlan,
     *,
     causal: bool,
     window: int | None,
     dropout_p: float,
     strategy: str,
 ) -> Tensor:
-    """The plan's kernel calls over the flat tokens: (B * L, 3 * H * D) -> (N, H * D), in the plan's token order."""
-    tokens = qkv if plan.token_index is None else qkv.index_select(0, plan.token_index)  # (N, 3HD)
+    """The plan's kernel calls: query (B, H, L, D), key and value (B, H_kv, L, D) -> (B, L, H, D).
+
+    The calls' layouts are laid end to end as one list of slots, each slot a token of the batch, so that every
+    tensor is gathered once into the slots and the output once back (an index_select each way, whose backward is
+    one index_add): a pad slot of a layout holds a copy of a real token, which its padding mask (or, for
+    left-aligned documents under the causal mask, its place to the right of every real query) keeps unseen.
+    """
+    batch_size, num_heads, length, head_dim = query.shape
+    total = batch_size * length
+    whole = plan.token_index is None and len(plan.layouts) == 1 and plan.layouts[0].index is None
+    routes = None if whole else _routes(plan, total, query.device)
+    bounds = [(0, total)] if routes is None else routes.bounds
+    gathered = [_tokens(x) if routes is None else routes.into_slots(_tokens(x)) for x in (query, key, value)]
     outs = []
-    for lay in plan.layouts:
-        rows, length = lay.batch_size, lay.seq_len
-        padded = _scatter(tokens[lay.start : lay.stop], lay.index, rows * length)  # (rows * length, 3HD)
-        q, k, v = padded.view(rows, length, 3, num_heads, head_dim).permute(2, 0, 3, 1, 4)  # 3 x (rows, H, len, D)
-        attn_mask, is_causal = plan.attn_mask, causal and plan.is_causal
-        if window is not None and window < length:
+    for lay, (start, stop) in zip(plan.layouts, bounds):
+        rows, width = lay.batch_size, lay.seq_len
+        if rows * width == 0:
+            continue
+        q, k, v = (_heads(x[start:stop], rows, width, num_heads, head_dim) for x in gathered)  # (rows, H, width, D)
+        attn_mask, is_causal, kpm = plan.attn_mask, causal and plan.is_causal, lay.key_padding_mask
+        if window is not None and window < width:
             if attn_mask is not None:
                 raise NotImplementedError(
                     f"attn_implementation='mhaplug_{strategy}' has no sliding window on packed rows; use "
                     f"attn_implementation='mhaplug'"
                 )
-            attn_mask, is_causal = masks.is_masked_from_keep(_window_keep(length, window, causal, q.device)), False
+            attn_mask, is_causal = masks.is_masked_from_keep(_window_keep(width, window, causal, q.device)), False
+        if strategy == "auto" and causal and _right_padded(kpm):
+            kpm = None  # pads only right of every real query: causality alone keeps them unseen
         call = strategies.AttentionCall(
-            q=q, k=k, v=v, key_padding_mask=lay.key_padding_mask, attn_mask=attn_mask, is_causal=is_causal,
-            dropout_p=dropout_p, src_len=length, extra_keys=0,
+            q=q, k=k, v=v, key_padding_mask=kpm, attn_mask=attn_mask, is_causal=is_causal,
+            dropout_p=dropout_p, src_len=width, extra_keys=0,
         )  # fmt: skip
-        out, _served_by = strategies.dispatch(strategy, call)  # (rows, H, len, D)
-        out = out.transpose(1, 2).reshape(rows * length, num_heads * head_dim)
-        outs.append(out if lay.index is None else out.index_select(0, lay.index))
-    return outs[0] if len(outs) == 1 else torch.cat(outs)
+        out, _served_by = strategies.dispatch(strategy, call)  # (rows, H, width, D)
+        outs.append(out.transpose(1, 2).reshape(rows * width, num_heads * head_dim))
+    if not outs:  # no real token at all
+        return query.new_zeros(batch_size, length, num_heads, head_dim)
+    out = outs[0] if len(outs) == 1 else torch.cat(outs)  # (slots, H * D)
+    if routes is not None:
+        out = routes.out_of_slots(out)  # (B * L, H * D)
+    return out.view(batch_size, length, num_heads, head_dim)
+
+
+def _right_padded(kpm: Tensor | None) -> bool:
+    """Whether a layout's padding mask has pads, all of them after every real token of their row (read where
+    that is free: on the CPU)."""
+    return kpm is not None and masks.host_read_is_free(kpm) and not masks.has_pad_before_real_token(kpm)
+
+
+def _tokens(x: Tensor) -> Tensor:
+    """(B, h, L, D) -> (B * L, h * D): a view where x lies as (B, L, h, D) in memory, as projections leave it."""
+    batch_size, heads, length, head_dim = x.shape
+    return x.transpose(1, 2).reshape(batch_size * length, heads * head_dim)
+
+
+def _heads(x: Tensor, rows: int, width: int, num_heads: int, head_dim: int) -> Tensor:
+    """(rows * width, h * D) -> (rows, H, width, D), key/value heads repeated to H (grouped-query attention)."""
+    heads = x.shape[1] // head_dim
+    x = x.view(rows, width, heads, head_dim)
+    if heads != num_heads:
+        x = (
+            x[:, :, :, None]
+            .expand(rows, width, heads, num_heads // heads, head_dim)
+            .reshape(rows, width, num_heads, head_dim)
+        )
+    return x.transpose(1, 2)
+
+
+@dataclass(frozen=True)
+class _Routes:
+    """Where the batch's B * L tokens go in the slots of the plan's layouts (laid end to end) and back.
+
+    Attributes:
+        source: (slots,) the token each slot holds; a pad slot holds a real token of its layout.
+        is_pad_slot: (slots,) True where the slot is a layout's padding.
+        destination: (B * L,) the slot holding each real token (0 for the batch's pads).
+        is_pad_token: (B * L,) True where the token is in no slot (the batch's padding).
+        bounds: each layout's [start, stop) in the slots.
+    """
+
+    source: Tensor
+    is_pad_slot: Tensor
+    destination: Tensor
+    is_pad_token: Tensor
+    bounds: list[tuple[int, int]]
+
+    def into_slots(self, tokens: Tensor) -> Tensor:
+        """(B * L, F) -> (slots, F). The backward is a gather too, not an index_add: the real slots and the real
+        tokens are one to one, and a pad slot's gradient is exactly 0 (its output is never read, and its key and
+        value are masked from every real query, or unseen to the right of them under the causal mask)."""
+        return _Gather.apply(tokens, self.source, None, self.destination, self.is_pad_token)
+
+    def out_of_slots(self, slots: Tensor) -> Tensor:
+        """(slots, F) -> (B * L, F), zeros at the batch's pads (whose outputs nothing should read)."""
+        return _Gather.apply(slots, self.destination, self.is_pad_token, self.source, self.is_pad_slot)
+
+
+class _Gather(torch.autograd.Function):
+    """``y = x[index]``, rows where ``zero`` is True set to 0; the backward ``g[inverse]``, rows where
+    ``inverse_zero`` is True set to 0. Exact where each row of ``x`` either is read by exactly one row of ``y``
+    that ``inverse`` points back to, or gets no gradient (``inverse_zero``), and every other row of ``y`` has a
+    zero gradient: :class:`_Routes` guarantees both."""
+
+    @staticmethod
+    def forward(
+        ctx: Any, x: Tensor, index: Tensor, zero: Tensor | None, inverse: Tensor, inverse_zero: Tensor | None
+    ) -> Tensor:
+        ctx.save_for_backward(inverse, inverse_zero)
+        y = x.index_select(0, index)
+        return y if zero is None else y.masked_fill_(zero[:, None], 0.0)
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, None, None, None, None]:
+        inverse, inverse_zero = ctx.saved_tensors
+        grad_x = grad.index_select(0, inverse)
+        if inverse_zero is not None:
+            grad_x.masked_fill_(inverse_zero[:, None], 0.0)
+        return grad_x, None, None, None, None
+
+
+def _routes(plan: AttentionPlan, total: int, device: torch.device) -> _Routes:
+    """The :class:`_Routes` of a plan over B * L = ``total`` tokens."""
+    tokens = plan.token_index if plan.token_index is not None else torch.arange(total, device=device)
+    sources, pad_slots, bounds, offset = [], [], [], 0
+    destination = torch.zeros(total, dtype=torch.int64, device=device)
+    is_pad_token = torch.ones(total, dtype=torch.bool, device=device)
+    for lay in plan.layouts:
+        size = lay.batch_size * lay.seq_len
+        own = tokens[lay.start : lay.stop]  # (n,) this layout's tokens
+        if lay.index is None:
+            source, slots = own, torch.arange(size, device=device)
+            pad_slot = torch.zeros(size, dtype=torch.bool, device=device)
+        else:
+            fill = own[:1] if own.numel() else torch.zeros(1, dtype=torch.int64, device=device)
+            source = fill.expand(size).clone()
+            source[lay.index] = own
+            slots = lay.index
+            pad_slot = torch.ones(size, dtype=torch.bool, device=device)
+            pad_slot[lay.index] = False
+        destination[own] = offset + slots
+        is_pad_token[own] = False
+        sources.append(source)
+        pad_slots.append(pad_slot)
+        bounds.append((offset, offset + size))
+        offset += size
+    return _Routes(torch.cat(sources), torch.cat(pad_slots), destination, is_pad_token, bounds)
 
 
 def _window_keep(length: int, window: int, causal: bool, device: torch.device) -> Tensor:
@@ -259,13 +385,6 @@ def _window_keep(length: int, window: int, causal: bool, device: torch.device) -
     offsets = torch.arange(length, device=device)
     distance = offsets[:, None] - offsets[None, :]  # q - kv
     return (distance >= 0) & (distance < window) if causal else distance.abs() <= window
-
-
-def _scatter(rows: Tensor, index: Tensor | None, total: int) -> Tensor:
-    """(N, F) -> (total, F), row i at ``index[i]``, zeros elsewhere (``index`` None: as they are)."""
-    if index is None:
-        return rows
-    return rows.new_zeros(total, rows.shape[1]).index_copy(0, index, rows)
 
 
 register()

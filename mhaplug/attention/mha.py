@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from mhaplug.attention import merge, strategies
+from mhaplug.attention import merge, nested, strategies
 from mhaplug.attention.inputs import check_inputs
 from mhaplug.attention.strategies import DEFAULT_STRATEGY, STRATEGIES, AttentionCall
 from mhaplug.attention.unpad import TokenLayout
@@ -59,9 +59,10 @@ class MultiheadAttention(nn.MultiheadAttention):
     update it).
 
     Inside ``nn.TransformerEncoderLayer`` the layer's inference fast path would skip this ``forward``; a no-op
-    forward pre-hook keeps it out (see :func:`mhaplug.attention.swap_attention`, which also turns off
-    ``nn.TransformerEncoder``'s
-    nested-tensor conversion). ``torch.compile`` and ``torch.export`` work; ``torch.jit.script`` does not.
+    forward pre-hook keeps it out (see :func:`mhaplug.attention.swap_attention`). Nested query/key/value, which
+    ``nn.TransformerEncoder`` makes in eval mode from a ``src_key_padding_mask``, are served too (padded once, by
+    the strategy, returned nested: :mod:`mhaplug.attention.nested`). ``torch.compile`` and ``torch.export`` work;
+    ``torch.jit.script`` does not.
     """
 
     def __init__(
@@ -159,7 +160,10 @@ class MultiheadAttention(nn.MultiheadAttention):
 
         Args:
             query: (L, B, E), or (B, L, E) with ``batch_first=True``, or unbatched (L, E). B may be 0: the
-                output (and weights) are empty, shaped as torch's.
+                output (and weights) are empty, shaped as torch's. Or a nested tensor (B, j, E), strided or
+                jagged, with nested key and value: batch first whatever ``batch_first`` says (nested tensors have
+                no other layout), no ``key_padding_mask`` or ``attn_mask`` (the nested tensors are the padding
+                mask); ``is_causal`` applies per sequence. See :meth:`_forward_nested`.
             key, value: (S, B, kdim / vdim), batch first (B, S, ...), or unbatched (S, ...).
             key_padding_mask: (B, S) or unbatched (S,), bool True = padding; or float, added to the scores.
             need_weights: also return attention weights (explicit softmax, as torch).
@@ -171,9 +175,74 @@ class MultiheadAttention(nn.MultiheadAttention):
                 mask is causal (checked by the causal strategies, intersected by the others).
 
         Returns:
-            ``(output, weights)``: output shaped like ``query`` with E features; weights (B, L, S') averaged
-            or (B, H, L, S'), S' = S plus add_bias_kv / add_zero_attn columns, or None.
+            ``(output, weights)``: output shaped like ``query`` with E features (nested like a nested ``query``);
+            weights (B, L, S') averaged or (B, H, L, S'), S' = S plus add_bias_kv / add_zero_attn columns, or None.
         """
+        if nested.any_nested(query, key, value):
+            return self._forward_nested(
+                query, key, value, key_padding_mask, need_weights, attn_mask, average_attn_weights, is_causal
+            )
+        return self._forward_padded(
+            query, key, value, key_padding_mask, need_weights, attn_mask, average_attn_weights, is_causal
+        )
+
+    def _forward_nested(
+        self,
+        query: Tensor,
+        key: Tensor,
+        value: Tensor,
+        key_padding_mask: Tensor | None,
+        need_weights: bool,
+        attn_mask: Tensor | None,
+        average_attn_weights: bool,
+        is_causal: bool,
+    ) -> tuple[Tensor, Tensor | None]:
+        """:meth:`forward` of nested (B, j, E) query/key/value, as ``nn.TransformerEncoder`` makes them.
+
+        Each distinct input is padded once to (B, L | S, E) with its ``key_padding_mask`` (True = pad)
+        (:func:`mhaplug.attention.nested.unnest`; the cost is in that module's docstring), served exactly as
+        that padded call by the layer's strategy, and the output returned nested, in the query's layout and
+        lengths. Weights, as torch's ``nn.MultiheadAttention`` returns them for nested input: a padded tensor
+        (B, L, S) or (B, H, L, S), L and S the longest query and key, 0 in the rows of padding queries and
+        the columns of padding keys. torch's layer takes nested input on its inference fast path only (eval,
+        no grad, ``batch_first=True``, self-attention, strided layout); this one takes it in training too,
+        with gradients, jagged or strided, and for cross-attention.
+        """
+        call = nested.unnest(
+            query,
+            key,
+            value,
+            key_padding_mask=key_padding_mask,
+            attn_mask=attn_mask,
+            features=(self.embed_dim, self.kdim, self.vdim),
+        )
+        q, k, v = call.query, call.key, call.value  # (B, L, E), (B, S, kdim), (B, S, vdim)
+        if not self.batch_first:  # views in the layer's own layout; `is` between them kept
+            k_t = k.transpose(0, 1)
+            v_t = k_t if v is k else v.transpose(0, 1)
+            q_t = k_t if q is k else q.transpose(0, 1)
+            q, k, v = q_t, k_t, v_t  # (L, B, E), (S, B, kdim), (S, B, vdim)
+        out, weights = self._forward_padded(
+            q, k, v, call.key_is_pad, need_weights, None, average_attn_weights, is_causal
+        )
+        if not self.batch_first:
+            out = out.transpose(0, 1)  # (B, L, E)
+        if weights is not None:
+            weights = nested.zero_pad_queries(weights, call.query_is_pad)
+        return nested.renest(out, like=query), weights
+
+    def _forward_padded(
+        self,
+        query: Tensor,
+        key: Tensor,
+        value: Tensor,
+        key_padding_mask: Tensor | None,
+        need_weights: bool,
+        attn_mask: Tensor | None,
+        average_attn_weights: bool,
+        is_causal: bool,
+    ) -> tuple[Tensor, Tensor | None]:
+        """:meth:`forward` of padded (or unbatched) tensors."""
         check_inputs(self, query, key, value, key_padding_mask, attn_mask, strategy=self.strategy)
         if self.strategy == "torch_mha":
             return self._forward_torch(

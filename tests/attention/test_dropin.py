@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import subprocess
 import sys
@@ -441,8 +442,12 @@ def test_encoder_eval_runs_the_strategy_with_no_nan_rows() -> None:
     assert torch.equal(no_mask_eval, no_mask_train)
 
 
-def test_hand_swapped_encoder_layer_is_not_bypassed_and_nested_input_is_named() -> None:
+def test_hand_swapped_encoder_layer_is_not_bypassed_and_serves_nested_input() -> None:
+    """A layer put in by hand (no swap_attention): the encoder layer's fast path does not bypass it, and the nested
+    tensor nn.TransformerEncoder makes in eval reaches it and is served, with torch's numbers."""
+    torch.manual_seed(0)
     layer = nn.TransformerEncoderLayer(E, H, dim_feedforward=32, dropout=0.0, batch_first=True)
+    torch_encoder = nn.TransformerEncoder(copy.deepcopy(layer), num_layers=1, enable_nested_tensor=True).eval()
     layer.self_attn = MultiheadAttention.from_torch(layer.self_attn)
     src = torch.randn(3, 6, E)
     kpm = masks.is_pad_from_lengths(torch.tensor([6, 3, 1]), 6)  # right padding: torch's nested-tensor path takes it
@@ -451,16 +456,15 @@ def test_hand_swapped_encoder_layer_is_not_bypassed_and_nested_input_is_named() 
         layer(src, src_key_padding_mask=kpm)
     assert layer.self_attn.last_dispatch == "merged_bool"  # the layer's fast path did not bypass it
     encoder = nn.TransformerEncoder(layer, num_layers=1, enable_nested_tensor=True).eval()
-    with (
-        pytest.raises(
-            NotImplementedError, match=r"set encoder.use_nested_tensor = False, or use mhaplug.swap_attention"
-        ),
-        torch.no_grad(),
-        warnings.catch_warnings(),
-    ):
-        # torch's own warning as its encoder makes the nested tensor our layer then refuses
+    nested_seen: list[bool] = []
+    encoder.layers[0].self_attn.register_forward_pre_hook(lambda _, args: nested_seen.append(args[0].is_nested))
+    with torch.no_grad(), warnings.catch_warnings():
+        # torch's own warning as its encoder makes the nested tensor
         warnings.filterwarnings("ignore", "The PyTorch API of nested tensors is in prototype stage", UserWarning)
-        encoder(src, src_key_padding_mask=kpm)
+        got = encoder(src, src_key_padding_mask=kpm)
+        expected = torch_encoder(src, src_key_padding_mask=kpm)
+    assert nested_seen == [True]
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
 
 
 @pytest.mark.parametrize("strategy", ["auto", "merged_bool"])
