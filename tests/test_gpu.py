@@ -169,3 +169,35 @@ def test_decoder_step_with_a_cpu_token_index_never_syncs(packed: bool) -> None:
         finally:
             torch.cuda.set_sync_debug_mode("default")
     torch.testing.assert_close(loss.cpu(), expected.detach(), atol=1e-3, rtol=1e-4)
+
+
+@pytest.mark.parametrize("layout", ["packed", "left"])
+def test_hf_mhaplug_on_cuda_equals_sdpa(layout: str) -> None:
+    """attn_implementation="mhaplug" on CUDA (documents planned on the host, indices moved to the device): the
+    loss and gradients of transformers' sdpa on the same weights (sdpa with use_cache=False keeps documents apart)."""
+    transformers = pytest.importorskip("transformers")
+    import mhaplug.hf  # noqa: F401  registers the names
+    from mhaplug import PackCollator, PadCollator
+
+    generator = torch.Generator().manual_seed(0)
+    docs = [{"input_ids": torch.randint(2, 64, (n,), generator=generator).tolist()} for n in (9, 3, 6, 1, 5, 12)]
+    batch = PackCollator(max_length=16)(docs) if layout == "packed" else PadCollator(padding_side="left")(docs)
+    keys = ("input_ids", "labels", "position_ids") + (("attention_mask",) if layout == "left" else ())
+    batch = {k: batch[k].cuda() for k in keys}
+    models = []
+    for impl in ("mhaplug", "sdpa"):
+        torch.manual_seed(0)
+        config = transformers.LlamaConfig(
+            vocab_size=64, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+            num_key_value_heads=2, max_position_embeddings=64, attn_implementation=impl,
+        )  # fmt: skip
+        models.append(transformers.LlamaForCausalLM(config).cuda())
+    models[1].load_state_dict(models[0].state_dict())
+    losses = []
+    for model in models:
+        loss = model(**batch, use_cache=False).loss
+        loss.backward()
+        losses.append(loss.item())
+    assert losses[0] == pytest.approx(losses[1], abs=1e-4)
+    for (name, p), q in zip(models[0].named_parameters(), models[1].parameters()):
+        torch.testing.assert_close(p.grad, q.grad, atol=1e-4, rtol=1e-3, msg=name)

@@ -47,12 +47,6 @@ def _check_query_key_value(mha: nn.MultiheadAttention, query: Tensor, key: Tenso
     for name, tensor in (("query", query), ("key", key), ("value", value)):
         if not isinstance(tensor, Tensor):
             raise TypeError(f"{name} must be a torch.Tensor, got {type(tensor).__name__}")
-        if tensor.is_nested:
-            raise NotImplementedError(
-                f"{name} is a nested tensor; mhaplug takes padded tensors with key_padding_mask. "
-                f"nn.TransformerEncoder makes nested tensors on its inference fast path: set "
-                f"encoder.use_nested_tensor = False, or use mhaplug.swap_attention(model), which does"
-            )
         if not tensor.is_floating_point():
             raise TypeError(f"{name} must be a floating point tensor, got dtype {tensor.dtype}")
     for name, tensor in (("key", key), ("value", value)):

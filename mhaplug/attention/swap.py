@@ -20,9 +20,9 @@ def swap_attention(model: nn.Module, strategy: str = DEFAULT_STRATEGY) -> dict[s
 
     Each torch layer is replaced by :meth:`MultiheadAttention.from_torch`: the same parameters (the same
     objects: an optimizer built before the swap keeps training them), device, dtype and training mode. mhaplug
-    layers already in the model get ``strategy``. ``nn.TransformerEncoder``'s inference fast path, which would
-    turn padded input into nested tensors and bypass the attention's ``forward``, is switched off
-    (``use_nested_tensor = False``), so that training and evaluation run the same strategy (no NaN rows in eval).
+    layers already in the model get ``strategy``. ``nn.TransformerEncoder``'s conversion of padded input into
+    nested tensors in eval is switched off (``use_nested_tensor = False``): mhaplug's layer serves nested input
+    too (padded once, returned nested), so the conversion would only add a copy in and a copy out per layer.
 
     Returns:
         ``{qualified module name: what was there before}``, e.g.
