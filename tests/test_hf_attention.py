@@ -17,6 +17,8 @@ import torch
 import transformers
 from torch import Tensor
 from transformers import (
+    GemmaConfig,
+    GemmaForCausalLM,
     GPT2Config,
     GPT2LMHeadModel,
     LlamaConfig,
@@ -66,6 +68,16 @@ def _mistral(impl: str, sliding_window: int | None = None) -> transformers.PreTr
     return MistralForCausalLM(config)
 
 
+def _gemma(impl: str) -> transformers.PreTrainedModel:
+    """Gemma scales scores by query_pre_attn_scalar**-0.5, here 16**-0.5 with heads of 8: not the kernels' default."""
+    config = GemmaConfig(
+        vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=1, head_dim=8, query_pre_attn_scalar=16, max_position_embeddings=64,
+        initializer_range=0.1, attn_implementation=impl,
+    )  # fmt: skip
+    return GemmaForCausalLM(config)
+
+
 def _gpt2(impl: str) -> transformers.PreTrainedModel:
     config = GPT2Config(
         n_layer=2, n_embd=32, n_head=2, n_positions=64, vocab_size=VOCAB, resid_pdrop=0.0, embd_pdrop=0.0,
@@ -80,6 +92,7 @@ MODELS: dict[str, Callable[[str], transformers.PreTrainedModel]] = {
     "llama": _llama,
     "qwen2": _qwen2,
     "mistral": _mistral,
+    "gemma": _gemma,
     "gpt2": _gpt2,
 }
 
