@@ -38,10 +38,11 @@ Models it knows how to call (``forward=`` overrides; it gets ``(model, batch)`` 
   (:class:`mhaplug.training.lit.LitDecoderLM`): ``model(input_ids, key_padding_mask=, position_ids=, document_ids=,
   token_index=)`` with every position computed (DecoderLM trains on real tokens only, and pads reach its attention as
   zeros: computed, they carry the perturbations into attention, where only a correct mask keeps them out);
-- a transformers ``PreTrainedModel``: ``model(input_ids=, attention_mask=, position_ids=, use_cache=False).logits``,
-  with the batch's ``attention_mask`` (derived from ``key_padding_mask`` for padded batches that lack one; a packed
-  batch that carries one is audited as it is, and transformers then attends across its documents), and its
-  flash-attention keys if present. ``use_cache=False``: with a KV cache transformers ignores packed positions;
+- a transformers ``PreTrainedModel``: ``model(input_ids=, attention_mask=, position_ids=).logits``, with the batch's
+  ``attention_mask`` (derived from ``key_padding_mask`` for padded batches that lack one; a packed batch that
+  carries one is audited as it is, and transformers then attends across its documents), and its flash-attention
+  keys if present; ``use_cache`` is the model's own (``model.config.use_cache``), as in ``model(**batch)``: with a
+  KV cache transformers' own attentions ignore packed positions, and the audit then fails ``documents``, saying so;
 - anything else: ``model(batch)``, returning logits, or an object or mapping with ``logits``.
 
 Shapes: B batch, L length, V vocabulary, E embedding width.
@@ -70,10 +71,12 @@ from mhaplug.training.probing import (
     eval_mode,
     input_embedding,
     is_pad,
+    is_transformers_model,
     name_in,
     noise_on,
     pad_noise,
     resolve_forward,
+    transformers_forward,
 )
 
 __all__ = ["AuditCheck", "AuditReport", "audit"]
@@ -380,7 +383,24 @@ def _documents_check(probe: _Probe, skipped: dict[str, str]) -> None:
     if not (runs > 0).any():
         skipped["documents"] = "no row holds two documents"
     else:
-        probe.compare("documents", probe.with_ids_changed(runs == 0), runs > 0, "each row's first document")
+        hint = _kv_cache_hint(probe.model) if probe.call is transformers_forward else ""  # not for forward=
+        detail = "each row's first document" + hint
+        probe.compare("documents", probe.with_ids_changed(runs == 0), runs > 0, detail)
+
+
+def _kv_cache_hint(model: nn.Module) -> str:
+    """For a transformers model called with a KV cache (``config.use_cache``) under an attention that then ignores
+    packed positions (every one of transformers' own): why its documents may see each other, and what to do."""
+    config = getattr(model, "config", None)
+    if not (is_transformers_model(model) and getattr(config, "use_cache", False)):
+        return ""
+    if str(getattr(config, "_attn_implementation", "")).startswith("mhaplug"):
+        return ""  # mhaplug.hf finds the documents in every call
+    return (
+        "; called with model.config.use_cache=True, as model(**batch) is: transformers then ignores packed "
+        "position_ids. Set model.config.use_cache = False (transformers.Trainer does), or use "
+        "attn_implementation='mhaplug' (import mhaplug.hf)"
+    )
 
 
 def _what_changed(model: nn.Module, embedding: nn.Module | None, noise: Tensor | None, calls: list[str]) -> str:

@@ -71,7 +71,10 @@ def decoder_lm_forward(model: nn.Module, batch: dict[str, Any]) -> Tensor:
 
 
 def transformers_forward(model: nn.Module, batch: dict[str, Any]) -> Tensor:
-    kwargs: dict[str, Any] = {"input_ids": batch["input_ids"], "use_cache": False}
+    """The logits of ``model(**batch)`` as ``transformers.Trainer`` makes the call: the model's own ``use_cache``
+    (``model.config.use_cache``), so that a KV cache that makes transformers ignore packed positions is audited
+    too."""
+    kwargs: dict[str, Any] = {"input_ids": batch["input_ids"]}
     if batch.get("position_ids") is not None:
         kwargs["position_ids"] = batch["position_ids"]
     attention_mask = batch.get("attention_mask")

@@ -434,10 +434,40 @@ GPT2_CASES = [
 @pytest.mark.parametrize("attn_implementation", ["sdpa", "eager"])
 @pytest.mark.parametrize(("layout", "expected"), GPT2_CASES, ids=[c[0] for c in GPT2_CASES])
 def test_transformers_gpt2(attn_implementation: str, layout: str, expected: dict[str, bool]) -> None:
-    report = audit(gpt2(attn_implementation), make_batch(layout))
+    model = gpt2(attn_implementation)
+    model.config.use_cache = False  # as transformers.Trainer sets it (TrainingArguments.use_cache)
+    report = audit(model, make_batch(layout))
     assert report.call == "transformers GPT2LMHeadModel"
     assert verdicts(report) == expected, str(report)
     assert report["padding"].detail == "pad ids and pad embeddings (transformer.wte)"
+
+
+KV_CACHE_HINT = (
+    "each row's first document; called with model.config.use_cache=True, as model(**batch) is: transformers then "
+    "ignores packed position_ids. Set model.config.use_cache = False (transformers.Trainer does), or use "
+    "attn_implementation='mhaplug' (import mhaplug.hf)"
+)
+
+
+@pytest.mark.parametrize("attn_implementation", ["sdpa", "eager"])
+def test_the_plain_call_with_the_default_kv_cache_fails_documents_and_says_why(attn_implementation: str) -> None:
+    """GPT-2's default ``use_cache=True``: ``model(**batch)`` attends across documents, and the audit, which makes
+    that call, fails it (it used to call with use_cache=False and pass a batch the plain call gets wrong)."""
+    model = gpt2(attn_implementation)
+    assert model.config.use_cache  # transformers' default
+    report = audit(model, make_batch("packed"))
+    assert verdicts(report) == {**ALL_PASS_PACKED, "documents": False}, str(report)
+    assert report["documents"].detail == KV_CACHE_HINT
+
+
+def test_mhaplug_attention_passes_the_plain_call_with_the_default_kv_cache() -> None:
+    import mhaplug.hf  # noqa: F401  registers attn_implementation="mhaplug"
+
+    model = gpt2("mhaplug")
+    assert model.config.use_cache
+    report = audit(model, make_batch("packed"))
+    assert verdicts(report) == ALL_PASS_PACKED, str(report)
+    assert report["documents"].detail == "each row's first document"
 
 
 def test_fixed_blocks_as_long_as_the_position_limit_are_audited_within_it() -> None:
@@ -467,13 +497,15 @@ def test_fixed_blocks_as_long_as_the_position_limit_are_audited_within_it() -> N
 
 
 def test_transformers_with_its_default_kv_cache_attends_across_documents() -> None:
-    """``use_cache=True`` (GPT-2's default) makes transformers ignore packed positions: the audit sees it."""
+    """``use_cache=True`` (GPT-2's default) makes transformers ignore packed positions: the audit sees it through a
+    ``forward=`` too (with no hint: the call is the caller's)."""
     report = audit(
         gpt2("sdpa"),
         make_batch("packed"),
         forward=lambda m, b: m(input_ids=b["input_ids"], position_ids=b["position_ids"]).logits,
     )
     assert verdicts(report) == {**ALL_PASS_PACKED, "documents": False}, str(report)
+    assert report["documents"].detail == "each row's first document"
 
 
 # ----------------------------------------------------------------------------------------------------------
