@@ -10,8 +10,10 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 
 import pytorch_lightning as pl
+import torch
 import torch.utils._pytree as torch_pytree
 from pytorch_lightning.utilities import _pytree as lightning_pytree
+from pytorch_lightning.utilities.model_summary import summarize
 
 from mhaplug.training import quiet
 from mhaplug.training.quiet import silence_known_noise
@@ -38,6 +40,7 @@ def without_quiet_filters() -> Iterator[None]:
             warnings.resetwarnings()
             for lg in loggers:
                 lg.removeFilter(quiet._LITLOGGER_TIP_FILTER)
+                lg.removeFilter(quiet._LIGHTNING_LINES_FILTER)
             yield
     finally:
         for lg, filters in zip(loggers, saved, strict=True):
@@ -126,6 +129,62 @@ def test_the_litlogger_tip_is_hidden_and_lightnings_other_messages_show() -> Non
     assert any(level == logging.INFO and m.startswith("GPU available: ") for level, m in shown)
 
     quiet_shown = lightning_info_when_a_trainer_is_built(install=True)
-    assert quiet_shown == [m for m in shown if m != (logging.INFO, TIP)]
+    dropped = {(logging.INFO, TIP), *((logging.INFO, line) for line in quiet.DEVICE_LINES)}
+    assert quiet_shown == [m for m in shown if m not in dropped]
     assert (logging.WARNING, TIP) in quiet_shown  # the filter is for the INFO record only
-    assert any(m.startswith("GPU available: ") for _, m in quiet_shown)
+    if torch.cuda.is_available():  # a GPU that is there is still reported
+        assert any(m.startswith("GPU available: True") for _, m in quiet_shown)
+    else:  # this CPU machine: Lightning says there is none, the filter hides it
+        assert (logging.INFO, "GPU available: False, used: False") in shown
+        assert not any(m.startswith("GPU available") for _, m in quiet_shown)
+
+
+def test_lightnings_max_steps_line_is_hidden_and_its_other_stop_reasons_show() -> None:
+    name = "pytorch_lightning.utilities.rank_zero"
+    records = Records()
+    logger = logging.getLogger(name)
+    messages = [
+        "`Trainer.fit` stopped: `max_steps=300` reached.",  # every run: the summary says the steps
+        "`Trainer.fit` stopped: `max_epochs=3` reached.",
+        "`Trainer.fit` stopped: `max_steps=300` reached. (and more)",
+    ]
+    with without_quiet_filters():
+        logger.addHandler(records)
+        try:
+            silence_known_noise()
+            for message in messages:
+                logger.info(message)
+            logger.warning(messages[0])
+        finally:
+            logger.removeHandler(records)
+    assert records.messages == [
+        (logging.INFO, messages[1]),
+        (logging.INFO, messages[2]),
+        (logging.WARNING, messages[0]),
+    ]
+
+
+class Tiny(pl.LightningModule):
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = torch.nn.Embedding(10, 4)
+        self.head = torch.nn.Linear(4, 10, bias=False)
+        self.head.weight.requires_grad_(False)
+
+
+def test_model_summary_drops_the_mode_and_flops_columns_and_lines() -> None:
+    summary = summarize(Tiny(), max_depth=1)
+    data = summary._get_summary_data()
+    assert [name for name, _ in data] == [" ", "Name", "Type", "Params", "Mode", "FLOPs"]  # Lightning's columns
+    table = quiet.format_summary(data, summary.total_parameters, summary.trainable_parameters, summary.model_size)
+    assert table.splitlines() == [
+        "  | Name  | Type      | Params",
+        "---------------------------------",
+        "0 | embed | Embedding | 40    ",
+        "1 | head  | Linear    | 40    ",
+        "---------------------------------",
+        "40        Trainable params",
+        "40        Non-trainable params",
+        "80        Total params",
+        "0.000     Total estimated model params size (MB)",
+    ]
