@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import numbers
 import os
+import re
 from collections.abc import Iterator
 from contextlib import contextmanager
 from enum import Enum
@@ -40,6 +41,7 @@ __all__ = [
     "atomic_path",
     "check_choice",
     "check_int",
+    "plain_text",
     "round_up",
     "write_atomic",
 ]
@@ -196,3 +198,12 @@ def write_atomic(path: str | os.PathLike[str], data: str | bytes) -> Path:
         else:
             tmp.write_text(data, encoding="utf-8")
     return Path(path)
+
+
+def plain_text(text: str) -> str:
+    """reStructuredText as a terminal shows it (for ``--help``): ````code```` -> ``code``, ``:class:`~a.b.C``` ->
+    ``C``, ``:func:`a.b``` -> ``a.b``, and the lines joined into one paragraph."""
+    text = re.sub(r":[a-z]+:`~[\w.]*?(\w+)`", r"\1", text)  # :role:`~module.Name` -> Name
+    text = re.sub(r":[a-z]+:`([^`]+)`", r"\1", text)  # :role:`target` -> target
+    text = re.sub(r"``([^`]+)``", r"\1", text)
+    return " ".join(text.split())

@@ -23,7 +23,7 @@ import argparse
 import sys
 from collections.abc import Sequence
 
-from mhaplug.common import write_atomic
+from mhaplug.common import plain_text, write_atomic
 from mhaplug.reporting import figures, page
 from mhaplug.reporting.runs import (
     audit_failures,
@@ -40,7 +40,7 @@ __all__ = ["main"]
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the command line; returns the exit code (0 fine, 1 a mismatch, failed audit or divergence, 2 bad input)."""
-    parser = argparse.ArgumentParser(prog="python -m mhaplug.compare", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m mhaplug.compare", description=plain_text(__doc__.split("\n\n")[0]))
     parser.add_argument("runs_dir", metavar="RUNS_DIR", help="directory searched recursively for runs")
     parser.add_argument("--plot", metavar="FILE.png", help="also write loss curves and throughput bars")
     parser.add_argument("--html", metavar="FILE.html", help="also write one self-contained report: tables and plot")

@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from mhaplug.attention.strategies import CAPABILITIES
+from mhaplug.common import plain_text
 from mhaplug.reporting.mask_figure import MAX_LENGTH, check_out, draw, write_png
 from mhaplug.reporting.mask_panels import LAYOUT_NAMES, make_batches, section, token_text
 
@@ -124,7 +125,7 @@ class _Documents:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m mhaplug.show", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m mhaplug.show", description=plain_text(__doc__.split("\n\n")[0]))
     parser.add_argument("overrides", nargs="*", help="Hydra overrides of configs/train.yaml, e.g. data=synthetic")
     parser.add_argument("--out", default="masks.png", help="PNG to write (default: masks.png)")
     parser.add_argument("--rows", type=int, default=3, help="documents (padded) and rows (packed) to show")

@@ -24,6 +24,7 @@ from mhaplug.common import (
     atomic_path,
     check_choice,
     check_int,
+    plain_text,
     round_up,
     write_atomic,
 )
@@ -112,3 +113,20 @@ def test_common_imports_the_standard_library_only_and_config_neither_datasets_no
     code = f"import sys, mhaplug.training.config; print([m for m in {heavy!r} if m in sys.modules])"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=ROOT)
     assert out.stdout.strip() == "[]"
+
+
+def test_plain_text_is_restructuredtext_as_a_terminal_shows_it() -> None:
+    text = "Masks of a real batch: ``key_padding_mask``,\n:class:`~mhaplug.data.PadCollator` and :func:`mhaplug.audit`."
+    assert plain_text(text) == "Masks of a real batch: key_padding_mask, PadCollator and mhaplug.audit."
+
+
+@pytest.mark.parametrize("module", ["mhaplug.show", "mhaplug.compare"])
+def test_help_prints_no_restructuredtext(module: str) -> None:
+    out = subprocess.run([sys.executable, "-m", module, "--help"], capture_output=True, text=True, check=True).stdout
+    assert "``" not in out and ":class:" not in out and ":mod:" not in out
+    description = " ".join(out.split("\n\n")[1].split())
+    if module == "mhaplug.show":
+        assert description == (
+            "A picture of the masks of a real batch: key_padding_mask, attn_mask, torch's merge, and what each "
+            "strategy hands its kernel, for left padding, right padding and packed rows."
+        )
