@@ -41,6 +41,8 @@ __all__ = [
     "STRATEGY_COLORS",
     "figure",
     "figure_png",
+    "layout_label",
+    "layout_side",
     "line_style",
     "moving_average",
     "plot",
@@ -61,13 +63,12 @@ STRATEGY_COLORS: dict[str, str] = {
     "flex": "#e377c2",  # pink
 }
 OTHER_COLOR = "#7f7f7f"  # a strategy this table does not know
-# (layout, padding side) -> matplotlib line style. Packed rows pad only at a row's end, so "packed, left" is
-# skipped by the sweep; it still has a style.
-LINE_STYLES: dict[tuple[str, str], str] = {
+# (layout, padding side) -> matplotlib line style. Packed rows pad only at a row's end, whatever data.padding_side
+# says, so packed has one style and no side (None): :func:`layout_side`.
+LINE_STYLES: dict[tuple[str, str | None], str] = {
     ("padded", "right"): "-",
     ("padded", "left"): "--",
-    ("packed", "right"): "-.",
-    ("packed", "left"): ":",
+    ("packed", None): "-.",
 }
 OTHER_LINE_STYLE = (0, (1, 1))  # densely dotted
 LAYOUT_ORDER = ("padded", "packed")  # throughput groups, top to bottom; other layouts follow by name
@@ -82,9 +83,20 @@ def strategy_color(strategy: str) -> str:
     return STRATEGY_COLORS.get(strategy, OTHER_COLOR)
 
 
-def line_style(layout: str, padding_side: str) -> str | tuple[int, tuple[int, int]]:
+def layout_side(layout: str | None, padding_side: str | None) -> tuple[str | None, str | None]:
+    """(layout, padding side) as the plot tells them apart: packed rows have no side (they pad at a row's end)."""
+    return (layout, None) if layout == "packed" else (layout, padding_side)
+
+
+def layout_label(layout: str | None, padding_side: str | None) -> str:
+    """``padded, left``; ``packed`` alone."""
+    layout, side = layout_side(layout, padding_side)
+    return f"{layout}" if side is None else f"{layout}, {side}"
+
+
+def line_style(layout: str, padding_side: str | None) -> str | tuple[int, tuple[int, int]]:
     """The line style of a layout and padding side (:data:`LINE_STYLES`), densely dotted for others."""
-    return LINE_STYLES.get((layout, padding_side), OTHER_LINE_STYLE)
+    return LINE_STYLES.get(layout_side(layout, padding_side), OTHER_LINE_STYLE)
 
 
 def moving_average(values: Sequence[float], half_window: int) -> list[float]:
@@ -279,11 +291,12 @@ def _legend(
     for strategy in [s for s in STRATEGY_COLORS if s in strategies] + sorted(strategies - set(STRATEGY_COLORS)):
         handles.append(Patch(color=strategy_color(strategy)))
         labels.append(strategy)
-    pairs = {(r.layout, r.padding_side) for r in runs if r.layout}
+    pairs = {layout_side(r.layout, r.padding_side) for r in runs if r.layout}
     section("layout, padding (line)")
-    for layout, side in [p for p in LINE_STYLES if p in pairs] + sorted(pairs - set(LINE_STYLES)):
+    others = sorted(pairs - set(LINE_STYLES), key=lambda p: (str(p[0]), str(p[1])))
+    for layout, side in [p for p in LINE_STYLES if p in pairs] + others:
         handles.append(Line2D([], [], color="#444444", linestyle=line_style(layout, side), linewidth=LINE_WIDTH))
-        labels.append(f"{layout}, {side}")
+        labels.append(layout_label(layout, side))
     section("runs")
     if any(not r.valid for r in runs):
         marker = Line2D([], [], color="#444444", marker="X", markersize=8, linestyle="none")

@@ -142,7 +142,7 @@ def table_rows(
                 names[r.name],
                 r.strategy or "-",
                 r.layout or "-",
-                r.padding_side or "-",
+                (r.padding_side if r.layout != "packed" else None) or "-",  # packed rows pad at a row's end
                 r.batching or "-",
                 _num(r.final_val_loss, "{:.4f}"),
                 _num(r.real_tokens_per_sec, "{:,.0f}"),

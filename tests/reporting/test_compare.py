@@ -58,7 +58,7 @@ def test_the_ablation_table_fits_120_columns_and_the_legend_names_every_run(
             "  expected divergence"
         ),
         (
-            " 17  torch_mha        packed  right    random       6.3225      16,259     1.25x   0.1%  exp. FAIL"
+            " 17  torch_mha        packed  -        random       6.3225      16,259     1.25x   0.1%  exp. FAIL"
             "  invalid but equal"
         ),
         (

@@ -49,10 +49,12 @@ def test_each_layout_and_padding_side_has_one_line_style() -> None:
     assert figures.LINE_STYLES == {
         ("padded", "right"): "-",
         ("padded", "left"): "--",
-        ("packed", "right"): "-.",
-        ("packed", "left"): ":",
+        ("packed", None): "-.",  # packed rows pad at a row's end, whatever data.padding_side says
     }
     assert figures.line_style("padded", "left") == "--"
+    assert figures.line_style("packed", "right") == figures.line_style("packed", "left") == "-."
+    assert figures.layout_label("packed", "right") == "packed"
+    assert figures.layout_label("padded", "left") == "padded, left"
     assert figures.line_style("jagged", "right") == figures.OTHER_LINE_STYLE == (0, (1, 1))
 
 
@@ -128,7 +130,7 @@ def test_plot_legend_sits_outside_the_axes_and_keys_colours_lines_and_hatching(
         "layout, padding (line)",
         "padded, right",
         "padded, left",
-        "packed, right",
+        "packed",
         "runs",
         "invalid, kept to teach\n(valid: false)",
         "speed-up 1.00x: run 19",
