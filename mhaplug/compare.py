@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 
 from mhaplug.common import plain_text, write_atomic
 from mhaplug.reporting import figures, page
@@ -74,7 +75,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             print("\n".join(bullet + n for n in notes), end="\n\n")
         print("\n".join(bullet + n for n in summary))
         if args.plot or args.html:
-            title = f"mhaplug runs: {args.runs_dir}"
+            title = f"mhaplug runs: {Path(args.runs_dir).resolve().name}"  # the sweep's name, never a machine path
             png = figures.figure_png(runs, title=title, baseline=baseline, names=names)
             if args.plot:
                 print(f"plot: {write_atomic(args.plot, png)}")

@@ -449,7 +449,11 @@ def test_a_resumed_run_is_one_run_with_every_step(
         (39, 105 - 39 / 100),
     ]
     assert read_curve(first, "train/loss") == [(s, 10 - s / 10) for s in range(28)]  # one file alone
-    assert compare.main([str(tmp_path), "--plot", str(tmp_path / "p.png")]) == 0
+    html_path = tmp_path / "report.html"
+    assert compare.main([str(tmp_path), "--plot", str(tmp_path / "p.png"), "--html", str(html_path)]) == 0
+    text = html_path.read_text()
+    assert f"<title>mhaplug runs: {tmp_path.name}</title>" in text  # titled by the sweep's folder name
+    assert str(tmp_path.parent) not in text  # never a machine path
     lines = capsys.readouterr().out.splitlines()
     assert lines[2].startswith("  1  merged_bool") and lines[3] == ""  # one run in the table
     assert lines[6] == "  1    4.9900    512.3    61.2  attention=merged_bool,data.padding_side=right"
