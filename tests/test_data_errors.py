@@ -195,14 +195,15 @@ def test_a_bad_tokenizer_path_is_a_data_error_before_the_corpus_is_read(tmp_path
     assert not (tmp_path / "cache").exists()  # refused before the corpus was read into the cache
 
 
-def test_a_corpus_of_one_document_is_a_data_error(tmp_path: Path) -> None:
+def test_a_corpus_too_small_to_split_is_a_data_error(tmp_path: Path) -> None:
+    """One document is split by bytes (its start trains, its end validates); one of a single byte cannot be."""
     one = tmp_path / "one.txt"
-    one.write_text("a single line\n\n")
+    one.write_text("x\n\n")
     with pytest.raises(DataError) as error:
         TextDataModule(source="text_files", path=str(one), cache_dir=str(tmp_path / "cache")).setup("fit")
     assert str(error.value) == (
-        f"source='text_files' (data.path={str(one)!r}) gave 1 non-empty documents; need at least 2 (one to train on, "
-        f"one to validate): give it more text"
+        f"source='text_files' (data.path={str(one)!r}) gave 1 document of 1 bytes, too little to split into a "
+        f"training and a validation part; give it more text"
     )
 
 

@@ -3,7 +3,9 @@
 Pipeline (:mod:`mhaplug.data.corpus`; each step streams, so time is linear in the corpus and memory flat): text from
 a source (:mod:`mhaplug.data.sources`: the standard library's docstrings, synthetic sentences, local files, the hub)
 written once to an Arrow text store in mhaplug's cache, empty documents dropped (and counted in the log); a seeded
-train/validation split (a numpy mask); a byte-level BPE tokenizer trained with ``tokenizers`` on a bounded, seeded
+train/validation split, fair by bytes (whole documents; only where a few documents hold the text, the end of the
+largest validates and its start trains: :func:`mhaplug.data.corpus.split_mask`), with a warning when a side is
+tiny; a byte-level BPE tokenizer trained with ``tokenizers`` on a bounded, seeded
 sample of the training split (``tokenizer_sample_mb``), or loaded from ``tokenizer_path``; tokenisation in
 ``num_proc`` worker processes, an EOS after each document, documents longer than ``max_length`` split into
 ``max_length`` chunks (so no batch ever truncates); all cached on disk (:mod:`mhaplug.data.cache`) by a key of the
@@ -20,6 +22,7 @@ import itertools
 import json
 import logging
 import sys
+import warnings
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -48,7 +51,16 @@ from mhaplug.common import (
 from mhaplug.data import sampling
 from mhaplug.data.cache import cache_key, cached, default_cache_dir, read_entry
 from mhaplug.data.collate import PackCollator, PadCollator
-from mhaplug.data.corpus import TextStore, default_num_proc, split_mask, tokenise, tokenizer_sample, write_texts
+from mhaplug.data.corpus import (
+    SPLIT_VERSION,
+    TextStore,
+    default_num_proc,
+    split_store,
+    split_warning,
+    tokenise,
+    tokenizer_sample,
+    write_texts,
+)
 from mhaplug.data.packing import first_fit_pack
 from mhaplug.data.sources import Documents, data_files, load_hf
 from mhaplug.data.streaming import STATE_KEY, StreamingLoader, TokenStream, tokenise_documents
@@ -180,7 +192,7 @@ class TextDataModule(pl.LightningDataModule):
         self.cache_dir = Path(cache_dir).expanduser() if cache_dir else default_cache_dir()
         self.tokenizer: Tokenizer | None = None
         self.splits: dict[str, datasets.Dataset] = {}
-        self.stats: dict[str, int] = {}
+        self.stats: dict[str, Any] = {}
         self._datasets: dict[str, tuple[Dataset | datasets.Dataset, np.ndarray]] = {}
         self._lengths: dict[str, np.ndarray] = {}  # per split: tokens of each row  # per split, built once
         self._legacy_sampler_state: dict[str, Any] | None = None
@@ -253,25 +265,49 @@ class TextDataModule(pl.LightningDataModule):
         self.stats = {"documents": count, "empty_documents_dropped": dropped}
         if dropped:
             logger.info("dropped %d empty documents of %d", dropped, count + dropped)
-        if count < 2:
+        if count < 1:
             raise DataError(
-                f"source={hp.source!r}"
-                + (f" (data.path={hp.path!r})" if hp.path else "")
-                + f" gave {count} non-empty documents; need at least 2 (one to train on, one to validate): give it "
-                f"more text"
+                f"source={hp.source!r}" + (f" (data.path={hp.path!r})" if hp.path else "") + " gave no non-empty "
+                "documents; give it some text (one long document is enough: it is split in two)"
             )
-        is_val = split_mask(count, hp.val_fraction, hp.seed)
-        data_key = cache_key(store.path.stem, hp.seed, hp.val_fraction)
+        is_val, cut = self._split(store)
+        data_key = cache_key(store.path.stem, hp.seed, hp.val_fraction, SPLIT_VERSION)
         self.tokenizer = given
         if self.tokenizer is None:
             self.tokenizer = self._tokenizer(
-                lambda: tokenizer_sample(store, is_val, **self._sample_settings()), data_key
+                lambda: tokenizer_sample(store, is_val, cut=cut, **self._sample_settings()), data_key
             )
         token_key = cache_key(data_key, self.tokenizer.to_str(), hp.max_length)
-        self.splits = self._tokenise(store, is_val, token_key)
+        self.splits = self._tokenise(store, is_val, cut, token_key)
         self._datasets = {}
         self.stats["train_tokens"] = int(self._lengths["train"].sum())
         self._cap_validation()
+        self._check_split()
+
+    def _split(self, store: TextStore) -> tuple[np.ndarray, tuple[int, int] | None]:
+        """:func:`mhaplug.data.corpus.split_store`; a DataError when the text is too short to make two sides."""
+        hp = self.hparams
+        is_val, cut = split_store(store, hp.val_fraction, hp.seed)
+        self.stats["documents_cut_by_split"] = int(cut is not None)
+        if cut is None and not is_val.any():
+            raise DataError(
+                f"source={hp.source!r}" + (f" (data.path={hp.path!r})" if hp.path else "") + f" gave "
+                f"{store.num_documents} document of {store.index['text_bytes']} bytes, too little to split into a "
+                f"training and a validation part; give it more text"
+            )
+        return is_val, cut
+
+    def _check_split(self) -> None:
+        """Warn when a split is tiny (:func:`mhaplug.data.corpus.split_warning`); ``stats["split_warning"]`` (which
+        the run summary carries) says so too."""
+        hp = self.hparams
+        train, val = self.stats["train_tokens"], self.stats["val_tokens_held_out"]
+        message = split_warning(
+            train, val, val_fraction=hp.val_fraction, batch_size=hp.batch_size, max_length=hp.max_length
+        )
+        if message is not None:
+            self.stats["split_warning"] = message
+            warnings.warn(message, UserWarning, stacklevel=3)
 
     def _build_stream(self, given: Tokenizer | None) -> None:
         """Streaming: the tokenizer from the head of the stream (the first ``tokenizer_sample_mb``), and the
@@ -424,13 +460,16 @@ class TextDataModule(pl.LightningDataModule):
             )
         return tokenizer
 
-    def _tokenise(self, store: TextStore, is_val: np.ndarray, key: str) -> dict[str, datasets.Dataset]:
-        """Both splits tokenised (:func:`mhaplug.data.corpus.tokenise`, in ``num_proc`` processes), cached as one
-        entry per split; a missing or bad entry rebuilds both, in one pass over the text."""
+    def _tokenise(
+        self, store: TextStore, is_val: np.ndarray, cut: tuple[int, int] | None, key: str
+    ) -> dict[str, datasets.Dataset]:
+        """Both splits tokenised (:func:`mhaplug.data.corpus.tokenise`, in ``num_proc`` processes; ``cut``: a document
+        whose start trains and whose end validates), cached as one entry per split; a missing or bad entry rebuilds
+        both, in one pass over the text."""
         tokenizer, hp = self.tokenizer, self.hparams
         assert tokenizer is not None
         paths = {name: self.cache_dir / "tokenised" / f"{key}-{name}.arrow" for name in ("train", "val")}
-        counts = {"train": int((~is_val).sum()), "val": int(is_val.sum())}
+        counts = {"train": int((~is_val).sum()), "val": int(is_val.sum()) + (cut is not None)}
 
         def read(name: str) -> Callable[[Path], datasets.Dataset]:
             def load(path: Path) -> datasets.Dataset:
@@ -453,6 +492,7 @@ class TextDataModule(pl.LightningDataModule):
                 num_proc=hp.num_proc or default_num_proc(),
                 train_path=paths["train"],
                 val_path=paths["val"],
+                cut=cut,
             )
             splits = {name: read(name)(path) for name, path in paths.items()}
         self._lengths = {

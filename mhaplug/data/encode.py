@@ -4,9 +4,9 @@ This module imports only numpy, pyarrow and tokenizers (never torch or mhaplug),
 ``python -c "..." encode.py spec.json`` (:func:`mhaplug.data.corpus.tokenise`) is ready in a fraction of a second.
 It reads its record batches of the text store (an Arrow IPC file, :mod:`mhaplug.data.corpus`) one at a time with
 plain reads (not a memory map, so the pages it reads do not stay in its memory), encodes each with
-``Tokenizer.encode_batch``, appends EOS to every document, splits documents longer than ``max_length`` into
-``max_length`` chunks, and writes the train and validation rows to two Arrow stream files (``input_ids``
-list<int32>, ``length`` int32), the format ``datasets.Dataset.from_file`` maps.
+``Tokenizer.encode_batch``, appends EOS to every document (and to each part of the split's cut document), splits
+documents longer than ``max_length`` into ``max_length`` chunks, and writes the train and validation rows to two
+Arrow stream files (``input_ids`` list<int32>, ``length`` int32), the format ``datasets.Dataset.from_file`` maps.
 """
 
 from __future__ import annotations
@@ -42,16 +42,31 @@ def chunk_rows(ids: list[list[int]], eos: int, max_length: int) -> pa.RecordBatc
     return pa.RecordBatch.from_arrays([rows, pa.array(row_lengths)], schema=TOKENS_SCHEMA)
 
 
+def split_texts(texts: list[str], is_val: np.ndarray, cut: tuple[int, int] | None) -> tuple[list[str], list[str]]:
+    """``texts`` -> (training texts, validation texts), each in order; ``cut``: ``(index, character offset)`` of a
+    text whose start trains and whose end validates."""
+    train: list[str] = []
+    val: list[str] = []
+    for index, (text, v) in enumerate(zip(texts, is_val.tolist())):
+        if cut is not None and index == cut[0]:
+            train.append(text[: cut[1]])
+            val.append(text[cut[1] :])
+        else:
+            (val if v else train).append(text)
+    return train, val
+
+
 def encode_range(spec: dict) -> dict[str, int]:
     """Encode record batches ``spec["batches"]`` (start, stop) of the text store ``spec["texts"]``. ``spec["is_val"]``:
     a ``.npy`` of one bool per document of the store (True: validation); ``spec["first_document"]``: the store's
-    index of the range's first document. Writes ``spec["train"]`` and ``spec["val"]``; returns rows per split."""
+    index of the range's first document; ``spec["cut"]``: ``[document, character offset]`` of a document whose start
+    trains and whose end validates, or None. Writes ``spec["train"]`` and ``spec["val"]``; returns rows per split."""
     tokenizer = Tokenizer.from_str(Path(spec["tokenizer"]).read_text(encoding="utf-8"))
     is_val = np.load(spec["is_val"], mmap_mode="r")
     eos, max_length = int(spec["eos"]), int(spec["max_length"])
     rows = {"train": 0, "val": 0}
     start, stop = spec["batches"]
-    document = int(spec["first_document"])
+    document, cut = int(spec["first_document"]), spec.get("cut")
     with (
         pa.OSFile(spec["texts"], "rb") as source,
         pa.OSFile(spec["train"], "wb") as train_sink,
@@ -64,9 +79,9 @@ def encode_range(spec: dict) -> dict[str, int]:
         for index in range(start, stop):
             texts = reader.get_batch(index).column(0).to_pylist()
             val = np.asarray(is_val[document : document + len(texts)])
-            document += len(texts)
-            for name, keep in (("train", ~val), ("val", val)):
-                chosen = [text for text, k in zip(texts, keep) if k]
+            first, document = document, document + len(texts)
+            local = None if cut is None or not 0 <= cut[0] - first < len(texts) else (cut[0] - first, cut[1])
+            for name, chosen in zip(("train", "val"), split_texts(texts, val, local)):
                 if chosen:
                     batch = chunk_rows([e.ids for e in tokenizer.encode_batch(chosen)], eos, max_length)
                     writers[name].write_batch(batch)

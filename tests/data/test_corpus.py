@@ -53,20 +53,110 @@ def test_a_text_store_whose_index_does_not_match_is_refused(tmp_path: Path) -> N
         corpus.TextStore(store.path, {**store.index, "batch_rows": [1, 1]})
 
 
-@pytest.mark.parametrize(("count", "fraction", "expected"), [(2, 0.05, 1), (20, 0.1, 2), (21, 0.1, 3), (10, 0.99, 9)])
-def test_the_split_draws_ceil_fraction_documents_leaving_one_on_each_side(
-    count: int, fraction: float, expected: int
+@pytest.mark.parametrize(
+    ("sizes", "fraction", "whole", "cut"),
+    [
+        # whole documents, as many as bring validation nearest val_fraction of the bytes (at most N - 1)
+        ([100] * 20, 0.1, 2, None),
+        ([100] * 21, 0.1, 2, None),  # 2.1 documents' worth: 2 (the document count rule drew ceil(2.1) = 3)
+        ([100] * 10, 0.99, 9, None),
+        ([100] * 19 + [10_000], 0.05, 6, None),  # 595 bytes asked: 6 small ones; the large one is too big to go whole
+        # whole documents cannot make half the share: the end of the largest training document validates
+        ([5_000_000, 6], 0.05, 1, (0, 249_994)),
+        ([1_000_000], 0.05, 0, (0, 50_000)),
+        ([1000, 1000], 0.05, 0, (0, 100)),
+        ([16, 8, 56], 0.05, 1, None),  # 4 bytes asked: a whole 8-byte document (at most twice that), none cut
+        ([1, 1], 0.05, 1, None),  # one-byte documents cannot be cut: one validates whole
+    ],
+)
+def test_the_split_gives_validation_its_share_of_the_bytes_cutting_a_document_only_when_it_must(
+    sizes: list[int], fraction: float, whole: int, cut: tuple[int, int] | None
 ) -> None:
-    is_val = corpus.split_mask(count, fraction, seed=0)
-    assert is_val.dtype == bool and is_val.shape == (count,) and int(is_val.sum()) == expected
-    assert np.array_equal(is_val, corpus.split_mask(count, fraction, seed=0))  # seeded
-    assert not np.array_equal(corpus.split_mask(1000, 0.5, seed=0), corpus.split_mask(1000, 0.5, seed=1))
+    is_val, got_cut = corpus.split_mask(np.asarray(sizes), fraction, seed=0)
+    assert is_val.dtype == bool and is_val.shape == (len(sizes),)
+    assert (int(is_val.sum()), got_cut) == (whole, cut)
+    again, _ = corpus.split_mask(np.asarray(sizes), fraction, seed=0)
+    assert np.array_equal(is_val, again)  # seeded
+    if cut is not None:
+        assert not is_val[cut[0]]  # the cut document's start trains
+    many = np.full(1000, 10)
+    assert not np.array_equal(corpus.split_mask(many, 0.5, seed=0)[0], corpus.split_mask(many, 0.5, seed=1)[0])
+
+
+def test_the_split_of_varied_documents_is_fair_by_bytes() -> None:
+    sizes = (1.15 ** np.arange(60) * 100).astype(np.int64)  # 100 B to 380 KB: the largest holds 13% of the text
+    is_val, cut = corpus.split_mask(sizes, 0.05, seed=0)
+    assert cut is None and int(is_val.sum()) == 30
+    assert round(sizes[is_val].sum() / sizes.sum(), 4) == 0.05  # 5% asked (drawing 3 documents by count gave 0.1-24%)
+
+
+@pytest.mark.parametrize(
+    ("text", "val_bytes", "offset"),
+    [
+        ("one two three four", 4, 13),  # the last 4 bytes begin at "four"; cut before its space
+        ("one two three four", 6, 7),  # "ee four": back to the space before "three", no word cut
+        ("abcdefgh", 3, 5),  # no white space: exactly there
+        ("\u00e9\u00e9\u00e9\u00e9", 3, 3),  # 2-byte characters: byte 5 is inside the third, the cut after it
+        ("ab", 5, 1),  # at least one character on each side
+    ],
+)
+def test_a_cut_lands_on_a_character_boundary_before_white_space(text: str, val_bytes: int, offset: int) -> None:
+    assert corpus.cut_offset(text, val_bytes) == offset
+    assert text[:offset] + text[offset:] == text and text[:offset] and text[offset:]
+
+
+def test_the_tokenizer_sample_and_the_rows_take_only_the_start_of_a_cut_document(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(corpus, "TEXT_BATCH_DOCUMENTS", 2)  # the cut document in the middle of a record batch
+    monkeypatch.setattr(corpus, "BYTES_PER_PROCESS", 1)
+    documents = ["alpha beta", "gamma delta epsilon zeta eta theta", "iota", "kappa lambda"]
+    store = store_of(tmp_path, documents)
+    is_val, cut = np.array([False, False, True, False]), (1, 18)  # "gamma delta epsilo" | "n zeta eta theta"
+    texts, drawn = corpus.tokenizer_sample(store, is_val, max_bytes=10**6, seed=0, cut=cut)
+    assert list(texts) == ["alpha beta", "gamma delta epsilo", "kappa lambda"]
+    assert drawn == {"documents": 3, "bytes": 10 + 18 + 12}
+    tokenizer = train_tokenizer(documents, vocab_size=300)
+    expected = {
+        "train": reference_rows(tokenizer, ["alpha beta", "gamma delta epsilo", "kappa lambda"], 4),
+        "val": reference_rows(tokenizer, ["n zeta eta theta", "iota"], 4),
+    }
+    for processes in (1, 2):
+        paths = {name: tmp_path / f"{name}-{processes}.arrow" for name in ("train", "val")}
+        corpus.tokenise(
+            store,
+            is_val,
+            tokenizer,
+            max_length=4,
+            eos=1,
+            num_proc=processes,
+            train_path=paths["train"],
+            val_path=paths["val"],
+            cut=cut,
+        )
+        for name, path in paths.items():
+            with pa.OSFile(str(path), "rb") as source:
+                assert pa.ipc.open_stream(source).read_all().column("input_ids").to_pylist() == expected[name]
+
+
+def test_a_tiny_split_is_named_with_its_tokens_and_what_is_wrong() -> None:
+    settings = {"val_fraction": 0.05, "batch_size": 16, "max_length": 64}
+    assert corpus.split_warning(95_000, 5_000, **settings) is None
+    assert corpus.split_warning(6, 4_917_788, **settings) == (
+        "tiny data split: 6 training tokens (0.0%), 4,917,788 validation tokens (100.0%): training is less than one "
+        "batch (data.batch_size * data.max_length = 1024); far from the 95%/5% that data.val_fraction=0.05 asks. "
+        "Give it more text"
+    )
+    assert corpus.split_warning(99_990, 10, **settings) == (
+        "tiny data split: 99,990 training tokens (100.0%), 10 validation tokens (0.0%): validation is less than one "
+        "row (data.max_length = 64); far from the 95%/5% that data.val_fraction=0.05 asks. Give it more text"
+    )
 
 
 def test_the_tokenizer_sample_is_seeded_bounded_and_from_the_training_split_only(tmp_path: Path) -> None:
     documents = [f"document {i} " + "word " * (i % 7) for i in range(200)]
     store = store_of(tmp_path, documents)
-    is_val = corpus.split_mask(200, 0.25, seed=0)
+    is_val, _ = corpus.split_mask(np.full(200, 10), 0.25, seed=0)
     texts, drawn = corpus.tokenizer_sample(store, is_val, max_bytes=1000, seed=0)
     sample = list(texts)
     training = {d for d, v in zip(documents, is_val) if not v}
@@ -105,7 +195,7 @@ def test_tokenising_in_worker_processes_gives_the_rows_of_the_plain_reference(
     monkeypatch.setattr(corpus, "BYTES_PER_PROCESS", 1)  # a process per range even for this small corpus
     documents = synthetic_texts(200, max_words=40, seed=3)
     store = store_of(tmp_path, documents)
-    is_val = corpus.split_mask(200, 0.1, seed=0)
+    is_val, _ = corpus.split_mask(np.full(200, 10), 0.1, seed=0)
     tokenizer = train_tokenizer(documents, vocab_size=300)
     paths = {name: tmp_path / f"{name}.arrow" for name in ("train", "val")}
     with caplog.at_level(logging.INFO, logger="mhaplug.data.corpus"):

@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import logging
+import re
 import time
 from collections.abc import Callable
 from pathlib import Path
 
 import datasets
+import numpy as np
 import pytest
 import torch
 from hydra import compose, initialize_config_dir
@@ -108,14 +111,17 @@ def test_text_files_txt_and_jsonl(tmp_path: Path) -> None:
         max_length=16,
         val_fraction=0.1,
     )
-    module.setup("fit")
+    with pytest.warns(UserWarning, match=r"^tiny data split: .* training is less than one batch"):
+        module.setup("fit")
     assert module.stats == {
         "documents": 20,
         "empty_documents_dropped": 20,
         "train_tokens": module.stats["train_tokens"],
         "val_tokens": module.stats["val_tokens"],
         "val_tokens_held_out": module.stats["val_tokens"],  # under val_max_tokens: all of it is validated
-        "val_rows": 2,  # ceil(0.1 * 20) documents, one row each
+        "val_rows": 2,  # 10% of the bytes: 2 whole documents, one row each
+        "documents_cut_by_split": 0,
+        "split_warning": module.stats["split_warning"],  # 10 tiny lines: less than one batch
     }
     jsonl = tmp_path / "corpus.jsonl"
     jsonl.write_text("\n".join(json.dumps({"content": f"document number {i} says hello", "id": i}) for i in range(30)))
@@ -278,7 +284,10 @@ def test_text_files_of_mixed_extensions_are_each_read_by_their_own_extension(tmp
 
     pq.write_table(pa.table({"body": ["row of d"], "n": [4]}), tmp_path / "d.parquet")
     module = text_files(
-        tmp_path, [str(tmp_path / n) for n in ("a.txt", "b.jsonl", "c.json", "d.parquet")], text_column="body"
+        tmp_path,
+        [str(tmp_path / n) for n in ("a.txt", "b.jsonl", "c.json", "d.parquet")],
+        text_column="body",
+        val_fraction=0.2,  # a share whole lines make: no line is cut in two (5% of 71 bytes is half a line)
     )
     # .txt: a document per line, whatever text_column says; a null text is an empty document (dropped, counted)
     assert documents(module) == sorted(
@@ -288,7 +297,7 @@ def test_text_files_of_mixed_extensions_are_each_read_by_their_own_extension(tmp
     (tmp_path / "more").mkdir()
     for name in ("y.txt", "x.txt"):
         (tmp_path / "more" / name).write_text(f"a line of {name}\nanother line of {name}\n")
-    assert documents(text_files(tmp_path, str(tmp_path / "more" / "*.txt"))) == sorted(
+    assert documents(text_files(tmp_path, str(tmp_path / "more" / "*.txt"), val_fraction=0.2)) == sorted(
         f"{line} of {name}" for name in ("x.txt", "y.txt") for line in ("a line", "another line")
     )
 
@@ -501,7 +510,7 @@ def test_loader_state_survives_a_checkpoint_round_trip(
     state = loader.state_dict()
     assert state["batches_yielded"] == 3
     rest = [b["input_ids"] for b in iterator]
-    assert len(seen) + len(rest) == len(loader) == 45
+    assert len(seen) + len(rest) == len(loader) == 46
     resumed = synthetic(tmp_path, layout="padded", num_workers=num_workers).train_dataloader()
     resumed.load_state_dict(json.loads(json.dumps(state)))  # what Lightning does on resume
     again = [b["input_ids"] for b in resumed]
@@ -565,3 +574,93 @@ def test_preparing_the_data_prints_no_progress_bar(tmp_path: Path, capfd: pytest
     settings = {"source": "synthetic", "vocab_size": 300, "max_length": 32, "synthetic_documents": 64}
     TextDataModule(**settings, cache_dir=str(tmp_path / "small")).setup("fit")
     assert "%|" not in capfd.readouterr().err
+
+
+# -- the split: a fair share of the tokens on each side ---------------------------------------------------------
+
+
+def long_line(size: int) -> str:
+    """``size`` characters of seeded sentences on one line."""
+    return " ".join(sources.synthetic_texts(4000, seed=1))[:size]
+
+
+def text_files_module(tmp_path: Path, lines: list[str], **settings: object) -> TextDataModule:
+    tmp_path.mkdir(exist_ok=True)
+    path = tmp_path / "corpus.txt"
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    settings = {"cache_dir": str(tmp_path / "cache"), "vocab_size": 300, "max_length": 64, **settings}
+    module = TextDataModule(source="text_files", path=str(path), **settings)
+    module.setup("fit")
+    return module
+
+
+def val_share(module: TextDataModule) -> float:
+    train, val = module.stats["train_tokens"], module.stats["val_tokens_held_out"]
+    return val / (train + val)
+
+
+def text_of(module: TextDataModule, name: str) -> str:
+    assert module.tokenizer is not None
+    ids = [i for row in module.splits[name]["input_ids"] for i in row if i != 1]  # EOS (1) dropped
+    return module.tokenizer.decode(ids)
+
+
+def test_one_huge_and_one_short_document_split_fairly_by_tokens_whatever_num_proc(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, recwarn: pytest.WarningsRecorder
+) -> None:
+    """The document split put the short one in train (6 tokens) and the huge one in validation."""
+    from mhaplug.data import corpus
+
+    lines = [long_line(200_000), "a short line"]
+    module = text_files_module(tmp_path / "one", lines)
+    assert module.stats["documents"] == 2 and module.stats["documents_cut_by_split"] == 1
+    assert abs(val_share(module) - 0.05) < 0.002  # 5% asked, +- 0.2 points (bytes stand in for tokens)
+    assert module.stats["train_tokens"] > 0.94 * (module.stats["train_tokens"] + module.stats["val_tokens_held_out"])
+    assert "a short line" in text_of(module, "val") and "a short line" not in text_of(module, "train")
+    assert not [w for w in recwarn if "tiny data split" in str(w.message)]
+    monkeypatch.setattr(corpus, "TEXT_BATCH_DOCUMENTS", 1)  # a record batch per document, a process per batch
+    monkeypatch.setattr(corpus, "BYTES_PER_PROCESS", 1)
+    again = text_files_module(tmp_path / "two", lines, num_proc=2)
+    for name in ("train", "val"):
+        assert again.splits[name]["input_ids"] == module.splits[name]["input_ids"]
+
+
+def test_one_long_document_alone_is_split_into_a_start_that_trains_and_an_end_that_validates(tmp_path: Path) -> None:
+    """It was refused: gave 1 non-empty documents; need at least 2 to split."""
+    line = long_line(200_000)
+    module = text_files_module(tmp_path, [line])
+    assert module.stats["documents"] == 1 and module.stats["documents_cut_by_split"] == 1
+    assert abs(val_share(module) - 0.05) < 0.002
+    train, val = text_of(module, "train"), text_of(module, "val")
+    assert train + val == line and val.startswith(" ")  # no text lost or in both; cut at white space
+    assert 9_000 < len(val) < 11_000
+
+
+def test_many_documents_of_varied_sizes_split_whole_and_fairly_by_tokens(tmp_path: Path) -> None:
+    """The document count drew 3 of 60 documents: 0.1% to 24% of the tokens, by seed."""
+    text = long_line(200_000)
+    lengths = (1.1 ** np.arange(60) * 20).astype(int)  # 20 to 5,500 characters
+    starts = np.concatenate([[0], np.cumsum(lengths)])
+    lines = [text[a:b].strip() or "x" for a, b in itertools.pairwise(starts)]
+    module = text_files_module(tmp_path, lines)
+    assert module.stats["documents"] == 60 and module.stats["documents_cut_by_split"] == 0
+    assert abs(val_share(module) - 0.05) < 0.005  # whole documents: +- half a point
+    val = module.splits["val"]["input_ids"]
+    assert sum(row[-1] == 1 for row in val) == 14  # whole documents: each ends with EOS once
+
+
+def test_a_tiny_split_warns_with_its_tokens(tmp_path: Path) -> None:
+    """A run trained on 6 tokens and validated on 5 M without a word."""
+    expected = (
+        "tiny data split: 10 training tokens (76.9%), 3 validation tokens (23.1%): training is less than one batch "
+        "(data.batch_size * data.max_length = 1024); validation is less than one row (data.max_length = 64); far "
+        "from the 95%/5% that data.val_fraction=0.05 asks. Give it more text"
+    )
+    with pytest.warns(UserWarning, match=re.escape(expected) + "$"):
+        module = text_files_module(tmp_path, ["hello world and good night", "see you tomorrow"])
+    assert module.stats["split_warning"] == expected  # in the run's summary.json ("data")
+
+
+def test_a_document_too_short_to_split_is_a_data_error(tmp_path: Path) -> None:
+    with pytest.raises(DataError, match=r"gave 1 document of 1 bytes, too little to split into a training and a"):
+        text_files_module(tmp_path, ["x"])
