@@ -3,6 +3,8 @@ bar."""
 
 from __future__ import annotations
 
+import io
+import re
 from pathlib import Path
 
 import pytest
@@ -12,7 +14,7 @@ from pytorch_lightning.callbacks import RichProgressBar, TQDMProgressBar
 from pytorch_lightning.loggers import CSVLogger
 from torch.utils.data import DataLoader, TensorDataset
 
-from mhaplug.training.progress import RichStepProgressBar, TQDMStepProgressBar, progress_bar
+from mhaplug.training.progress import RichStepProgressBar, StepLines, TQDMStepProgressBar, progress_bar
 
 
 class _Linear(pl.LightningModule):
@@ -75,6 +77,21 @@ def test_tqdm_bar_drops_v_num(tmp_path: Path) -> None:
     assert set(ours.progress_bar_callback.get_metrics(ours, module)) == {"loss"}
 
 
-def test_progress_bar_is_the_kind_lightning_would_pick() -> None:
+class _Terminal(io.StringIO):
+    def isatty(self) -> bool:
+        return True
+
+
+def test_progress_bar_is_the_kind_lightning_would_pick_on_a_terminal_and_lines_elsewhere() -> None:
     pytest.importorskip("rich")
-    assert type(progress_bar()) is RichStepProgressBar
+    assert type(progress_bar(_Terminal())) is RichStepProgressBar
+    assert type(progress_bar(io.StringIO())) is StepLines  # a log file: a redrawn bar would reach it once, at the end
+
+
+@pytest.mark.parametrize("accumulate", [1, 2])
+def test_step_lines_print_every_n_optimizer_steps_and_the_last(tmp_path: Path, accumulate: int) -> None:
+    out = io.StringIO()
+    _fit(StepLines(every_n_steps=2, stream=out), tmp_path, max_steps=5, accumulate_grad_batches=accumulate)
+    lines = out.getvalue().splitlines()
+    assert [line.split("  ")[0] for line in lines] == ["step 2/5 (40%)", "step 4/5 (80%)", "step 5/5 (100%)"]
+    assert all(re.fullmatch(r"step \d/5 \(\d+%\)  loss \d+\.\d{4}  0:00:\d\d", line) for line in lines), lines
