@@ -351,7 +351,7 @@ class PackCollator(_Collator):
         with return_flash_attn_kwargs:   cu_seq_lens_q [0 3 5 6]         max_length_q 3
     """
 
-    max_length: int = 0
+    max_length: int  # required: the row length (and position table) packing fills
     overflow: Literal["split", "error", "truncate"] = "split"
     return_flash_attn_kwargs: bool = False
 

@@ -331,8 +331,10 @@ def test_bad_settings() -> None:
         PadCollator(padding_side="up")  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="pad_to_multiple_of must be an int >= 1 or None, got 0"):
         PadCollator(pad_to_multiple_of=0)
+    with pytest.raises(TypeError, match="missing 1 required keyword-only argument: 'max_length'"):
+        PackCollator()  # type: ignore[call-arg]  # required, and the signature says so
     with pytest.raises(ValueError, match="max_length must be an int >= 1, got 0"):
-        PackCollator()
+        PackCollator(max_length=0)
     with pytest.raises(ValueError, match=r"pad_token_id must be in \[0, vocab_size=10\), got 10"):
         PadCollator(pad_token_id=10, vocab_size=10)
 
