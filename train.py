@@ -43,7 +43,7 @@ from mhaplug.common import METRICS_FILE, SKIPPED_FILE, SUMMARY_FILE, ConfigError
 from mhaplug.training.callbacks import MaskAudit
 from mhaplug.training.config import SkipRun, register_configs, validate
 from mhaplug.training.hparams import run_results
-from mhaplug.training.lifecycle import CheckpointOnSigterm, DivergedError
+from mhaplug.training.lifecycle import CheckpointOnSigterm, DivergedError, ValidateAtEnd
 from mhaplug.training.overrides import check_overrides  # shared with python -m mhaplug.show
 from mhaplug.training.quiet import silence_known_noise
 
@@ -111,6 +111,8 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         callbacks = [c for c in callbacks if not isinstance(c, LearningRateMonitor)]
     if not cfg.trainer.get("enable_progress_bar", True):  # Lightning refuses a progress bar callback then
         callbacks = [c for c in callbacks if not isinstance(c, ProgressBar)]
+    if not any(isinstance(c, ValidateAtEnd) for c in callbacks):  # every run ends with a val/loss of its weights
+        callbacks.append(ValidateAtEnd())
     trainer: pl.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
 
     start = time.perf_counter()
@@ -151,6 +153,7 @@ def _summary(
     if csv_logger is not None:
         metrics_csv = os.path.relpath(Path(csv_logger.log_dir) / METRICS_FILE, cfg.paths.output_dir)
     status = outcome["status"]
+    results = run_results(trainer)
     return {
         "run_name": _run_name(),
         "status": status,
@@ -168,13 +171,28 @@ def _summary(
         "equivalence_key": equivalence_key(cfg),
         # final/best val loss, final train loss, tokens/s, pad fraction, peak memory, steps: one definition, which
         # HParamsSummary logs for TensorBoard too
-        **run_results(trainer),
+        **results,
         "wall_time_s": wall,
         "metrics_csv": metrics_csv,
         "checkpoint_dir": str(Path(checkpoint.dirpath)) if checkpoint is not None and checkpoint.dirpath else None,
         "data": dict(datamodule.stats),
         "audit": _audit(trainer),
+        "no_val_loss": _no_val_loss(trainer, status) if results["final_val_loss"] is None else None,
     }
+
+
+def _no_val_loss(trainer: pl.Trainer, status: str) -> str:
+    """Why a run has no val/loss, as the summary line says it in place of the loss."""
+    if trainer.limit_val_batches == 0:
+        return f"validation off: trainer.limit_val_batches={trainer.limit_val_batches}"
+    every, epoch = trainer.check_val_every_n_epoch, trainer.current_epoch + 1
+    if every is not None and epoch < every:
+        return f"not validated: trainer.check_val_every_n_epoch={every}, and the run ended in epoch {epoch}"
+    if status != "finished":
+        return f"{status} before its first validation"
+    if not trainer.enable_validation:
+        return "validation off: no validation batches (or no validation_step)"
+    return "no validation ran"
 
 
 def _audit(trainer: pl.Trainer) -> dict[str, Any] | None:
@@ -195,13 +213,10 @@ def _print_summary(summary: dict[str, Any], output_dir: Path, *, compare_dir: Pa
     lines = [
         "",
         (
-            f"{what} in {summary['wall_time_s']:.0f} s (attention={summary['strategy']}, {_layout_words(summary)}, "
+            f"{what} in {_seconds(summary['wall_time_s'])} (attention={summary['strategy']}, {_layout_words(summary)}, "
             f"batching={summary['batching']})"
         ),
-        (
-            f"  val/loss {fmt(summary['final_val_loss'], '.4f')} (best {fmt(summary['best_val_loss'], '.4f')}"
-            f"{_validated(summary['data'])}), train/loss {fmt(summary['final_train_loss'], '.4f')}"
-        ),
+        f"  val/loss {_val_loss_words(summary)}, train/loss {fmt(summary['final_train_loss'], '.4f')}",
         (
             f"  real tokens/s {fmt(summary['real_tokens_per_sec'], ',.0f')}, "
             f"pad fraction {fmt(summary['pad_fraction'], '.1%')}, "
@@ -211,6 +226,8 @@ def _print_summary(summary: dict[str, Any], output_dir: Path, *, compare_dir: Pa
         f"  logs: {output_dir}  checkpoints: {summary['checkpoint_dir']}",
         f"  compare runs: python -m mhaplug.compare {compare_dir}",
     ]
+    if (summary.get("data") or {}).get("split_warning"):
+        lines.insert(2, f"  WARNING: {summary['data']['split_warning']}")
     if not summary["valid"]:
         lines.insert(2, f"  INVALID on purpose: {summary['invalid_reason']}")
     if summary["status"] == "interrupted":
@@ -226,6 +243,18 @@ def _print_summary(summary: dict[str, Any], output_dir: Path, *, compare_dir: Pa
             "from an earlier checkpoint",
         )
     print("\n".join(lines), flush=True)
+
+
+def _seconds(wall: float) -> str:
+    """``41 s``; ``0.4 s`` under ten seconds, where whole seconds would say a short run took none."""
+    return f"{wall:.0f} s" if wall >= 10 else f"{wall:.1f} s"
+
+
+def _val_loss_words(summary: dict[str, Any]) -> str:
+    """``2.3456 (best 2.3012, on 21,034 tokens)``, or ``n/a (<why>)`` for a run that never validated."""
+    if summary["final_val_loss"] is None:
+        return f"n/a ({summary.get('no_val_loss') or 'not validated'})"
+    return f"{summary['final_val_loss']:.4f} (best {summary['best_val_loss']:.4f}{_validated(summary['data'])})"
 
 
 def _validated(data: dict[str, Any]) -> str:

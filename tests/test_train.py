@@ -293,7 +293,7 @@ INVALID = [
     ),
     (["data.batching=token_budget"], r"data.batching=token_budget needs data.max_tokens .* data.max_tokens=4096", None),
     (
-        ["+trainer.accumulate_grad_batches=4"],
+        ["trainer.accumulate_grad_batches=4"],
         "trainer.accumulate_grad_batches must stay 1.*model.accumulate_grad_batches=4",
         None,
     ),
@@ -526,7 +526,7 @@ def test_bf16_mixed_trains_on_the_cpu_and_lands_near_float32(tmp_path: Path) -> 
     softmax) trains the same steps to nearly the same loss as float32."""
     runs = {}
     for precision in ("32-true", "bf16-mixed"):
-        cfg = config(tmp_path / precision, "debug=fast", *FAST, f"+trainer.precision={precision}")
+        cfg = config(tmp_path / precision, "debug=fast", *FAST, f"trainer.precision={precision}")
         runs[precision] = train_script.train(cfg)
     fp32, bf16 = runs["32-true"], runs["bf16-mixed"]
     assert fp32["steps"] == bf16["steps"] == 6
@@ -604,7 +604,23 @@ def test_without_the_throughput_monitor_the_summary_says_n_a(
     for key in ("real_tokens_per_sec", "padded_tokens_per_sec", "pad_fraction", "peak_memory_mb"):
         assert summary[key] is None, key
     assert not column(metrics(tmp_path), "train/pad_fraction")  # LitDecoderLM itself logs train/loss only
-    assert "  real tokens/s n/a, pad fraction n/a, peak memory n/a MB\n" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "  real tokens/s n/a, pad fraction n/a, peak memory n/a MB\n" in out
+    assert re.search(r"\nmhaplug run finished: 2 steps in \d\.\d s \(", out)  # tenths under 10 s, never "in 0 s"
+
+
+def test_a_tiny_split_is_a_warning_line_in_the_summary(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("one short line of text to train on\n\nand another one\n")
+    cfg = config(
+        tmp_path / "run", "debug=fast", *FAST[1:], "data=text_files", f"data.path={corpus}", "trainer.max_steps=1",
+        "data.max_length=16", "data.vocab_size=258",
+    )  # fmt: skip
+    with pytest.warns(UserWarning, match="tiny data split"):
+        summary = train_script.train(cfg)
+    warning = summary["data"]["split_warning"]
+    assert warning.startswith("tiny data split: ")
+    assert f"\n  WARNING: {warning}\n" in capsys.readouterr().out
 
 
 @pytest.mark.parametrize("log_every_n_steps", [1, 5])

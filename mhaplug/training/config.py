@@ -15,7 +15,9 @@ from __future__ import annotations
 import dataclasses
 import math
 import numbers
+import re
 import typing
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -40,15 +42,18 @@ from mhaplug.common import (
 from mhaplug.training.run_dirs import job_subdir_resolver, run_dir_resolver
 
 __all__ = [
+    "PRECISIONS",
     "AttentionSchema",
     "DataSchema",
     "ModelSchema",
     "SkipRun",
     "TrainSchema",
+    "TrainerSchema",
     "choice_of",
     "invalid_combination",
     "min_vocab_size",
     "register_configs",
+    "schema_field",
     "validate",
 ]
 
@@ -121,6 +126,52 @@ class ModelSchema:
     batching: Batching = Batching.random
 
 
+# Lightning's names for a precision (its _PRECISION_INPUT_STR, then the short forms it also takes,
+# _PRECISION_INPUT_STR_ALIAS), written here so that checking a config imports no Lightning; tests/test_train.py
+# compares them with Lightning's.
+PRECISIONS = (
+    "32-true",
+    "bf16-mixed",
+    "16-mixed",
+    "bf16-true",
+    "16-true",
+    "64-true",
+    "transformer-engine",
+    "transformer-engine-float16",
+)
+PRECISION_ALIASES = ("32", "16", "bf16", "64")
+
+
+@dataclass
+class TrainerSchema:
+    """The :class:`pytorch_lightning.Trainer` parameters that configs/ sets or a person changes, with Lightning's
+    defaults (``precision``: what Lightning's None means); another Trainer parameter is added with
+    ``+trainer.<name>=...``. Typed, so ``trainer.max_steps=abc`` fails naming the key; :func:`validate` checks the
+    values."""
+
+    _target_: str = MISSING  # configs/trainer/default.yaml: pytorch_lightning.Trainer
+    accelerator: str = "auto"
+    strategy: Any = "auto"  # a name, or a config to instantiate (configs/trainer/fsdp.yaml)
+    devices: Any = "auto"  # a count, -1 (all), auto, or device indices ([0,1] or "0,1")
+    num_nodes: int = 1
+    precision: str = "32-true"  # one of PRECISIONS or PRECISION_ALIASES
+    max_epochs: int | None = None
+    max_steps: int = -1
+    limit_train_batches: int | float | None = None  # an int counts batches, a float is a fraction of them
+    limit_val_batches: int | float | None = None
+    val_check_interval: int | float | None = None
+    check_val_every_n_epoch: int | None = 1
+    num_sanity_val_steps: int | None = None
+    log_every_n_steps: int | None = None
+    enable_progress_bar: bool | None = None
+    enable_model_summary: bool | None = None
+    accumulate_grad_batches: int = 1  # must stay 1: the model accumulates (model.accumulate_grad_batches)
+    gradient_clip_val: int | float | None = None  # must stay unset: the model clips (model.gradient_clip_val)
+    deterministic: Any = None  # true, false or "warn"
+    use_distributed_sampler: bool = True
+    sync_batchnorm: bool = False
+
+
 @dataclass
 class AttentionSchema:
     strategy: Strategy = Strategy[DEFAULT_STRATEGY]
@@ -131,7 +182,7 @@ class TrainSchema:
     data: DataSchema = field(default_factory=DataSchema)
     model: ModelSchema = field(default_factory=ModelSchema)
     attention: AttentionSchema = field(default_factory=AttentionSchema)
-    trainer: dict[str, Any] = field(default_factory=dict)
+    trainer: TrainerSchema = field(default_factory=TrainerSchema)
     logger: Any = None  # name -> logger config, as callbacks
     callbacks: Any = None
     paths: dict[str, Any] = field(default_factory=dict)
@@ -150,6 +201,18 @@ def choice_of(key: str) -> type[Choice] | None:
             return None
         node = typing.get_type_hints(node).get(part)
     return node if isinstance(node, type) and issubclass(node, Choice) else None
+
+
+def schema_field(key: str) -> tuple[type, str] | None:
+    """The schema dataclass holding ``key`` (dotted, ``trainer.max_steps``) and the field's name in it, or None for a
+    key that is not a field of :class:`TrainSchema` (an ``Any`` or dict section's key, or no key at all)."""
+    node: Any = TrainSchema
+    *parents, name = key.split(".")
+    for part in parents:
+        node = typing.get_type_hints(node).get(part) if dataclasses.is_dataclass(node) else None
+    if not (dataclasses.is_dataclass(node) and name in typing.get_type_hints(node)):
+        return None
+    return node, name
 
 
 def register_configs() -> None:
@@ -260,7 +323,7 @@ def _whole(value: Any) -> bool:
 
 def _check_values(cfg: DictConfig) -> None:
     """Settings that cannot train, each refused with one line: the setting, the value, what works."""
-    data, model, trainer = cfg.data, cfg.model, cfg.trainer
+    data, model = cfg.data, cfg.model
     if data.max_length < 2:
         raise ConfigError(
             f"data.max_length={data.max_length} cannot train: a row of L tokens has L-1 next-token targets (1 trains "
@@ -281,8 +344,46 @@ def _check_values(cfg: DictConfig) -> None:
             f"data.max_documents={data.max_documents} leaves too few documents to split into training and validation; "
             f"use data.max_documents >= 2, or data.max_documents=null for all of them"
         )
-    interval = trainer.get("val_check_interval")
-    per_epoch = trainer.get("check_val_every_n_epoch") is not None  # a float (None: 1.0) is then a fraction of an epoch
+    if not (isinstance(model.lr, numbers.Real) and math.isfinite(model.lr) and model.lr > 0):
+        raise ConfigError(f"model.lr={model.lr} cannot train: use a learning rate > 0, e.g. model.lr=3e-3")
+    for name, seed in (("seed", cfg.seed), ("data.seed", data.seed)):
+        if not 0 <= seed <= SEED_MAX:
+            raise ConfigError(
+                f"{name}={seed} is outside the seeds numpy takes (Lightning would silently use 0 instead): use "
+                f"0 <= {name} <= {SEED_MAX}, e.g. {name}=0"
+            )
+
+
+def _check_trainer(trainer: DictConfig) -> None:
+    """The Trainer's settings, each refused with one line before any data is read; Lightning would refuse them only
+    once the data is read and the tokenizer trained (or never: ``max_steps=0`` trains nothing and exits 0)."""
+    steps, epochs = trainer.max_steps, trainer.max_epochs
+    if not (steps >= 1 or steps == -1):
+        raise ConfigError(
+            f"trainer.max_steps={steps} {'trains nothing' if steps == 0 else 'cannot train'}: use a number of "
+            "optimizer steps >= 1, e.g. trainer.max_steps=300 (or -1, no step limit, with trainer.max_epochs >= 1)"
+        )
+    if not (epochs is None or epochs >= 1 or epochs == -1):
+        raise ConfigError(
+            f"trainer.max_epochs={epochs} {'trains nothing' if epochs == 0 else 'cannot train'}: use a number of "
+            "epochs >= 1, or -1 (no epoch limit: trainer.max_steps ends the run)"
+        )
+    if steps == -1 and epochs == -1:
+        raise ConfigError(
+            "trainer.max_steps=-1 with trainer.max_epochs=-1 never stops (neither limits the run): use "
+            "trainer.max_steps >= 1, e.g. trainer.max_steps=300, or trainer.max_epochs >= 1"
+        )
+    for name, least in (("limit_train_batches", 1), ("limit_val_batches", 0)):
+        value = trainer[name]
+        # a whole number counts batches, a float is a fraction of them; 0 (or 0.0) only where it is allowed
+        if not (value is None or (value >= least if _whole(value) else 0 < value <= 1 or value == least)):
+            raise ConfigError(
+                f"trainer.{name}={value} is no number of batches: use a whole number >= {least} or a fraction in "
+                f"{'(0' if least else '[0'}, 1]{' (0 turns validation off)' if not least else ''}, e.g. "
+                f"trainer.{name}=1.0 (all of them)"
+            )
+    interval = trainer.val_check_interval
+    per_epoch = trainer.check_val_every_n_epoch is not None  # a float (None: 1.0) is then a fraction of an epoch
     fraction = interval is None or (isinstance(interval, float) and 0 < interval <= 1)
     if not ((_whole(interval) and interval >= 1) or (per_epoch and fraction)):
         works = "a whole number of training batches >= 1" + (
@@ -292,14 +393,58 @@ def _check_values(cfg: DictConfig) -> None:
             f"trainer.val_check_interval={interval!r} cannot schedule validation: use {works}, e.g. "
             f"trainer.val_check_interval=100"
         )
-    if not (isinstance(model.lr, numbers.Real) and math.isfinite(model.lr) and model.lr > 0):
-        raise ConfigError(f"model.lr={model.lr} cannot train: use a learning rate > 0, e.g. model.lr=3e-3")
-    for name, seed in (("seed", cfg.seed), ("data.seed", data.seed)):
-        if not 0 <= seed <= SEED_MAX:
-            raise ConfigError(
-                f"{name}={seed} is outside the seeds numpy takes (Lightning would silently use 0 instead): use "
-                f"0 <= {name} <= {SEED_MAX}, e.g. {name}=0"
-            )
+    if per_epoch and trainer.check_val_every_n_epoch < 1:
+        raise ConfigError(
+            f"trainer.check_val_every_n_epoch={trainer.check_val_every_n_epoch} cannot schedule validation: use a "
+            "number of epochs >= 1, or null (trainer.val_check_interval counts batches across epochs)"
+        )
+    if trainer.log_every_n_steps is not None and trainer.log_every_n_steps < 1:
+        raise ConfigError(
+            f"trainer.log_every_n_steps={trainer.log_every_n_steps} logs no training step (no train/loss in "
+            "metrics.csv): use trainer.log_every_n_steps >= 1, e.g. trainer.log_every_n_steps=10"
+        )
+    if trainer.num_sanity_val_steps is not None and trainer.num_sanity_val_steps < -1:
+        raise ConfigError(
+            f"trainer.num_sanity_val_steps={trainer.num_sanity_val_steps} is no number of batches: use one >= 0, "
+            "or -1 (all of them), e.g. trainer.num_sanity_val_steps=0"
+        )
+    if trainer.num_nodes < 1:
+        raise ConfigError(
+            f"trainer.num_nodes={trainer.num_nodes} cannot train: use a number of machines >= 1, e.g. "
+            "trainer.num_nodes=1"
+        )
+    if not _devices(trainer.devices):
+        raise ConfigError(
+            f"trainer.devices={trainer.devices} names no devices: use a number of devices >= 1 (e.g. "
+            "trainer.devices=2), -1 (all of them), auto, or device indices (trainer.devices=[0,1])"
+        )
+    if trainer.precision not in PRECISIONS + PRECISION_ALIASES:
+        raise ConfigError(
+            f"trainer.precision={trainer.precision} is not a precision Lightning takes; allowed: "
+            f"{', '.join(PRECISIONS)} (or the short forms {', '.join(PRECISION_ALIASES)})"
+        )
+    if trainer.accumulate_grad_batches != 1:
+        raise ConfigError(
+            "trainer.accumulate_grad_batches must stay 1: the model accumulates itself to normalise the loss by the "
+            f"real tokens of the whole step; set model.accumulate_grad_batches={trainer.accumulate_grad_batches}"
+        )
+    if trainer.gradient_clip_val:
+        raise ConfigError(
+            f"trainer.gradient_clip_val={trainer.gradient_clip_val} cannot be used: the model clips its own gradients "
+            f"(it steps its optimizer itself, where Lightning refuses to clip); set "
+            f"model.gradient_clip_val={trainer.gradient_clip_val} and leave trainer.gradient_clip_val unset"
+        )
+
+
+def _devices(devices: Any) -> bool:
+    """Whether Lightning reads ``devices`` as some devices: a count >= 1, -1 (all), auto, or indices (``[0, 1]``,
+    ``"0,1"``)."""
+    if isinstance(devices, str):
+        text = devices.strip()
+        return text in ("auto", "-1") or (text != "0" and re.fullmatch(r"\d+(\s*,\s*\d+)*,?", text) is not None)
+    if isinstance(devices, Sequence):
+        return len(devices) > 0 and all(_whole(d) and d >= 0 for d in devices)
+    return _whole(devices) and (devices >= 1 or devices == -1)
 
 
 class SkipRun(Exception):
@@ -315,6 +460,7 @@ def validate(cfg: DictConfig) -> str | None:
     """Raise :class:`ConfigError` for a bad value or combination, or :class:`SkipRun` when ``on_invalid`` says to
     skip it; return the reason when ``on_invalid=run`` lets a wrong-but-runnable combination train on purpose."""
     _check_values(cfg)  # the choices (strategy, layout, ...) are typed: OmegaConf checked them at composition
+    _check_trainer(cfg.trainer)
     if cfg.data.batching == "token_budget" and not cfg.data.max_tokens:
         raise ConfigError(
             f"data.batching=token_budget needs data.max_tokens (padded tokens per batch), e.g. "
@@ -326,11 +472,6 @@ def validate(cfg: DictConfig) -> str | None:
             f"data.max_tokens={cfg.data.max_tokens} cannot hold one row of data.max_length={cfg.data.max_length} "
             f"tokens{f' (rounded up to {row})' if row != cfg.data.max_length else ''}: use data.max_tokens >= {row}, "
             f"e.g. data.max_tokens={cfg.data.batch_size * row}"
-        )
-    if cfg.trainer.get("accumulate_grad_batches", 1) != 1:
-        raise ConfigError(
-            "trainer.accumulate_grad_batches must stay 1: the model accumulates itself to normalise the loss by the "
-            f"real tokens of the whole step; set model.accumulate_grad_batches={cfg.trainer.accumulate_grad_batches}"
         )
     found = invalid_combination(cfg)
     if found is None:

@@ -1,6 +1,7 @@
 """A run's lifecycle, as Lightning callbacks: stopped by SIGTERM with a checkpoint at a step boundary
-(:class:`CheckpointOnSigterm`), stopped where the loss stops being finite (:class:`StopOnNonFiniteLoss`), and a
-resumed attempt's log marked where it resumed (:class:`ResumeMarker`). ``train.py`` turns each ending into
+(:class:`CheckpointOnSigterm`), stopped where the loss stops being finite (:class:`StopOnNonFiniteLoss`), validated
+at its last step (:class:`ValidateAtEnd`), and a resumed attempt's log marked where it resumed
+(:class:`ResumeMarker`). ``train.py`` turns each ending into
 summary.json and an exit code."""
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from pytorch_lightning.callbacks import Checkpoint, ModelCheckpoint
 from pytorch_lightning.utilities.exceptions import SIGTERMException
 from torch import Tensor
 
-__all__ = ["CheckpointOnSigterm", "DivergedError", "ResumeMarker", "StopOnNonFiniteLoss"]
+__all__ = ["CheckpointOnSigterm", "DivergedError", "ResumeMarker", "StopOnNonFiniteLoss", "ValidateAtEnd"]
 
 log = logging.getLogger(__name__)
 
@@ -215,6 +216,57 @@ class StopOnNonFiniteLoss(pl.Callback):
     def _raise_if_found(self) -> None:
         if self._found is not None:
             raise DivergedError(self.monitor, *self._found)
+
+
+class ValidateAtEnd(pl.Callback):
+    """Validate at the last training batch of the fit, where Lightning's schedule would not: every run then ends with
+    a val/loss of its final weights, and ModelCheckpoint (which saves after each validation) writes its best and
+    ``last.ckpt`` there.
+
+    Lightning validates every ``trainer.val_check_interval`` batches, so ``trainer.max_steps=50`` with
+    ``val_check_interval: 100`` never validated, and a run of 250 steps ended with the val loss of step 200. At the
+    batch that reaches ``trainer.max_steps`` (or the last batch of the last epoch, for a run limited by
+    ``trainer.max_epochs``), when Lightning's schedule does not validate there, this callback raises
+    ``trainer.should_stop``, Lightning's own way to end a fit early (its EarlyStopping raises it), and Lightning
+    validates after a batch that stops the fit. Every rank has the same ``global_step`` and decides the same, so the
+    ranks of DDP validate together. Where validation is off (``trainer.limit_val_batches=0``, or an epoch that
+    ``trainer.check_val_every_n_epoch`` skips) nothing is validated, as before.
+
+    A fit resumed from a checkpoint saved in that validation (``last.ckpt``, to train on with a larger
+    ``trainer.max_steps``): Lightning finishes the saved batch on restoring a checkpoint of a scheduled validation
+    (one more logger step), but not this one, whose validation it does not know about. The callback's state says
+    where it validated, and it counts that logger step itself, so the resumed attempt logs from the step after the
+    checkpoint's (as :class:`ResumeMarker` and mhaplug.compare's reading of the attempts expect). This is all there
+    is to finish with manual optimisation (:class:`mhaplug.training.lit.LitDecoderLM` steps its scheduler itself).
+    """
+
+    def __init__(self) -> None:
+        self.validated_at: int | None = None  # the global step this callback asked a validation for
+
+    def on_train_batch_end(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        # after the batch's optimizer step (global_step counts it), before Lightning decides whether to validate
+        epochs, loop = trainer.max_epochs, trainer.fit_loop.epoch_loop
+        steps_done = trainer.max_steps >= 0 and trainer.global_step >= trainer.max_steps
+        last_epoch = (
+            epochs is not None and 0 <= epochs <= trainer.current_epoch + 1 and loop.batch_progress.is_last_batch
+        )
+        if not (steps_done or last_epoch) or trainer.should_stop:
+            return
+        if not loop._should_check_val_fx(trainer.fit_loop._data_fetcher):  # Lightning's own schedule, asked first
+            trainer.should_stop = True  # Lightning validates after this batch and ends the fit
+            self.validated_at = trainer.global_step
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if trainer.ckpt_path is not None and self.validated_at == trainer.global_step:
+            trainer.fit_loop.epoch_loop._batches_that_stepped += 1  # what Lightning's loop does after a validation
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"validated_at": self.validated_at}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.validated_at = state_dict.get("validated_at")
 
 
 class ResumeMarker(pl.Callback):
