@@ -6,6 +6,7 @@ The package, by role (arrows point down; the attention and data faces re-export 
     mhaplug/reporting/             runs, tables, figures, the HTML page, the mask picture's panels
     mhaplug/training/              the LightningModule, callbacks, the mask audit, the config schema
     mhaplug/decoder.py, loss.py    the decoder LM and its fused loss
+    mhaplug/hf.py                  attn_implementation="mhaplug" for transformers (import it to register)
     mhaplug/data/                  collators, packing, samplers, text sources, cache, the DataModule
     mhaplug/attention/             masks made, merged and consumed: the strategies, MultiheadAttention
     mhaplug/common.py              constants, choices, checks, atomic writes (standard library only)
