@@ -317,7 +317,7 @@ def main(cfg: DictConfig) -> float | None:
     try:
         summary = train(cfg)
     except SkipRun as skipped:
-        log.warning("skipped (%s): %s", skipped.why, skipped)
+        log.warning("skipped: %s (%s)", skipped, skipped.why)
         output_dir.mkdir(parents=True, exist_ok=True)
         write_atomic(output_dir / SKIPPED_FILE, f"{_run_name()}: {skipped}\n")
         return None

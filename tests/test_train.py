@@ -38,6 +38,7 @@ from mhaplug.training.run_dirs import checkpoint_run_dir, claim_job_subdir, clai
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = ROOT / "configs"
+SKIP_WHY = "it cannot run at all: on_invalid=run trains only the combinations that run, wrong on purpose"
 FAST = ["data=synthetic", "model=tiny", "trainer.enable_progress_bar=false", "trainer.accelerator=cpu"]
 
 
@@ -317,7 +318,9 @@ def test_invalid_combinations_fail_before_training(
     else:
         with pytest.raises(SkipRun) as skipped:
             validate(config(tmp_path, *overrides, "on_invalid=run"))
-        assert skipped.value.why == "cannot run at all, so on_invalid=run skips it"  # what the sweep's log says
+        assert skipped.value.why == (
+            "it cannot run at all: on_invalid=run trains only the combinations that run, wrong on purpose"
+        )  # what the sweep's log says
 
 
 BAD_VALUES = [
@@ -961,7 +964,7 @@ def test_quick_ablation_sweep_and_compare(
     assert "expected divergence" in compare.stdout and "MISMATCH" not in compare.stdout
     assert result.stdout.count(f"compare runs: python -m mhaplug.compare {sweep_dir}\n") == len(summaries)
     log = (sweep_dir / "attention=causal_kpm,data.layout=packed,data.padding_side=right" / "train.log").read_text()
-    assert "skipped (cannot run at all, so on_invalid=run skips it): attention=causal_kpm applies" in log
+    assert "skipped: attention=causal_kpm applies" in log and f"({SKIP_WHY})\n" in log
     assert "equivalence: 2 group(s), 16 valid runs, all within 0.001" in compare.stdout  # padded 12, packed 4
     # The step-0 mask audit: every valid run passed it, every teaching run failed it (and compare says so). The
     # quick model has one layer, so torch_mha's NaN stays in the pad rows (its val loss is right) and only "finite"

@@ -482,5 +482,7 @@ def validate(cfg: DictConfig) -> str | None:
     if cfg.on_invalid == "skip":
         raise SkipRun(reason, why="on_invalid=skip")
     if not runnable:
-        raise SkipRun(reason, why="cannot run at all, so on_invalid=run skips it")
+        raise SkipRun(
+            reason, why="it cannot run at all: on_invalid=run trains only the combinations that run, wrong on purpose"
+        )
     return reason
