@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 import transformers.integrations.flash_attention as hf_flash_attention
 import transformers.modeling_flash_attention_utils as hf_flash_utils
+from hf_reference import assert_logits_per_document, run_alone, spans
 from torch import Tensor
 from torch.utils.data import DataLoader
 from transformers import AttentionInterface, GPT2Config, GPT2LMHeadModel, masking_utils
@@ -80,37 +81,6 @@ def pack(dataset: datasets.Dataset, **options: Any) -> dict[str, Any]:
     batch = collate(dataset, PackCollator(max_length=16, pad_to_multiple_of=8, **options))
     assert batch["input_ids"].shape[0] > 1 and batch["key_padding_mask"].any()  # several rows, with pad tails
     return batch
-
-
-def spans(batch: dict[str, Any]) -> list[tuple[int, Tensor]]:
-    """(row, bool (L,) where) of every document of a packed batch, or every sequence of a padded one."""
-    if "document_ids" in batch:
-        doc_ids = batch["document_ids"]
-        return [(r, doc_ids[r] == d) for r in range(len(doc_ids)) for d in range(int(doc_ids[r].max()) + 1)]
-    return [(r, ~is_pad) for r, is_pad in enumerate(batch["key_padding_mask"])]
-
-
-@torch.no_grad()
-def run_alone(model: GPT2LMHeadModel, batch: dict[str, Any]) -> tuple[float, list[Tensor]]:
-    """Each document (sequence) of the batch through the model by itself, with its own labels.
-
-    Returns the mean loss over all target tokens of all documents (HF shifts labels: every token but the first is a
-    target) and each document's logits, (n, V).
-    """
-    total, count, logits = 0.0, 0, []
-    for row, where in spans(batch):
-        ids = batch["input_ids"][row, where][None]  # (1, n)
-        out = model(input_ids=ids, labels=ids, use_cache=False)
-        if ids.shape[1] > 1:
-            total += out.loss.item() * (ids.shape[1] - 1)
-            count += ids.shape[1] - 1
-        logits.append(out.logits[0])
-    return total / count, logits
-
-
-def assert_logits_per_document(logits: Tensor, batch: dict[str, Any], expected: list[Tensor]) -> None:
-    for (row, where), alone in zip(spans(batch), expected, strict=True):
-        torch.testing.assert_close(logits[row, where], alone, atol=1e-5, rtol=1e-5)
 
 
 # ----------------------------------------------------------------------------------------------------------

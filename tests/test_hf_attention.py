@@ -15,6 +15,7 @@ import datasets
 import pytest
 import torch
 import transformers
+from hf_reference import assert_logits_per_document, run_alone
 from torch import Tensor
 from transformers import (
     GemmaConfig,
@@ -112,28 +113,6 @@ def packed() -> dict[str, Any]:
     return batch
 
 
-def spans(batch: dict[str, Any]) -> list[tuple[int, Tensor]]:
-    """(row, bool (L,) where) of every document of a packed batch, or every sequence of a padded one."""
-    if "document_ids" in batch:
-        ids = batch["document_ids"]
-        return [(r, ids[r] == d) for r in range(len(ids)) for d in range(int(ids[r].max()) + 1)]
-    return [(r, ~is_pad) for r, is_pad in enumerate(batch["key_padding_mask"])]
-
-
-@torch.no_grad()
-def run_alone(model: transformers.PreTrainedModel, batch: dict[str, Any]) -> tuple[float, list[Tensor]]:
-    """Each document through the model by itself: the mean loss over all its targets, and its logits (n, V)."""
-    total, count, logits = 0.0, 0, []
-    for row, where in spans(batch):
-        ids = batch["input_ids"][row, where][None]  # (1, n)
-        out = model(input_ids=ids, labels=ids, use_cache=False)
-        if ids.shape[1] > 1:
-            total += out.loss.item() * (ids.shape[1] - 1)
-            count += ids.shape[1] - 1
-        logits.append(out.logits[0])
-    return total / count, logits
-
-
 def grads(model: transformers.PreTrainedModel) -> dict[str, Tensor]:
     return {name: p.grad for name, p in model.named_parameters() if p.grad is not None}
 
@@ -190,8 +169,7 @@ def test_packed_rows_give_the_per_document_loss_logits_and_sdpa_gradients(name: 
     loss_alone, logits_alone = run_alone(reference, batch)
     assert out.loss.item() == pytest.approx(loss_alone, abs=1e-5)
     assert out.loss.item() == pytest.approx(expected.loss.item(), abs=1e-5)
-    for (row, where), alone in zip(spans(batch), logits_alone, strict=True):
-        torch.testing.assert_close(out.logits[row, where], alone, atol=1e-5, rtol=1e-5)
+    assert_logits_per_document(out.logits, batch, logits_alone)
     assert torch.isfinite(out.logits).all()
     out.loss.backward()
     expected.loss.backward()
@@ -224,8 +202,7 @@ def test_documents_from_flash_keys_and_from_one_flattened_row(source: str) -> No
     with torch.no_grad():
         out = model(**keys)
     assert out.loss.item() == pytest.approx(loss_alone, abs=1e-5)
-    for (row, where), alone in zip(spans(batch), logits_alone, strict=True):
-        torch.testing.assert_close(out.logits[row, where], alone, atol=1e-5, rtol=1e-5)
+    assert_logits_per_document(out.logits, batch, logits_alone)
 
 
 def segment_numbers(position_ids: Tensor) -> Tensor:

@@ -182,9 +182,33 @@ class MultiheadAttention(nn.MultiheadAttention):
             return self._forward_nested(
                 query, key, value, key_padding_mask, need_weights, attn_mask, average_attn_weights, is_causal
             )
-        return self._forward_padded(
-            query, key, value, key_padding_mask, need_weights, attn_mask, average_attn_weights, is_causal
-        )
+        check_inputs(self, query, key, value, key_padding_mask, attn_mask, strategy=self.strategy)
+        if self.strategy == "torch_mha":
+            return self._forward_torch(
+                query, key, value, key_padding_mask, need_weights, attn_mask, average_attn_weights, is_causal
+            )
+        is_batched = query.dim() == 3
+        call = self._heads_call(query, key, value, key_padding_mask, attn_mask, is_causal, is_batched=is_batched)
+        weights = None
+        if need_weights:
+            mask = strategies.weights_mask(self.strategy, call)
+            out, weights, row_has_key = strategies.explicit_attention(
+                call.q, call.k, call.v, mask, dropout_p=call.dropout_p
+            )
+            weights = _finish_weights(weights, row_has_key, average=average_attn_weights)
+            self._record_dispatch("explicit")
+        else:
+            out, dispatch = strategies.dispatch(self.strategy, call)
+            self._record_dispatch(dispatch)
+
+        batch_size, _, tgt_len, _ = out.shape
+        out = out.transpose(1, 2).reshape(batch_size, tgt_len, self.embed_dim)  # (B, L, E)
+        out = F.linear(out, self.out_proj.weight, self.out_proj.bias)
+        if not is_batched:
+            return out.squeeze(0), None if weights is None else weights.squeeze(0)
+        if not self.batch_first:
+            out = out.transpose(0, 1)  # (L, B, E)
+        return out, weights
 
     def _forward_nested(
         self,
@@ -222,54 +246,15 @@ class MultiheadAttention(nn.MultiheadAttention):
             v_t = k_t if v is k else v.transpose(0, 1)
             q_t = k_t if q is k else q.transpose(0, 1)
             q, k, v = q_t, k_t, v_t  # (L, B, E), (S, B, kdim), (S, B, vdim)
-        out, weights = self._forward_padded(
-            q, k, v, call.key_is_pad, need_weights, None, average_attn_weights, is_causal
-        )
+        out, weights = self.forward(
+            q, k, v, key_padding_mask=call.key_is_pad, need_weights=need_weights,
+            average_attn_weights=average_attn_weights, is_causal=is_causal,
+        )  # fmt: skip
         if not self.batch_first:
             out = out.transpose(0, 1)  # (B, L, E)
         if weights is not None:
             weights = nested.zero_pad_queries(weights, call.query_is_pad)
         return nested.renest(out, like=query), weights
-
-    def _forward_padded(
-        self,
-        query: Tensor,
-        key: Tensor,
-        value: Tensor,
-        key_padding_mask: Tensor | None,
-        need_weights: bool,
-        attn_mask: Tensor | None,
-        average_attn_weights: bool,
-        is_causal: bool,
-    ) -> tuple[Tensor, Tensor | None]:
-        """:meth:`forward` of padded (or unbatched) tensors."""
-        check_inputs(self, query, key, value, key_padding_mask, attn_mask, strategy=self.strategy)
-        if self.strategy == "torch_mha":
-            return self._forward_torch(
-                query, key, value, key_padding_mask, need_weights, attn_mask, average_attn_weights, is_causal
-            )
-        is_batched = query.dim() == 3
-        call = self._heads_call(query, key, value, key_padding_mask, attn_mask, is_causal, is_batched=is_batched)
-        weights = None
-        if need_weights:
-            mask = strategies.weights_mask(self.strategy, call)
-            out, weights, row_has_key = strategies.explicit_attention(
-                call.q, call.k, call.v, mask, dropout_p=call.dropout_p
-            )
-            weights = _finish_weights(weights, row_has_key, average=average_attn_weights)
-            self._record_dispatch("explicit")
-        else:
-            out, dispatch = strategies.dispatch(self.strategy, call)
-            self._record_dispatch(dispatch)
-
-        batch_size, _, tgt_len, _ = out.shape
-        out = out.transpose(1, 2).reshape(batch_size, tgt_len, self.embed_dim)  # (B, L, E)
-        out = F.linear(out, self.out_proj.weight, self.out_proj.bias)
-        if not is_batched:
-            return out.squeeze(0), None if weights is None else weights.squeeze(0)
-        if not self.batch_first:
-            out = out.transpose(0, 1)  # (L, B, E)
-        return out, weights
 
     def _heads_call(
         self,
